@@ -1,0 +1,1 @@
+"""The engine: configuration, heartbeats, decisions, scripts, checkers, API and CLI."""

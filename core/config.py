@@ -1,0 +1,457 @@
+"""The cluster file: pydantic models, YAML loading with line numbers, `SAFEKIT_*` overrides.
+
+`load_config` returns a validated `ClusterConfig` or raises `ConfigError` listing *every* problem with
+its YAML path, line and a hint. Providers validate their own `vip` settings through the registry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .types import CheckerAction
+
+DEFAULT_CONFIG_PATH = Path("/etc/safekit-cloud/cluster.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/safekit-cloud")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="Node name, unique in the cluster.")
+    addresses: dict[str, str] = Field(
+        description="Address of this node on each heartbeat network, by network name "
+        "(a plain string means the network `default`).",
+    )
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _plain_address(cls, value: Any) -> Any:
+        return {"default": value} if isinstance(value, str) else value
+
+    @field_validator("addresses")
+    @classmethod
+    def _valid_ips(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("a node needs at least one address")
+        for net, addr in value.items():
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"network {net!r}: {addr!r} is not an IPv4 or IPv6 address") from None
+        return value
+
+
+class HeartbeatConfig(Strict):
+    port: int = Field(4800, ge=1, le=65535, description="UDP port of the heartbeats, on every network.")
+    interval: float = Field(0.5, ge=0.1, le=10, description="Seconds between two heartbeats.")
+    timeout: float = Field(
+        3.0, ge=0.5, le=120, description="Seconds of silence on every network before the peer is lost."
+    )
+    key_file: Path = Field(
+        Path("/etc/safekit-cloud/cluster.key"),
+        description="Cluster key (hex, 32 bytes) authenticating heartbeats and replication; "
+        "`safekit-cloud init` writes one.",
+    )
+    replay_window: int = Field(64, ge=8, le=4096, description="Out-of-order datagrams accepted per peer.")
+
+    @model_validator(mode="after")
+    def _timing(self) -> HeartbeatConfig:
+        if self.timeout < 3 * self.interval:
+            raise ValueError(
+                f"timeout {self.timeout}s is less than 3 heartbeat intervals ({3 * self.interval:g}s): "
+                "one lost datagram would cause a failover; raise timeout or lower interval"
+            )
+        return self
+
+
+class TLSConfig(Strict):
+    cert_file: Path
+    key_file: Path
+
+
+class ApiConfig(Strict):
+    listen: str = Field("127.0.0.1:9010", description="host:port of the admin API of each node.")
+    token_file: Path = Field(
+        Path("/etc/safekit-cloud/api.token"), description="Bearer token of the admin API."
+    )
+    tls: TLSConfig | None = Field(None, description="Serve the API over HTTPS with this certificate.")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9010)")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class VipConfig(Strict):
+    """The virtual IP of a module. Everything but `provider` and `address` belongs to the provider."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    provider: str = Field("lan", description="lan, aws, gcp, azure or fake.")
+    address: str = Field(description="Virtual IP with its prefix length, e.g. 198.18.0.100/24.")
+
+    @field_validator("address")
+    @classmethod
+    def _interface_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_interface(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an address with prefix (e.g. 198.18.0.100/24)") from None
+        return value if "/" in value else value + ("/128" if ":" in value else "/32")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CheckerBase(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    interval: float = Field(5.0, gt=0, description="Seconds between two checks.")
+    timeout: float = Field(5.0, gt=0, description="Seconds one check may take before it counts as failed.")
+    failures: int = Field(3, ge=1, description="Consecutive failures before the action is taken.")
+    action: CheckerAction = Field(CheckerAction.RESTART, description="restart, stopstart, wait or none.")
+    start_delay: float = Field(0.0, ge=0, description="Seconds after start_prim before the first check.")
+
+
+class ProcessChecker(CheckerBase):
+    type: Literal["process"]
+    process_name: str | None = Field(None, description="Exact process name (comm).")
+    pid_file: Path | None = None
+    cmdline_regex: str | None = Field(None, description="Regular expression searched in the command line.")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ProcessChecker:
+        chosen = [x for x in (self.process_name, self.pid_file, self.cmdline_regex) if x is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of process_name, pid_file, cmdline_regex")
+        if self.cmdline_regex is not None:
+            try:
+                re.compile(self.cmdline_regex)
+            except re.error as exc:
+                raise ValueError(f"cmdline_regex: {exc}") from None
+        return self
+
+
+class TcpChecker(CheckerBase):
+    type: Literal["tcp"]
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+
+class HttpChecker(CheckerBase):
+    type: Literal["http"]
+    url: str = Field(pattern=r"^https?://", description="URL to GET.")
+    expect_status: int = Field(200, ge=100, le=599)
+    body_regex: str | None = Field(None, description="The body must match this regular expression.")
+    verify_tls: bool = True
+
+
+class CommandChecker(CheckerBase):
+    type: Literal["command"]
+    command: list[str] = Field(min_length=1, description="argv; exit code 0 means ok.")
+
+
+CheckerConfig = Annotated[
+    Union[ProcessChecker, TcpChecker, HttpChecker, CommandChecker], Field(discriminator="type")
+]
+
+
+class WitnessConfig(Strict):
+    """A split-brain guard: a secondary that reaches no witness does not take over."""
+
+    type: Literal["ping", "tcp"] = "ping"
+    address: str
+    port: int | None = Field(None, ge=1, le=65535, description="For tcp witnesses.")
+    timeout: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _port_for_tcp(self) -> WitnessConfig:
+        if self.type == "tcp" and self.port is None:
+            raise ValueError("a tcp witness needs a port")
+        return self
+
+
+class RestartPolicy(Strict):
+    limit: int = Field(3, ge=0, description="Local restarts allowed within the window (SafeKit: 3).")
+    window: float = Field(86400.0, gt=0, description="Seconds the restart count looks back (24 h).")
+
+
+class ScriptsConfig(Strict):
+    directory: Path | None = Field(
+        None, description="Folder holding prestart, start_prim, stop_prim, ... (missing ones are skipped)."
+    )
+    timeout: float = Field(120.0, gt=0, description="Seconds a script may run before its group is killed.")
+    stop_timeout: float = Field(60.0, gt=0, description="The same for stop scripts.")
+
+
+class ReplicationConfig(Strict):
+    directories: list[Path] = Field(default_factory=list, description="Absolute paths replicated.")
+    exclude: list[str] = Field(default_factory=list, description='Patterns not replicated ("tmp/", "*.tmp").')
+    protocol: Literal["A", "B", "C"] = "C"
+    port: int = Field(4801, ge=1, le=65535)
+
+    @field_validator("directories")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{path} is not an absolute path")
+        return value
+
+
+class ModuleConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    mode: Literal["mirror"] = "mirror"
+    boot: bool = Field(True, description="`run` starts this module.")
+    preferred_primary: str | None = Field(None, description="Node that becomes primary when both start.")
+    failback: bool = Field(False, description="Return the primary role to preferred_primary automatically.")
+    startup_wait: float | None = Field(
+        None, ge=0, description="Seconds to wait for the peer at start (default: the heartbeat timeout)."
+    )
+    split_brain: Literal["manual", "keep-preferred"] = Field(
+        "manual", description="After both nodes were primary: wait for an admin, or keep the preferred."
+    )
+    vip: VipConfig | None = None
+    scripts: ScriptsConfig = ScriptsConfig()
+    checkers: list[CheckerConfig] = Field(default_factory=list)
+    witnesses: list[WitnessConfig] = Field(default_factory=list)
+    restart: RestartPolicy = RestartPolicy()
+    replication: ReplicationConfig = ReplicationConfig()
+
+
+class ClusterInfo(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class ClusterConfig(BaseSettings):
+    """The whole cluster file. Environment variables SAFEKIT_<SECTION>__<KEY> override it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SAFEKIT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+    cluster: ClusterInfo
+    nodes: list[NodeConfig] = Field(min_length=2, max_length=2, description="The two nodes of a mirror.")
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    api: ApiConfig = ApiConfig()
+    modules: list[ModuleConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ClusterConfig:
+        problems = list(cross_check(self))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def node(self, name: str) -> NodeConfig:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def peer_of(self, name: str) -> NodeConfig:
+        return next(n for n in self.nodes if n.name != name)
+
+    def module(self, name: str) -> ModuleConfig:
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+    @property
+    def networks(self) -> list[str]:
+        return sorted(self.nodes[0].addresses)
+
+
+def cross_check(cfg: ClusterConfig) -> list[str]:
+    """Rules spanning sections; each message names the keys concerned."""
+    problems: list[str] = []
+    names = [n.name for n in cfg.nodes]
+    if len(set(names)) != len(names):
+        problems.append(f"nodes: names must be unique, got {names}")
+    nets = [set(n.addresses) for n in cfg.nodes]
+    if nets and any(s != nets[0] for s in nets):
+        problems.append(
+            f"nodes: every node needs an address on the same heartbeat networks, got "
+            f"{ {n.name: sorted(n.addresses) for n in cfg.nodes} }"
+        )
+    modules = [m.name for m in cfg.modules]
+    if len(set(modules)) != len(modules):
+        problems.append(f"modules: names must be unique, got {modules}")
+    for i, module in enumerate(cfg.modules):
+        if module.preferred_primary is not None and module.preferred_primary not in names:
+            problems.append(
+                f"modules[{i}].preferred_primary: {module.preferred_primary!r} is not a node ({names})"
+            )
+        checkers = [c.name for c in module.checkers]
+        if len(set(checkers)) != len(checkers):
+            problems.append(f"modules[{i}].checkers: names must be unique, got {checkers}")
+    ports = {cfg.heartbeat.port} | {m.replication.port for m in cfg.modules if m.replication.directories}
+    if len(ports) != 1 + sum(1 for m in cfg.modules if m.replication.directories):
+        problems.append("replication.port: each replicated module needs its own port, distinct from heartbeat.port")
+    return problems
+
+
+class ConfigError(Exception):
+    """The cluster file is unusable. `problems` holds one line per error, all of them."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+HINTS = {
+    "missing": "add this key",
+    "extra_forbidden": "unknown key: check its spelling against docs/configuration.md",
+    "int_parsing": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+    "literal_error": "use one of the values listed",
+    "union_tag_invalid": "checker type must be process, tcp, http or command",
+    "union_tag_not_found": "add `type:` (process, tcp, http or command)",
+}
+
+
+def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Map YAML paths (keys and list indices) to 1-based line numbers, for error messages."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                index[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("process", "tcp", "http", "command") and out.endswith("]"):
+            continue  # pydantic's discriminator step, not a key the user wrote
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(error: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("process", "tcp", "http", "command"))
+    where = _format_loc(loc)
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    msg = error["msg"].removeprefix("Value error, ")
+    hint = HINTS.get(error["type"], "")
+    at = f" (line {line})" if line else ""
+    return f"{where}{at}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
+
+
+def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must be a YAML mapping with cluster, nodes and modules"])
+    lines = _line_index(text)
+    try:
+        cfg = ClusterConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e, lines) for e in exc.errors()]) from None
+    problems = validate_providers(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def validate_providers(cfg: ClusterConfig) -> list[str]:
+    """Each module's VIP provider validates its own settings (imported lazily through the registry)."""
+    from safekit_cloud.providers.base import ProviderError, validate_settings
+
+    problems = []
+    for i, module in enumerate(cfg.modules):
+        if module.vip is None:
+            continue
+        try:
+            validate_settings(module.vip.provider, module.vip.settings, [n.name for n in cfg.nodes])
+        except ProviderError as exc:
+            problems.append(f"modules[{i}].vip: {exc}")
+    return problems
+
+
+def load_config(path: Path | str) -> ClusterConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found (create one with `safekit-cloud init`)"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    return parse_config(text, str(path))
+
+
+def local_addresses() -> set[str]:
+    """Addresses configured on this host's interfaces (in the current network namespace)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()}
+
+
+def resolve_local_node(cfg: ClusterConfig, requested: str | None = None) -> str:
+    """The node this daemon plays: `--node`, else SAFEKIT_NODE, else the node owning a local address."""
+    requested = requested or os.environ.get("SAFEKIT_NODE")
+    names = [n.name for n in cfg.nodes]
+    if requested:
+        if requested not in names:
+            raise ConfigError("--node", [f"{requested!r} is not a node of cluster {cfg.cluster.name} ({names})"])
+        return requested
+    mine = local_addresses()
+    matches = [n.name for n in cfg.nodes if set(n.addresses.values()) & mine]
+    if len(matches) == 1:
+        return matches[0]
+    why = "no node's address" if not matches else f"addresses of several nodes ({matches})"
+    raise ConfigError(
+        "--node", [f"{why} is configured on this host ({socket.gethostname()}); pass --node NAME"]
+    )
