@@ -107,17 +107,15 @@ class GenerationOrder(str, enum.Enum):
     LOCAL_NEWER = "local_newer"
     PEER_NEWER = "peer_newer"
     SPLIT_BRAIN = "split_brain"
-    UNKNOWN = "unknown"  # either side has never been initialised
 
 
 def compare_generations(local: Generation, peer: Generation) -> GenerationOrder:
-    if local.current == 0 or peer.current == 0:
-        return GenerationOrder.UNKNOWN
+    """Which side holds the newer data. Generation 0 means "never initialised": older than anything."""
     if local.current == peer.current:
         return GenerationOrder.SAME
-    if peer.current in local.history:
+    if peer.current == 0 or peer.current in local.history:
         return GenerationOrder.LOCAL_NEWER
-    if local.current in peer.history:
+    if local.current == 0 or local.current in peer.history:
         return GenerationOrder.PEER_NEWER
     return GenerationOrder.SPLIT_BRAIN
 
@@ -147,6 +145,9 @@ class PeerView:
     generation: Generation = Generation()
     intent: Intent = Intent.NONE
     preferred: bool = False  # the peer is this module's preferred primary
+    # The peer could become primary: its data is up to date and nothing (a failure, a checker, a
+    # split brain) blocks it. Announced by the peer itself.
+    eligible: bool = True
     # Networks on which the peer was heard within the timeout, by name.
     networks_alive: tuple[str, ...] = ()
     witness_ok: bool = True  # split-brain guard result for this node (True when none is configured)

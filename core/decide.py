@@ -1,0 +1,437 @@
+"""All failover logic of a mirror module, as one pure function.
+
+`decide(local, peer, event)` returns a Decision: the next state, the side effects in order, and the
+reason that the engine logs verbatim. No I/O, no clock: whatever a rule needs (elapsed times, witness
+results, restart counts) is in the snapshot. That makes every rule testable as a table.
+
+Rules in one paragraph (docs/concepts.md tells the long story): a node serves (ALONE/PRIM) only with
+data it can prove current; it proves it by comparing data generations with a reachable peer, or, when
+the peer is silent, by its own record (`can_start_alone`: it was ALONE, or an up-to-date secondary of
+a primary that stopped cleanly). A secondary takes over when the primary stops, leaves the role, or is
+silent on every heartbeat network, unless its data is not up to date or no witness answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .types import (
+    Action,
+    ActionKind as A,
+    CheckerAction,
+    DataStatus,
+    Decision,
+    Event,
+    EventKind as E,
+    GenerationOrder,
+    Intent,
+    LocalView,
+    ModuleState as S,
+    PeerView,
+    compare_generations,
+)
+
+# WAIT reasons that bar this node from becoming primary on its own; a peer that is primary may still
+# take it as secondary.
+BLOCKED_PREFIXES = ("failed:", "checker:", "restarts", "split_brain")
+
+
+def run(script: str) -> Action:
+    return Action(A.RUN_SCRIPT, script)
+
+
+STOP_PRIMARY = (Action(A.STOP_CHECKERS), run("stop_prim"), Action(A.RELEASE_VIP), Action(A.STOP_REPLICATION))
+STOP_SECONDARY = (run("stop_second"), Action(A.STOP_REPLICATION))
+START_SECONDARY = (Action(A.REPLICATE_AS_SECONDARY), run("start_second"))
+
+
+def start_primary(alone: bool) -> tuple[Action, ...]:
+    generation = (Action(A.NEW_GENERATION),) if alone else ()
+    return generation + (
+        Action(A.TAKE_VIP), Action(A.REPLICATE_AS_PRIMARY), run("start_prim"), Action(A.START_CHECKERS),
+    )
+
+
+def decide(local: LocalView, peer: PeerView, event: E | Event) -> Decision:
+    """The next step of module `local.module` on `local.node` after `event`."""
+    if isinstance(event, E):
+        event = Event(event)
+    handler = _ADMIN.get(event.kind)
+    if handler is not None:
+        return handler(local, peer, event)
+    if local.state == S.STOP:
+        return stay(local, "module stopped")
+    by_state = {S.WAIT: _in_wait, S.SECOND: _in_second, S.ALONE: _in_primary, S.PRIM: _in_primary}
+    return by_state[local.state](local, peer, event)
+
+
+# ---- small constructors --------------------------------------------------------------------------
+
+def stay(local: LocalView, reason: str, **changes: object) -> Decision:
+    return Decision(local.state, reason=reason, **changes)  # type: ignore[arg-type]
+
+
+def refuse(local: LocalView, why: str) -> Decision:
+    return Decision(local.state, reason=f"refused: {why}", refused=why)
+
+
+def wait(local: LocalView, reason: str, code: str, actions: tuple[Action, ...] = (), **persist: object) -> Decision:
+    persisted = replace(local.persisted, last_state=S.WAIT, **persist) if persist or actions else None
+    return Decision(S.WAIT, actions, reason, persisted=persisted, waiting_for=code, intent=Intent.NONE)
+
+
+def go_alone(local: LocalView, reason: str, prefix: tuple[Action, ...] = ()) -> Decision:
+    persisted = replace(local.persisted, last_state=S.ALONE, can_start_alone=True,
+                        data=DataStatus.UPTODATE, discard_local_data=False)
+    return Decision(S.ALONE, prefix + start_primary(alone=True), reason,
+                    persisted=persisted, waiting_for="", intent=Intent.NONE)
+
+
+def go_second(local: LocalView, peer: PeerView, reason: str, prefix: tuple[Action, ...] = ()) -> Decision:
+    """Join the peer as its secondary. Without replicated data there is nothing to resync."""
+    if local.has_replication:
+        data, extra = DataStatus.RESYNCING, ()
+    else:
+        data, extra = DataStatus.UPTODATE, (Action(A.ADOPT_PEER_GENERATION),)
+    persisted = replace(local.persisted, last_state=S.SECOND, can_start_alone=False, data=data)
+    return Decision(S.SECOND, prefix + START_SECONDARY + extra, reason,
+                    persisted=persisted, waiting_for="", intent=Intent.NONE)
+
+
+def data_order(local: LocalView, peer: PeerView) -> GenerationOrder:
+    if local.persisted.discard_local_data:
+        return GenerationOrder.PEER_NEWER
+    if not local.has_replication:
+        return GenerationOrder.SAME  # no data: generations only order the history, never block
+    return compare_generations(local.persisted.generation, peer.generation)
+
+
+def wins_tie(local: LocalView, peer: PeerView) -> bool:
+    """Both could serve: the preferred primary wins, else the lower node name (same answer on both)."""
+    if local.preferred != peer.preferred:
+        return local.preferred
+    return local.node < peer.name
+
+
+def eligible(local: LocalView) -> bool:
+    """Could this node become primary on its own? (What it announces to its peer.)"""
+    return (
+        local.persisted.data == DataStatus.UPTODATE
+        and not local.persisted.discard_local_data
+        and not local.waiting_for.startswith(BLOCKED_PREFIXES)
+    )
+
+
+def peer_serving(peer: PeerView) -> bool:
+    return peer.reachable and peer.state.is_primary
+
+
+def peer_uptodate_second(local: LocalView, peer: PeerView) -> bool:
+    return (peer.reachable and peer.state == S.SECOND and peer.data == DataStatus.UPTODATE
+            and (not local.has_replication or peer.generation == local.persisted.generation))
+
+
+# ---- admin commands ------------------------------------------------------------------------------
+
+def _start(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if local.state != S.STOP:
+        return stay(local, "already started")
+    decision = wait(local, "started: waiting for the peer", "peer", (run("prestart"), run("start_both")))
+    return decision
+
+
+def _stop(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if local.state == S.STOP:
+        return stay(local, "already stopped")
+    verb = "forced stop" if event.kind == E.FORCESTOP else "stopped by admin"
+    if local.state.is_primary:
+        # The peer takes over when it sees us stopped; only if it cannot do we stay the newest.
+        newest = not peer_uptodate_second(local, peer)
+        persisted = replace(local.persisted, last_state=S.STOP, can_start_alone=newest)
+        actions = STOP_PRIMARY + (run("stop_both"),)
+    elif local.state == S.SECOND:
+        persisted = replace(local.persisted, last_state=S.STOP, can_start_alone=False)
+        actions = STOP_SECONDARY + (run("stop_both"),)
+    else:
+        persisted = replace(local.persisted, last_state=S.STOP)
+        actions = (Action(A.STOP_CHECKERS), run("stop_both"))
+    return Decision(S.STOP, actions, verb, persisted=persisted, waiting_for="", intent=Intent.NONE)
+
+
+def _restart(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if local.state.is_primary:
+        return stay(local, "application restarted by admin", actions=(run("stop_prim"), run("start_prim")))
+    if local.state == S.SECOND:
+        return stay(local, "secondary restarted by admin", actions=(run("stop_second"), run("start_second")))
+    return refuse(local, f"the module is {local.state.name}: nothing runs to restart (use start)")
+
+
+def _swap(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if local.state == S.PRIM:
+        if not peer_uptodate_second(local, peer):
+            return refuse(local, "the peer is not an up-to-date secondary")
+        return hand_over(local, "swap: primary role handed to the peer")
+    if local.state == S.SECOND:
+        if not (peer_serving(peer) and local.persisted.data == DataStatus.UPTODATE):
+            return refuse(local, "this secondary is not up to date or the peer is not primary")
+        return stay(local, "swap asked: waiting for the primary to hand over", intent=Intent.WANT_PRIMARY)
+    if local.state == S.ALONE:
+        return refuse(local, "no up-to-date secondary to hand over to")
+    return refuse(local, f"the module is {local.state.name}, not part of a running pair")
+
+
+def hand_over(local: LocalView, reason: str) -> Decision:
+    """Leave the primary role on purpose; the peer (an up-to-date secondary) takes it at once."""
+    persisted = replace(local.persisted, last_state=S.SECOND, can_start_alone=False, data=DataStatus.UPTODATE)
+    return Decision(S.SECOND, STOP_PRIMARY + START_SECONDARY, reason,
+                    persisted=persisted, intent=Intent.HANDOVER, waiting_for="")
+
+
+def _force_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if local.state.is_primary:
+        return stay(local, "already primary")
+    if peer_serving(peer):
+        return refuse(local, f"{peer.name} is primary: use swap")
+    prefix: tuple[Action, ...] = ()
+    if local.state == S.SECOND:
+        prefix = STOP_SECONDARY
+    elif local.state == S.STOP:
+        prefix = (run("prestart"), run("start_both"))
+    return go_alone(local, "forced primary by admin: the peer will be resynchronised from this node", prefix)
+
+
+def _force_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    prefix: tuple[Action, ...] = ()
+    if local.state.is_primary:
+        prefix = STOP_PRIMARY
+    elif local.state == S.STOP:
+        prefix = (run("prestart"), run("start_both"))
+    elif local.state == S.SECOND:
+        prefix = STOP_SECONDARY
+    forced = replace(local, state=S.WAIT, waiting_for="",
+                     persisted=replace(local.persisted, discard_local_data=True, data=DataStatus.STALE,
+                                       can_start_alone=False))
+    if peer_serving(peer):
+        return go_second(forced, peer, "forced secondary by admin: full resync from the peer", prefix)
+    return wait(forced, "forced secondary by admin: waiting for the peer to be primary", "peer", prefix,
+                discard_local_data=True, data=DataStatus.STALE, can_start_alone=False)
+
+
+_ADMIN = {
+    E.START: _start, E.STOP: _stop, E.FORCESTOP: _stop, E.RESTART: _restart, E.SWAP: _swap,
+    E.FORCE_PRIM: _force_prim, E.FORCE_SECOND: _force_second,
+}
+
+
+# ---- WAIT: decide whether to serve, join, or keep waiting ----------------------------------------
+
+def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if event.kind == E.CHECKER_RECOVERED and local.waiting_for.startswith("checker:"):
+        local = replace(local, waiting_for="")
+    elif event.kind == E.CHECKER_FAILED:
+        return stay(local, "checker failure ignored: not primary")
+    elif event.kind == E.RESYNC_DONE or event.kind == E.REPLICATION_LOST or event.kind == E.SCRIPT_FAILED:
+        return stay(local, f"{event.kind.value} ignored in WAIT")
+    if local.waiting_for == "witness":
+        return _wait_for_witness(local, peer)
+    if peer_serving(peer):
+        return _join_primary(local, peer)
+    if local.waiting_for.startswith(BLOCKED_PREFIXES):
+        return stay(local, f"waiting: {local.waiting_for}")
+    if peer.reachable and peer.state == S.SECOND:
+        # It was secondary of this node (we restarted): it takes over or joins; electing now would race.
+        return stay(local, f"{peer.name} is secondary: waiting for it to take over", waiting_for="peer")
+    if peer.reachable and peer.state == S.WAIT:
+        return _elect(local, peer)
+    if peer.reachable and peer.state == S.STOP:
+        return _peer_stopped_at_start(local, peer)
+    return _peer_silent_at_start(local, peer)
+
+
+def _join_primary(local: LocalView, peer: PeerView) -> Decision:
+    order = data_order(local, peer)
+    if order == GenerationOrder.SPLIT_BRAIN and not (local.split_brain_policy == "keep-preferred" and peer.preferred):
+        return wait(local, f"split brain: this node and {peer.name} both wrote data alone; keep one side "
+                    f"with `safekit-cloud second` on the node whose changes to discard", "split_brain")
+    if order == GenerationOrder.LOCAL_NEWER:
+        return wait(local, f"{peer.name} is primary with older data than this node: run `safekit-cloud "
+                    f"second` here to discard this node's newer data, or stop {peer.name}", "split_brain")
+    return go_second(local, peer, f"{peer.name} is primary: joining as secondary")
+
+
+def _elect(local: LocalView, peer: PeerView) -> Decision:
+    """Both nodes are up and neither serves: the one with the newest data serves."""
+    order = data_order(local, peer)
+    mine = eligible(local)
+    if order == GenerationOrder.SPLIT_BRAIN:
+        if local.split_brain_policy == "keep-preferred" and (local.preferred or peer.preferred):
+            order = GenerationOrder.LOCAL_NEWER if local.preferred else GenerationOrder.PEER_NEWER
+        else:
+            return wait(local, f"split brain: this node and {peer.name} both wrote data alone; choose the "
+                        f"side to keep: `safekit-cloud prim` there, or `second` on the side to discard",
+                        "split_brain")
+    if order == GenerationOrder.LOCAL_NEWER and mine:
+        return go_alone(local, f"this node has newer data than {peer.name}: serving")
+    if order == GenerationOrder.PEER_NEWER or not mine:
+        why = "has newer data" if order == GenerationOrder.PEER_NEWER else "can serve and this node cannot"
+        return stay(local, f"{peer.name} {why}: waiting for it to become primary", waiting_for="peer")
+    if not peer.eligible or wins_tie(local, peer):
+        return go_alone(local, f"both nodes up with the same data: this node serves "
+                        f"({'preferred primary' if local.preferred else 'tie broken by node name'})")
+    return stay(local, f"both nodes up with the same data: {peer.name} serves", waiting_for="peer")
+
+
+def _peer_stopped_at_start(local: LocalView, peer: PeerView) -> Decision:
+    order = data_order(local, peer)
+    if order in (GenerationOrder.SAME, GenerationOrder.LOCAL_NEWER) and eligible(local):
+        return go_alone(local, f"{peer.name}'s module is stopped and this node's data is the newest: serving")
+    if order == GenerationOrder.SPLIT_BRAIN:
+        return wait(local, f"split brain with {peer.name} (stopped): choose the side to keep", "split_brain")
+    return stay(local, f"{peer.name} has newer data but its module is stopped: start it there, "
+                "or force this node with `safekit-cloud prim` (its changes will be lost)", waiting_for="stale")
+
+
+def _peer_silent_at_start(local: LocalView, peer: PeerView) -> Decision:
+    if local.startup_elapsed < local.startup_wait and not local.peer_seen_since_start:
+        return stay(local, f"waiting for {peer.name} ({local.startup_elapsed:.0f}s of "
+                    f"{local.startup_wait:.0f}s)", waiting_for="peer")
+    if local.persisted.can_start_alone and eligible(local):
+        return go_alone(local, f"{peer.name} not seen; this node holds the newest data "
+                        f"(it was the last primary): serving alone")
+    return stay(local, f"{peer.name} not seen and this node cannot prove its data is current "
+                f"(the peer may have served since): start {peer.name}, or force this node with "
+                f"`safekit-cloud prim`", waiting_for="stale")
+
+
+def _wait_for_witness(local: LocalView, peer: PeerView) -> Decision:
+    if peer.reachable:
+        return _in_wait(replace(local, waiting_for=""), peer, Event(E.PEER_CHANGED))
+    if local.witness_ok:
+        return go_alone(local, f"{peer.name} still lost and a witness answers now: taking over")
+    return stay(local, f"{peer.name} lost and no witness answers: not taking over (split-brain guard)")
+
+
+# ---- SECOND --------------------------------------------------------------------------------------
+
+def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    uptodate = local.persisted.data == DataStatus.UPTODATE
+    if event.kind == E.RESYNC_DONE:
+        persisted = replace(local.persisted, data=DataStatus.UPTODATE, discard_local_data=False)
+        return stay(local, "resynchronised: up to date", actions=(Action(A.ADOPT_PEER_GENERATION),),
+                    persisted=persisted)
+    if event.kind == E.REPLICATION_LOST:
+        return stay(local, "replication link lost: this secondary is no longer up to date",
+                    persisted=replace(local.persisted, data=DataStatus.STALE))
+    if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
+        return stay(local, f"{event.kind.value} ignored on the secondary")
+    if peer_serving(peer):
+        if local.intent == Intent.HANDOVER:
+            return stay(local, f"{peer.name} took over", intent=Intent.NONE)
+        return stay(local, f"secondary of {peer.name}")
+    if peer.reachable and peer.state == S.SECOND and peer.intent != Intent.HANDOVER:
+        if local.intent == Intent.HANDOVER:
+            return stay(local, f"waiting for {peer.name} to take over")
+        return stay(local, f"both nodes secondary: waiting (force one with `safekit-cloud prim`)")
+    return _primary_gone(local, peer, event, uptodate)
+
+
+def _primary_gone(local: LocalView, peer: PeerView, event: Event, uptodate: bool) -> Decision:
+    """The primary stopped, left the role, or went silent: take over if our data allows."""
+    if peer.reachable and peer.state == S.SECOND:  # it handed over on purpose
+        why, alone = f"{peer.name} handed over the primary role", not peer_uptodate_second(local, peer)
+    elif peer.reachable:
+        why, alone = f"{peer.name} stopped serving ({peer.state.name})", True
+    else:
+        why, alone = f"{peer.name} lost on every heartbeat network", True
+        if not local.witness_ok:
+            return wait(local, f"{why} and no witness answers: not taking over (split-brain guard)",
+                        "witness", STOP_SECONDARY)
+    if not uptodate:
+        return wait(local, f"{why}, but this node's data is not up to date: not taking over "
+                    f"(start {peer.name}, or force with `safekit-cloud prim`: changes since the last "
+                    f"resync are lost)", "stale", STOP_SECONDARY, data=DataStatus.STALE)
+    if not alone:
+        persisted = replace(local.persisted, last_state=S.PRIM, can_start_alone=False)
+        return Decision(S.PRIM, STOP_SECONDARY + start_primary(alone=False), f"{why}: taking over",
+                        persisted=persisted, intent=Intent.NONE, waiting_for="")
+    return go_alone(local, f"{why}: taking over", STOP_SECONDARY)
+
+
+# ---- ALONE and PRIM ------------------------------------------------------------------------------
+
+def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if event.kind == E.CHECKER_FAILED:
+        return _checker_failed(local, peer, event.detail)
+    if event.kind == E.SCRIPT_FAILED:
+        return _start_failed(local, event.detail)
+    if event.kind in (E.RESYNC_DONE, E.CHECKER_RECOVERED):
+        return stay(local, f"{event.kind.value} noted")
+    if peer_serving(peer):
+        return _both_primary(local, peer)
+    if local.state == S.PRIM:
+        return _in_prim(local, peer, event)
+    if peer_uptodate_second(local, peer):
+        return Decision(S.PRIM, (), f"{peer.name} is an up-to-date secondary: replicating",
+                        persisted=replace(local.persisted, last_state=S.PRIM, can_start_alone=False))
+    return stay(local, "serving alone" if not peer.reachable else f"serving; {peer.name} is {peer.state.name}")
+
+
+def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
+    if event.kind == E.REPLICATION_LOST or not peer_uptodate_second(local, peer):
+        if event.kind == E.REPLICATION_LOST:
+            why = "replication link lost"
+        elif not peer.reachable:
+            why = f"{peer.name} lost on every heartbeat network"
+        else:
+            why = f"{peer.name} is no longer an up-to-date secondary ({peer.state.name})"
+        persisted = replace(local.persisted, last_state=S.ALONE, can_start_alone=True)
+        return Decision(S.ALONE, (Action(A.NEW_GENERATION),), f"{why}: continuing alone", persisted=persisted)
+    if peer.intent == Intent.WANT_PRIMARY:
+        return hand_over(local, f"swap asked on {peer.name}: primary role handed over")
+    if local.failback and peer.preferred and not local.preferred:
+        return hand_over(local, f"failback: returning the primary role to the preferred node {peer.name}")
+    return stay(local, f"replicating to {peer.name}")
+
+
+def _both_primary(local: LocalView, peer: PeerView) -> Decision:
+    """Both nodes serve (a partition healed). Exactly one keeps serving, the same one on both sides."""
+    if wins_tie(local, peer):
+        return stay(local, f"{peer.name} also serves (partition healed): this node keeps serving")
+    split = local.has_replication and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN
+    if split and local.split_brain_policy != "keep-preferred":
+        return wait(local, f"split brain: {peer.name} also served; this node stopped serving and keeps its "
+                    f"data: `safekit-cloud second` here discards it, `prim` keeps it", "split_brain",
+                    STOP_PRIMARY)
+    return go_second(local, peer, f"{peer.name} also serves (partition healed): yielding and resyncing from it",
+                     STOP_PRIMARY)
+
+
+def checker_detail(action: CheckerAction, checker: str, reason: str) -> str:
+    """The CHECKER_FAILED event's detail: which checker failed, why, and what it asks for."""
+    return f"{action.value}|{checker}|{reason}"
+
+
+def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
+    action_name, checker, why = (detail.split("|", 2) + ["", ""])[:3]
+    action = CheckerAction(action_name)
+    reason = f"{checker}: {why}" if why else checker
+    if action == CheckerAction.NONE:
+        return stay(local, f"checker failed ({reason}): action none")
+    if action == CheckerAction.RESTART and not local.restarts_exhausted:
+        return stay(local, f"checker failed ({reason}): restarting the application",
+                    actions=(Action(A.COUNT_RESTART), run("stop_prim"), run("start_prim")))
+    if action == CheckerAction.WAIT:
+        return wait(local, f"checker failed ({reason}): application stopped until it recovers",
+                    f"checker:{checker}", STOP_PRIMARY[1:3])
+    why = "restart limit reached" if action == CheckerAction.RESTART else "stopstart"
+    if local.state == S.PRIM and peer_uptodate_second(local, peer):
+        return hand_over(local, f"checker failed ({reason}), {why}: failing over to {peer.name}")
+    return wait(local, f"checker failed ({reason}), {why}, and no up-to-date secondary can take over: "
+                f"application stopped; fix it, then `safekit-cloud start`", "restarts", STOP_PRIMARY)
+
+
+def _start_failed(local: LocalView, script: str) -> Decision:
+    if script != "start_prim":
+        return stay(local, f"script {script} failed (see the module log)")
+    return wait(local, f"start_prim failed: application stopped, failing over (see the module log)",
+                "failed:start_prim", STOP_PRIMARY)
