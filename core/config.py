@@ -77,8 +77,8 @@ class HeartbeatConfig(Strict):
 
 
 class TLSConfig(Strict):
-    cert_file: Path
-    key_file: Path
+    cert_file: Path = Field(description="PEM certificate of the API.")
+    key_file: Path = Field(description="PEM private key of the API.")
 
 
 class ApiConfig(Strict):
@@ -127,7 +127,7 @@ class VipConfig(Strict):
 
 
 class CheckerBase(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, description="Checker name, unique in the module.")
     interval: float = Field(5.0, gt=0, description="Seconds between two checks.")
     timeout: float = Field(5.0, gt=0, description="Seconds one check may take before it counts as failed.")
     failures: int = Field(3, ge=1, description="Consecutive failures before the action is taken.")
@@ -136,7 +136,7 @@ class CheckerBase(Strict):
 
 
 class ProcessChecker(CheckerBase):
-    type: Literal["process"]
+    type: Literal["process"] = Field(description="Watch a process.")
     process_name: str | None = Field(None, description="Exact process name (comm).")
     pid_file: Path | None = None
     cmdline_regex: str | None = Field(None, description="Regular expression searched in the command line.")
@@ -155,21 +155,21 @@ class ProcessChecker(CheckerBase):
 
 
 class TcpChecker(CheckerBase):
-    type: Literal["tcp"]
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
+    type: Literal["tcp"] = Field(description="Connect to a TCP port.")
+    host: str = Field("127.0.0.1", description="Host to connect to.")
+    port: int = Field(ge=1, le=65535, description="Port to connect to.")
 
 
 class HttpChecker(CheckerBase):
-    type: Literal["http"]
+    type: Literal["http"] = Field(description="GET a URL.")
     url: str = Field(pattern=r"^https?://", description="URL to GET.")
     expect_status: int = Field(200, ge=100, le=599)
     body_regex: str | None = Field(None, description="The body must match this regular expression.")
-    verify_tls: bool = True
+    verify_tls: bool = Field(True, description="Check the server certificate for https URLs.")
 
 
 class CommandChecker(CheckerBase):
-    type: Literal["command"]
+    type: Literal["command"] = Field(description="Run a command.")
     command: list[str] = Field(min_length=1, description="argv; exit code 0 means ok.")
 
 
@@ -181,10 +181,10 @@ CheckerConfig = Annotated[
 class WitnessConfig(Strict):
     """A split-brain guard: a secondary that reaches no witness does not take over."""
 
-    type: Literal["ping", "tcp"] = "ping"
-    address: str
+    type: Literal["ping", "tcp"] = Field("ping", description="ping (ICMP echo) or tcp (connect).")
+    address: str = Field(description="The witness: a router, a gateway, a third machine.")
     port: int | None = Field(None, ge=1, le=65535, description="For tcp witnesses.")
-    timeout: float = Field(1.0, gt=0)
+    timeout: float = Field(1.0, gt=0, description="Seconds to wait for its answer.")
 
     @model_validator(mode="after")
     def _port_for_tcp(self) -> WitnessConfig:
@@ -209,8 +209,8 @@ class ScriptsConfig(Strict):
 class ReplicationConfig(Strict):
     directories: list[Path] = Field(default_factory=list, description="Absolute paths replicated.")
     exclude: list[str] = Field(default_factory=list, description='Patterns not replicated ("tmp/", "*.tmp").')
-    protocol: Literal["A", "B", "C"] = "C"
-    port: int = Field(4801, ge=1, le=65535)
+    protocol: Literal["A", "B", "C"] = Field("C", description="C: synchronous (applied on the peer); B: received; A: asynchronous.")
+    port: int = Field(4801, ge=1, le=65535, description="TCP port of the replication stream.")
 
     @field_validator("directories")
     @classmethod
@@ -222,8 +222,10 @@ class ReplicationConfig(Strict):
 
 
 class ModuleConfig(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
-    mode: Literal["mirror"] = "mirror"
+    """One protected application: its virtual IP, scripts, checkers and replicated directories."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Module name (`-m` on the command line).")
+    mode: Literal["mirror"] = Field("mirror", description="mirror: one primary, one secondary.")
     boot: bool = Field(True, description="`run` starts this module.")
     preferred_primary: str | None = Field(None, description="Node that becomes primary when both start.")
     failback: bool = Field(False, description="Return the primary role to preferred_primary automatically.")
@@ -233,16 +235,18 @@ class ModuleConfig(Strict):
     split_brain: Literal["manual", "keep-preferred"] = Field(
         "manual", description="After both nodes were primary: wait for an admin, or keep the preferred."
     )
-    vip: VipConfig | None = None
-    scripts: ScriptsConfig = ScriptsConfig()
-    checkers: list[CheckerConfig] = Field(default_factory=list)
-    witnesses: list[WitnessConfig] = Field(default_factory=list)
-    restart: RestartPolicy = RestartPolicy()
-    replication: ReplicationConfig = ReplicationConfig()
+    vip: VipConfig | None = Field(None, description="The virtual IP clients use; none: no address moves.")
+    scripts: ScriptsConfig = Field(ScriptsConfig(), description="The start and stop scripts of the application.")
+    checkers: list[CheckerConfig] = Field(default_factory=list, description="Watch the application on the primary.")
+    witnesses: list[WitnessConfig] = Field(
+        default_factory=list, description="Split-brain guard: a secondary takes over only if one answers."
+    )
+    restart: RestartPolicy = Field(RestartPolicy(), description="How often checkers may restart the application.")
+    replication: ReplicationConfig = Field(ReplicationConfig(), description="Directories replicated to the peer.")
 
 
 class ClusterInfo(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, description="Cluster name; heartbeats of other clusters are dropped.")
 
 
 class ClusterConfig(BaseSettings):
@@ -251,11 +255,11 @@ class ClusterConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SAFEKIT_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
-    cluster: ClusterInfo
+    cluster: ClusterInfo = Field(description="Cluster identity (its name is part of every heartbeat).")
     nodes: list[NodeConfig] = Field(min_length=2, max_length=2, description="The two nodes of a mirror.")
-    heartbeat: HeartbeatConfig = HeartbeatConfig()
-    api: ApiConfig = ApiConfig()
-    modules: list[ModuleConfig] = Field(min_length=1)
+    heartbeat: HeartbeatConfig = Field(HeartbeatConfig(), description="Failure detection between the nodes.")
+    api: ApiConfig = Field(ApiConfig(), description="The local admin API the CLI talks to.")
+    modules: list[ModuleConfig] = Field(min_length=1, description="The applications this cluster protects.")
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,203 @@
+"""The node's engine: heartbeats with the peer, one ModuleRuntime per module, the Controller the API uses.
+
+The heartbeat carries each module's announced state (state, data status, generation, intent) as a
+msgspec payload; the engine decodes the newest one into a PeerView per module. It makes no decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import msgspec
+
+from safekit_cloud import __version__
+from safekit_cloud.providers.base import VipProvider, create_provider
+
+from .config import ClusterConfig, ModuleConfig
+from .heartbeat import Heartbeat, Link
+from .module import ModuleRuntime
+from .status import CommandResult, ModuleOut, NetworkOut, NodeOut, PeerOut
+from .types import DataStatus, Generation, Intent, ModuleState, PeerView
+
+log = logging.getLogger(__name__)
+
+
+class ModuleAnnounce(msgspec.Struct, array_like=True, frozen=True):
+    """One module as a node describes it to its peer in every heartbeat."""
+
+    name: str
+    state: int
+    data: str
+    gen: int
+    history: list[int]
+    intent: str
+    eligible: bool
+
+
+class Announce(msgspec.Struct, array_like=True, frozen=True):
+    modules: list[ModuleAnnounce]
+
+
+class EngineError(Exception):
+    pass
+
+
+def read_key(path: Path) -> bytes:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise EngineError(f"cannot read the cluster key {path}: {exc.strerror} "
+                          f"(create one with `safekit-cloud init`, same file on both nodes)") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise EngineError(f"cluster key {path} is not hexadecimal (expected 64 hex digits)") from None
+    if len(key) < 16:
+        raise EngineError(f"cluster key {path} is too short ({len(key)} bytes; 32 expected)")
+    return key
+
+
+class Engine:
+    """Implements status.Controller for the API."""
+
+    def __init__(self, config: ClusterConfig, node: str, state_dir: Path, key: bytes):
+        self.config = config
+        self.node = node
+        self.peer = config.peer_of(node)
+        self.state_dir = state_dir
+        self.started = time.monotonic()
+        self._decoder = msgspec.msgpack.Decoder(Announce)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._announced: dict[str, ModuleAnnounce] = {}
+        self._boot_tasks: set[asyncio.Task[CommandResult]] = set()
+        me = config.node(node)
+        links = [Link(net, me.addresses[net], self.peer.addresses[net]) for net in sorted(me.addresses)]
+        hb = config.heartbeat
+        self.heartbeat = Heartbeat(
+            cluster=config.cluster.name, node=node, peer=self.peer.name, links=links, port=hb.port, key=key,
+            interval=hb.interval, timeout=hb.timeout, replay_window=hb.replay_window,
+            payload=self._payload, on_change=self._peer_changed,
+        )
+        self.modules: dict[str, ModuleRuntime] = {
+            m.name: ModuleRuntime(cluster=config, config=m, node=node, state_dir=state_dir,
+                                  peer_view=self.peer_view, announce=self.heartbeat.beat_now,
+                                  provider=self._provider(m))
+            for m in config.modules
+        }
+
+    def _provider(self, module: ModuleConfig) -> VipProvider | None:
+        if module.vip is None:
+            return None
+        return create_provider(module.vip.provider, module.vip.address, module.vip.settings, self.node,
+                               [n.name for n in self.config.nodes])
+
+    # ---- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.heartbeat.start()
+        for runtime in self.modules.values():
+            runtime.start()
+        for name, runtime in self.modules.items():
+            if runtime.config.boot:
+                asyncio.get_running_loop().call_soon(self._boot, name)
+
+    def _boot(self, name: str) -> None:
+        task = asyncio.create_task(self.modules[name].command("start"))
+        self._boot_tasks.add(task)
+        task.add_done_callback(self._boot_tasks.discard)
+
+    async def shutdown(self) -> None:
+        """Daemon stop: stop every module cleanly (the peer takes over), tell the peer, close."""
+        results = await asyncio.gather(*(m.command("stop") for m in self.modules.values()),
+                                       return_exceptions=True)
+        for name, result in zip(self.modules, results):
+            if isinstance(result, BaseException):
+                log.error("module %s: stop failed: %s", name, result)
+        self.heartbeat.beat_now()
+        await asyncio.sleep(min(0.2, self.config.heartbeat.interval))  # let the STOP beat leave
+        await self.close()
+
+    async def close(self) -> None:
+        for task in list(self._boot_tasks):
+            task.cancel()
+        for runtime in self.modules.values():
+            await runtime.close()
+        await self.heartbeat.stop()
+
+    # ---- heartbeat payload -----------------------------------------------------------------------
+
+    def _payload(self) -> bytes:
+        return self._encoder.encode(Announce([ModuleAnnounce(**m.announce_fields()) for m in self.modules.values()]))
+
+    def _peer_changed(self) -> None:
+        status = self.heartbeat.peer_status()
+        self._announced = {}
+        if status.payload is not None:
+            try:
+                self._announced = {m.name: m for m in self._decoder.decode(status.payload).modules}
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                # Authenticated but undecodable: a peer of another version. Treat its modules as unknown.
+                log.warning("peer %s: unreadable module announcement (%s)", self.peer.name, exc)
+        for runtime in self.modules.values():
+            runtime.peer_changed()
+
+    def peer_view(self, module: str) -> PeerView:
+        status = self.heartbeat.peer_status()
+        alive = tuple(n.network for n in status.networks if n.alive)
+        preferred = self.config.module(module).preferred_primary == self.peer.name
+        announced = self._announced.get(module) if status.reachable else None
+        if announced is None:
+            return PeerView(name=self.peer.name, reachable=status.reachable, preferred=preferred,
+                            networks_alive=alive, eligible=False)
+        try:
+            return PeerView(
+                name=self.peer.name, reachable=True, state=ModuleState(announced.state),
+                data=DataStatus(announced.data), generation=Generation(announced.gen, tuple(announced.history)),
+                intent=Intent(announced.intent), preferred=preferred, networks_alive=alive,
+                eligible=announced.eligible,
+            )
+        except ValueError as exc:
+            log.warning("peer %s: module %s announced an unknown value (%s)", self.peer.name, module, exc)
+            return PeerView(name=self.peer.name, reachable=True, preferred=preferred, networks_alive=alive,
+                            eligible=False)
+
+    # ---- Controller --------------------------------------------------------------------------------
+
+    def module_names(self) -> list[str]:
+        return list(self.modules)
+
+    def serving(self, module: str) -> bool:
+        return self.modules[module].serving
+
+    def log_path(self, module: str) -> str:
+        return str(self.modules[module].log_path)
+
+    async def command(self, module: str, verb: str) -> CommandResult:
+        return await self.modules[module].command(verb)
+
+    def status(self) -> NodeOut:
+        hb = self.heartbeat.peer_status()
+        peer = PeerOut(self.peer.name, hb.reachable, hb.incarnation,
+                       [NetworkOut(n.network, n.alive, n.last_seen_ago, n.rtt_ms) for n in hb.networks])
+        return NodeOut(
+            schema_version=1, version=__version__, cluster=self.config.cluster.name, node=self.node,
+            incarnation=self.heartbeat.incarnation, uptime=time.monotonic() - self.started, peer=peer,
+            heartbeat=self.heartbeat.counters, modules=[self._module_out(m) for m in self.modules.values()],
+        )
+
+    def _module_out(self, m: ModuleRuntime) -> ModuleOut:
+        peer = self.peer_view(m.config.name)
+        vip = m.config.vip
+        return ModuleOut(
+            name=m.config.name, state=m.state.name, state_code=int(m.state), data=m.persisted.data.value,
+            waiting_for=m.waiting_for, busy=m.busy, serving=m.serving,
+            vip=vip.address if vip else None, vip_provider=vip.provider if vip else None,
+            peer_state=peer.state.name if peer.reachable else None,
+            peer_data=peer.data.value if peer.reachable else None,
+            generation=f"{m.persisted.generation.current:016x}", restarts=len(m.restart_times),
+            restart_limit=m.config.restart.limit, checkers=m.checker_status(), decisions=list(m.decisions),
+            replication=m.replication.status() if m.replication is not None else None,
+        )

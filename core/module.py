@@ -1,0 +1,381 @@
+"""One protected application on this node: snapshot -> decide -> act, one event at a time.
+
+A `ModuleRuntime` owns the module's event loop task, its scripts runner, checkers, virtual IP provider
+and (for replicated modules) replication service. Events are processed strictly one after another, each
+decision's actions carried out in order before the next event is looked at, so two transitions never
+interleave. The state it announces to the peer changes only once a decision's actions are done: a
+primary that stops announces STOP after it released the VIP, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from opentelemetry import trace
+
+from safekit_cloud.providers.base import ProviderError, VipProvider
+
+from .checkers.runner import CheckerSet
+from .checkers.witness import any_witness_reachable
+from .config import ClusterConfig, ModuleConfig
+from .decide import checker_detail, decide, eligible
+from .scripts import ScriptRunner
+from .status import CheckerOut, CommandResult, DecisionOut
+from .store import ModuleStore
+from .types import (
+    Action,
+    ActionKind as A,
+    CheckerAction,
+    DataStatus,
+    Decision,
+    Event,
+    EventKind as E,
+    Generation,
+    Intent,
+    LocalView,
+    ModuleState as S,
+    Persisted,
+    PeerView,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("safekit_cloud.engine")
+
+ADMIN_EVENTS = {
+    "start": E.START, "stop": E.STOP, "forcestop": E.FORCESTOP, "restart": E.RESTART,
+    "swap": E.SWAP, "prim": E.FORCE_PRIM, "second": E.FORCE_SECOND,
+}
+# Scripts whose failure means the application cannot serve here: the rest of the decision is dropped
+# and `decide` hears about it.
+CRITICAL_STEPS = ("prestart", "start_both", "start_prim", "take_vip")
+HISTORY_KEPT = 16
+
+
+class ModuleRuntime:
+    def __init__(self, *, cluster: ClusterConfig, config: ModuleConfig, node: str, state_dir: Path,
+                 peer_view: Callable[[str], PeerView], announce: Callable[[], None],
+                 provider: VipProvider | None, replication: Any | None = None) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.node = node
+        self.peer_name = cluster.peer_of(node).name
+        self._peer_view = peer_view
+        self._announce = announce
+        self.provider = provider
+        self.replication = replication
+        self.store = ModuleStore(state_dir, config.name)
+        self.log_path = self.store.folder / "module.log"
+        self.persisted: Persisted = self.store.load()
+        self.state = S.STOP
+        self.intent = Intent.NONE
+        self.waiting_for = ""
+        self.busy = ""
+        self.decisions: collections.deque[DecisionOut] = collections.deque(maxlen=20)
+        self.restart_times: collections.deque[float] = collections.deque()
+        self.started_at = 0.0
+        self.peer_seen_since_start = False
+        self.witness_ok = True
+        self.vip_held = False
+        self._queue: asyncio.Queue[tuple[Event, asyncio.Future[CommandResult] | None]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.scripts = ScriptRunner(module=config.name, node=node, config=config.scripts,
+                                    env=self._script_env(), log_file=self.log_path)
+        self.checkers = CheckerSet(config.checkers, self._on_checker_failure, self._on_checker_recovered)
+        self._checkers_running = False
+
+    # ---- wiring ----------------------------------------------------------------------------------
+
+    def _script_env(self) -> dict[str, str]:
+        return {
+            "SAFEKIT_CLUSTER": self.cluster.cluster.name,
+            "SAFEKIT_MODULE": self.config.name,
+            "SAFEKIT_NODE": self.node,
+            "SAFEKIT_PEER": self.peer_name,
+            "SAFEKIT_VIP": self.config.vip.address.split("/")[0] if self.config.vip else "",
+        }
+
+    def start(self) -> None:
+        self.store.folder.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.create_task(self._loop(), name=f"module-{self.config.name}")
+
+    async def close(self) -> None:
+        """Cancel the loop (after `shutdown`, or on a crash path). Leaves the application as it is."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.checkers.stop()
+        if self.replication is not None:
+            await self.replication.stop()
+        if self.provider is not None:
+            await self.provider.close()
+
+    def peer_changed(self) -> None:
+        """Heartbeat callback: the peer's view changed; re-evaluate soon."""
+        self._wake.set()
+
+    async def command(self, verb: str) -> CommandResult:
+        if verb == "forcestop":
+            await self.scripts.abort()
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((Event(ADMIN_EVENTS[verb]), future))
+        self._wake.set()
+        return await future
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        tick = self.cluster.heartbeat.interval
+        while True:
+            if self._queue.empty():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), tick)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            if not self._queue.empty():
+                event, future = self._queue.get_nowait()
+            else:
+                peer = self._peer_view(self.config.name)
+                event, future = Event(E.PEER_CHANGED if peer.reachable else E.PEER_LOST), None
+            try:
+                result = await self.handle(event)
+            except Exception as exc:  # a bug must not kill the module loop: log it and keep serving
+                log.exception("module %s: error while handling %s", self.config.name, event.kind.value)
+                result = CommandResult(False, f"internal error: {exc}", self.state.name)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    async def handle(self, event: Event) -> CommandResult:
+        peer = self._peer_view(self.config.name)
+        if peer.reachable:
+            self.peer_seen_since_start = True
+        await self._refresh_witness(peer)
+        local = self.local_view()
+        decision = decide(local, peer, event)
+        if not self._changes_anything(decision):
+            return CommandResult(not decision.refused, decision.reason, self.state.name)
+        await self._carry_out(decision, event, peer)
+        return CommandResult(not decision.refused, decision.reason, self.state.name)
+
+    def _changes_anything(self, d: Decision) -> bool:
+        return bool(
+            d.refused or d.actions or d.persisted is not None or d.next_state != self.state
+            or (d.intent is not None and d.intent != self.intent)
+            or (d.waiting_for is not None and d.waiting_for != self.waiting_for)
+        )
+
+    def local_view(self) -> LocalView:
+        now = time.monotonic()
+        window = self.config.restart.window
+        while self.restart_times and now - self.restart_times[0] > window:
+            self.restart_times.popleft()
+        startup_wait = self.config.startup_wait
+        if startup_wait is None:
+            startup_wait = self.cluster.heartbeat.timeout
+        return LocalView(
+            module=self.config.name, node=self.node, state=self.state, persisted=self.persisted,
+            preferred=self.config.preferred_primary == self.node,
+            has_replication=bool(self.config.replication.directories),
+            intent=self.intent, failback=self.config.failback, split_brain_policy=self.config.split_brain,
+            restarts_exhausted=len(self.restart_times) >= self.config.restart.limit,
+            waiting_for=self.waiting_for, startup_elapsed=now - self.started_at,
+            startup_wait=startup_wait, witness_ok=self.witness_ok,
+            peer_seen_since_start=self.peer_seen_since_start,
+        )
+
+    async def _refresh_witness(self, peer: PeerView) -> None:
+        """Ask the witnesses only when a takeover without the peer is being considered."""
+        needed = not peer.reachable and (self.state == S.SECOND or self.waiting_for == "witness")
+        if not self.config.witnesses or not needed:
+            self.witness_ok = True
+            return
+        with tracer.start_as_current_span("witness_check") as span:
+            self.witness_ok, why = await any_witness_reachable(self.config.witnesses)
+            span.set_attribute("witness.ok", self.witness_ok)
+            span.set_attribute("witness.detail", why)
+        log.info("module %s: witness check: %s", self.config.name, why)
+
+    # ---- carrying out a decision -------------------------------------------------------------
+
+    async def _carry_out(self, d: Decision, event: Event, peer: PeerView) -> None:
+        old = self.state
+        failover = old == S.SECOND and d.next_state.is_primary and not peer.reachable
+        span_name = "failover" if failover else "transition" if d.next_state != old else "decision"
+        line = (f"{event.kind.value}{'(' + event.detail + ')' if event.detail else ''}: {old.name} -> "
+                f"{d.next_state.name}: {d.reason}" + (f" [{', '.join(map(str, d.actions))}]" if d.actions else ""))
+        log.info("module %s: %s", self.config.name, line)
+        self._module_log(line)
+        self.decisions.appendleft(DecisionOut(time.time(), event.kind.value, old.name, d.next_state.name,
+                                              d.reason, [str(a) for a in d.actions]))
+        with tracer.start_as_current_span(span_name) as span:
+            span.set_attribute("module", self.config.name)
+            span.set_attribute("node", self.node)
+            span.set_attribute("event", event.kind.value)
+            span.set_attribute("from_state", old.name)
+            span.set_attribute("to_state", d.next_state.name)
+            span.set_attribute("reason", d.reason)
+            if failover:
+                with tracer.start_as_current_span("detection") as det:
+                    det.set_attribute("peer", peer.name)
+                    det.set_attribute("heartbeat.timeout", self.cluster.heartbeat.timeout)
+            await self._save(self._next_persisted(d, peer))
+            if event.kind == E.START:
+                self.started_at, self.peer_seen_since_start = time.monotonic(), peer.reachable
+            if d.next_state != old:
+                await self._script("transition", old, d.next_state, event)
+            failed = await self._run_actions(d, event, old, peer)
+            self.state = d.next_state
+            if d.intent is not None:
+                self.intent = d.intent
+            if d.waiting_for is not None:
+                self.waiting_for = d.waiting_for
+            await self._reconcile_checkers()
+            self.busy = ""
+        self._announce()
+        if failed:
+            self._queue.put_nowait((Event(E.SCRIPT_FAILED, failed), None))
+
+    def _next_persisted(self, d: Decision, peer: PeerView) -> Persisted:
+        p = d.persisted or self.persisted
+        kinds = {a.kind for a in d.actions}
+        if A.NEW_GENERATION in kinds:
+            history = ((p.generation.current,) if p.generation.current else ()) + p.generation.history
+            p = replace(p, generation=Generation(random.getrandbits(63) | 1, history[:HISTORY_KEPT]))
+        if A.ADOPT_PEER_GENERATION in kinds and peer.generation.current:
+            p = replace(p, generation=peer.generation)
+        return p
+
+    async def _save(self, persisted: Persisted) -> None:
+        if persisted != self.persisted:
+            await asyncio.to_thread(self.store.save, persisted)
+            self.persisted = persisted
+
+    async def _run_actions(self, d: Decision, event: Event, old: S, peer: PeerView) -> str:
+        """Carry out the actions in order; returns the critical step that failed, or ""."""
+        for action in d.actions:
+            self.busy = str(action)
+            ok = await self._act(action, d, event, old)
+            if not ok and (action.arg if action.kind == A.RUN_SCRIPT else "take_vip") in CRITICAL_STEPS:
+                self._module_log(f"{action} failed: remaining actions dropped")
+                return action.arg or "take_vip"
+        return ""
+
+    async def _act(self, action: Action, d: Decision, event: Event, old: S) -> bool:
+        kind = action.kind
+        if kind == A.RUN_SCRIPT:
+            return await self._script(action.arg, old, d.next_state, event)
+        if kind == A.TAKE_VIP:
+            return await self._vip(take=True)
+        if kind == A.RELEASE_VIP:
+            return await self._vip(take=False)
+        if kind == A.START_CHECKERS:
+            self._start_checkers()
+        elif kind == A.STOP_CHECKERS:
+            await self._stop_checkers()
+        elif kind == A.COUNT_RESTART:
+            self.restart_times.append(time.monotonic())
+        elif kind in (A.REPLICATE_AS_PRIMARY, A.REPLICATE_AS_SECONDARY, A.STOP_REPLICATION):
+            return await self._replication(kind)
+        return True
+
+    async def _script(self, name: str, old: S, new: S, event: Event) -> bool:
+        with tracer.start_as_current_span(f"script {name}") as span:
+            result = await self.scripts.run(name, old.name, new.name, event.kind.value)
+            span.set_attribute("script.ran", result.ran)
+            span.set_attribute("script.ok", result.ok)
+        if result.ran and not result.ok:
+            why = "timed out" if result.timed_out else f"exit code {result.returncode}"
+            log.error("module %s: script %s failed (%s): %s", self.config.name, name, why,
+                      result.output_tail.strip().splitlines()[-1:] or "")
+        return result.ok
+
+    async def _vip(self, take: bool) -> bool:
+        if self.provider is None:
+            return True
+        try:
+            if take:
+                await self.provider.take()
+            else:
+                await self.provider.release()
+        except ProviderError as exc:
+            log.error("module %s: virtual IP %s %s failed: %s", self.config.name, self.provider.vip,
+                      "takeover" if take else "release", exc)
+            self._module_log(f"virtual IP {'takeover' if take else 'release'} failed: {exc}")
+            return False
+        self.vip_held = take
+        return True
+
+    async def _replication(self, kind: A) -> bool:
+        if self.replication is None:
+            return True
+        if kind == A.REPLICATE_AS_PRIMARY:
+            await self.replication.become_primary()
+        elif kind == A.REPLICATE_AS_SECONDARY:
+            await self.replication.become_secondary()
+        else:
+            await self.replication.stop()
+        return True
+
+    # ---- checkers ------------------------------------------------------------------------------
+
+    def _start_checkers(self) -> None:
+        if not self._checkers_running and self.config.checkers:
+            self.checkers.start()
+            self._checkers_running = True
+
+    async def _stop_checkers(self) -> None:
+        if self._checkers_running:
+            await self.checkers.stop()
+            self._checkers_running = False
+
+    async def _reconcile_checkers(self) -> None:
+        """Checkers watch the application where it runs, and a WAIT that waits for one of them."""
+        if self.state.is_primary or self.waiting_for.startswith("checker:"):
+            self._start_checkers()
+        else:
+            await self._stop_checkers()
+
+    def _on_checker_failure(self, name: str, action: CheckerAction, reason: str) -> None:
+        self._queue.put_nowait((Event(E.CHECKER_FAILED, checker_detail(action, name, reason)), None))
+        self._wake.set()
+
+    def _on_checker_recovered(self, name: str) -> None:
+        self._queue.put_nowait((Event(E.CHECKER_RECOVERED, name), None))
+        self._wake.set()
+
+    # ---- what the engine reports ---------------------------------------------------------------
+
+    def _module_log(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.log_path, "a") as fh:  # small appends; the page cache absorbs them
+                fh.write(f"{stamp} {self.config.name} {line}\n")
+        except OSError as exc:
+            log.warning("module %s: cannot write %s: %s", self.config.name, self.log_path, exc)
+
+    @property
+    def serving(self) -> bool:
+        return self.state.is_primary and not self.busy.startswith("run_script(stop")
+
+    def announce_fields(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name, "state": int(self.state), "data": self.persisted.data.value,
+            "gen": self.persisted.generation.current, "history": list(self.persisted.generation.history[:8]),
+            "intent": self.intent.value, "eligible": eligible(self.local_view()),
+        }
+
+    def checker_status(self) -> list[CheckerOut]:
+        return [CheckerOut(c.name, c.type, c.ok, c.reason, c.consecutive_failures, c.action.value,
+                           self._checkers_running) for c in self.checkers.status()]

@@ -1,0 +1,81 @@
+"""Durable per-module state: what `decide` needs across daemon restarts.
+
+Written atomically (temporary file, fsync, rename, fsync of the folder) so a crash leaves either the old
+or the new record, never a torn one. A missing file is a fresh node; an unreadable one is an error that
+names the file and what to do, because guessing could let a stale node serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .types import DataStatus, Generation, ModuleState, Persisted
+
+FORMAT = 1
+
+
+class StateFileError(Exception):
+    pass
+
+
+def encode(p: Persisted) -> dict[str, object]:
+    return {
+        "format": FORMAT,
+        "last_state": p.last_state.name,
+        "can_start_alone": p.can_start_alone,
+        "data": p.data.value,
+        "generation": {"current": p.generation.current, "history": list(p.generation.history)},
+        "discard_local_data": p.discard_local_data,
+    }
+
+
+def decode(raw: dict[str, object]) -> Persisted:
+    gen = raw["generation"]
+    assert isinstance(gen, dict)
+    return Persisted(
+        last_state=ModuleState[str(raw["last_state"])],
+        can_start_alone=bool(raw["can_start_alone"]),
+        data=DataStatus(raw["data"]),
+        generation=Generation(int(gen["current"]), tuple(int(g) for g in gen["history"])),
+        discard_local_data=bool(raw.get("discard_local_data", False)),
+    )
+
+
+class ModuleStore:
+    """The state file of one module: <state_dir>/<module>/state.json."""
+
+    def __init__(self, state_dir: Path, module: str):
+        self.folder = state_dir / module
+        self.path = self.folder / "state.json"
+
+    def load(self) -> Persisted:
+        try:
+            raw = json.loads(self.path.read_text())
+            return decode(raw)
+        except FileNotFoundError:
+            return Persisted()
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise StateFileError(
+                f"{self.path} is unreadable ({exc}); this node cannot know whether its data is current. "
+                f"Move the file away to start as a new node (it will wait for its peer), "
+                f"or restore it from a backup"
+            ) from None
+
+    def save(self, persisted: Persisted) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        data = json.dumps(encode(persisted), indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
