@@ -136,8 +136,10 @@ def peer_uptodate_second(local: LocalView, peer: PeerView) -> bool:
 def _start(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state != S.STOP:
         return stay(local, "already started")
-    decision = wait(local, "started: waiting for the peer", "peer", (run("prestart"), run("start_both")))
-    return decision
+    # A VIP left behind by a crashed daemon must go before anything else: clients would reach a node
+    # that no longer serves. prestart is the user's hook to clean up the application likewise.
+    return wait(local, "started: waiting for the peer", "peer",
+                (Action(A.RELEASE_VIP), run("prestart"), run("start_both")))
 
 
 def _stop(local: LocalView, peer: PeerView, event: Event) -> Decision:
@@ -230,7 +232,10 @@ def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
         local = replace(local, waiting_for="")
     elif event.kind == E.CHECKER_FAILED:
         return stay(local, "checker failure ignored: not primary")
-    elif event.kind == E.RESYNC_DONE or event.kind == E.REPLICATION_LOST or event.kind == E.SCRIPT_FAILED:
+    elif event.kind == E.SCRIPT_FAILED and event.detail in ("prestart", "start_both"):
+        return Decision(S.STOP, (run("stop_both"),), f"{event.detail} failed: module stopped (see the module log)",
+                        persisted=replace(local.persisted, last_state=S.STOP), waiting_for="", intent=Intent.NONE)
+    elif event.kind in (E.RESYNC_DONE, E.REPLICATION_LOST, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored in WAIT")
     if local.waiting_for == "witness":
         return _wait_for_witness(local, peer)
@@ -282,6 +287,10 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
 
 
 def _peer_stopped_at_start(local: LocalView, peer: PeerView) -> Decision:
+    if local.startup_elapsed < local.startup_wait:
+        # Its daemon may be booting and about to start the module: give the election a chance.
+        return stay(local, f"{peer.name}'s module is stopped: waiting {local.startup_wait:.0f}s in case it "
+                    "starts", waiting_for="peer")
     order = data_order(local, peer)
     if order in (GenerationOrder.SAME, GenerationOrder.LOCAL_NEWER) and eligible(local):
         return go_alone(local, f"{peer.name}'s module is stopped and this node's data is the newest: serving")
@@ -418,8 +427,10 @@ def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
     if action == CheckerAction.NONE:
         return stay(local, f"checker failed ({reason}): action none")
     if action == CheckerAction.RESTART and not local.restarts_exhausted:
+        # Checkers stop and start around the restart so they count failures afresh afterwards.
         return stay(local, f"checker failed ({reason}): restarting the application",
-                    actions=(Action(A.COUNT_RESTART), run("stop_prim"), run("start_prim")))
+                    actions=(Action(A.COUNT_RESTART), Action(A.STOP_CHECKERS), run("stop_prim"), run("start_prim"),
+                             Action(A.START_CHECKERS)))
     if action == CheckerAction.WAIT:
         return wait(local, f"checker failed ({reason}): application stopped until it recovers",
                     f"checker:{checker}", STOP_PRIMARY[1:3])
@@ -430,8 +441,9 @@ def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
                 f"application stopped; fix it, then `safekit-cloud start`", "restarts", STOP_PRIMARY)
 
 
-def _start_failed(local: LocalView, script: str) -> Decision:
-    if script != "start_prim":
-        return stay(local, f"script {script} failed (see the module log)")
-    return wait(local, f"start_prim failed: application stopped, failing over (see the module log)",
-                "failed:start_prim", STOP_PRIMARY)
+def _start_failed(local: LocalView, step: str) -> Decision:
+    """start_prim or the VIP takeover failed: this node cannot serve; stop and let the peer try."""
+    if step not in ("start_prim", "take_vip"):
+        return stay(local, f"script {step} failed (see the module log)")
+    return wait(local, f"{step} failed: application stopped, failing over (see the module log)",
+                f"failed:{step}", STOP_PRIMARY)

@@ -142,7 +142,8 @@ class LabCluster:
         (work / "service.py").write_text(SERVICE)
         scripts = work / "scripts"
         scripts.mkdir(exist_ok=True)
-        for name, text in (("start_prim", START_PRIM), ("stop_prim", STOP_PRIM)):
+        # prestart cleans what a crashed daemon may have left running: the same as stop_prim here.
+        for name, text in (("start_prim", START_PRIM), ("stop_prim", STOP_PRIM), ("prestart", STOP_PRIM)):
             path = scripts / name
             path.write_text(text.format(python=sys.executable, port=self.service_port))
             path.chmod(0o755)

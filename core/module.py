@@ -267,9 +267,10 @@ class ModuleRuntime:
         for action in d.actions:
             self.busy = str(action)
             ok = await self._act(action, d, event, old)
-            if not ok and (action.arg if action.kind == A.RUN_SCRIPT else "take_vip") in CRITICAL_STEPS:
+            step = action.arg if action.kind == A.RUN_SCRIPT else action.kind.value
+            if not ok and step in CRITICAL_STEPS:
                 self._module_log(f"{action} failed: remaining actions dropped")
-                return action.arg or "take_vip"
+                return step
         return ""
 
     async def _act(self, action: Action, d: Decision, event: Event, old: S) -> bool:

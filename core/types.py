@@ -68,7 +68,6 @@ class ActionKind(str, enum.Enum):
     REPLICATE_AS_PRIMARY = "replicate_as_primary"  # mount, send to the secondary (journal while ALONE)
     REPLICATE_AS_SECONDARY = "replicate_as_secondary"  # receive and apply; resync first
     STOP_REPLICATION = "stop_replication"
-    RESET_RESTARTS = "reset_restarts"
     COUNT_RESTART = "count_restart"
 
 

@@ -1,0 +1,502 @@
+"""`safekit-cloud`: the command line. It runs the daemon (`run`) or talks to the local one over the API.
+
+The edge (`SafekitGroup.invoke`) turns every expected failure into one line on stderr and an exit
+code; docs/cli.md lists the codes. `state` exits with the module's state code (0-4), so its own
+failures, usage errors included, use 5: a script must never read an error as a state.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import yaml
+
+from .client import EXIT_UNREACHABLE, ClientError, DaemonClient, DaemonUnreachable, decode_status
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_STATE_DIR,
+    ClusterConfig,
+    ConfigError,
+    load_config,
+    parse_config,
+)
+from .init import (
+    InitError,
+    InitSpec,
+    check_nodes,
+    default_secret_paths,
+    new_api_token,
+    new_cluster_key,
+    parse_node_flags,
+    render_cluster_file,
+    write_file,
+)
+from .status import COMMANDS, ModuleOut, NodeOut
+from .types import ModuleState
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+STATE_NAMES = [s.name for s in ModuleState]
+
+
+@dataclass
+class Globals:
+    """The group's options, shared by every verb through click's context object."""
+
+    config_path: Path
+    node: str | None
+    state_dir: Path
+    verbose: bool
+    _config: ClusterConfig | None = field(default=None, repr=False)
+
+    def config(self) -> ClusterConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def local_node(self) -> str | None:
+        """This node's name for messages; the CLI only talks to the local API, so it is optional."""
+        from .config import resolve_local_node
+
+        try:
+            return resolve_local_node(self.config(), self.node)
+        except (ConfigError, OSError, ImportError):
+            return self.node
+
+    def client(self) -> DaemonClient:
+        return DaemonClient.from_config(self.config().api, self.local_node())
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+class SafekitGroup(click.Group):
+    """Catches our errors at the edge: one line (config problems: one per problem), no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.invoked_subcommand != "state":
+                raise
+            exc.show()
+            sys.exit(EXIT_UNREACHABLE)
+        except ConfigError as exc:
+            fail(str(exc), _code(ctx, EXIT_FAILURE))
+        except ClientError as exc:
+            fail(str(exc), _code(ctx, exc.exit_code))
+        except KeyboardInterrupt:
+            fail("interrupted", _code(ctx, EXIT_INTERRUPTED))
+        except OSError as exc:  # init writing files, mostly: "Permission denied: /etc/..."
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(f"{exc.strerror or exc}{where}", _code(ctx, EXIT_FAILURE))
+        except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback only with -v
+            obj = ctx.find_object(Globals)
+            if obj is not None and obj.verbose:
+                traceback.print_exc()
+            fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                 _code(ctx, EXIT_FAILURE))
+
+
+def _code(ctx: click.Context, code: int) -> int:
+    return EXIT_UNREACHABLE if ctx.invoked_subcommand == "state" else code
+
+
+@click.group(cls=SafekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH,
+              envvar="SAFEKIT_CONFIG", show_default=True, help="Cluster file.")
+@click.option("--node", envvar="SAFEKIT_NODE", help="This node's name (default: the node whose address is local).")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, envvar="SAFEKIT_STATE_DIR",
+              show_default=True, help="Where the daemon keeps its state and module logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks of internal errors.")
+@click.version_option(package_name="safekit-cloud", prog_name="safekit-cloud")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, node: str | None, state_dir: Path, verbose: bool) -> None:
+    """High availability for an application on two Linux nodes: mirror clusters with a virtual IP."""
+    ctx.obj = Globals(config_path, node, state_dir, verbose)
+    if ctx.invoked_subcommand != "run":  # the daemon sets up its own logging
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+
+module_option = click.option("-m", "--module", help="Module name (needed when the cluster has several).")
+
+
+def pick_module(cfg: ClusterConfig, requested: str | None) -> str:
+    names = [m.name for m in cfg.modules]
+    if requested is not None:
+        if requested not in names:
+            fail(f"unknown module {requested!r} (modules of cluster {cfg.cluster.name}: {', '.join(names)})")
+        return requested
+    if len(names) > 1:
+        fail(f"cluster {cfg.cluster.name} has several modules ({', '.join(names)}): pass -m MODULE")
+    return names[0]
+
+
+def find_module(modules: list[ModuleOut], name: str) -> ModuleOut:
+    for module in modules:
+        if module.name == name:
+            return module
+    fail(f"the daemon does not run module {name!r} (it runs: {', '.join(m.name for m in modules)}); "
+         "restart it after changing the cluster file")
+
+
+# ---- run, demo -----------------------------------------------------------------------------------
+
+@main.command()
+@click.pass_obj
+def run(g: Globals) -> None:
+    """Run the daemon in the foreground (under systemd in production)."""
+    from .config import resolve_local_node
+    from .daemon import run_daemon
+
+    config = g.config()
+    node = resolve_local_node(config, g.node)
+    sys.exit(run_daemon(config, node, g.state_dir, g.config_path, verbose=g.verbose))
+
+
+@main.command()
+@click.option("--fast/--default-timing", default=True, show_default=True,
+              help="Heartbeat 100 ms / timeout 500 ms, or the defaults 500 ms / 3 s.")
+def demo(fast: bool) -> None:
+    """Two nodes and a client in network namespaces: failover shown live, then cleaned up (root)."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep=False, fast=fast))
+
+
+# ---- init, config check --------------------------------------------------------------------------
+
+@main.command()
+@click.option("--cluster", help="Cluster name.")
+@click.option("--node", "nodes", multiple=True, metavar="NAME[:NETWORK]=ADDRESS",
+              help="A node's address (twice at least; NAME:NETWORK=ADDRESS adds a heartbeat network).")
+@click.option("--module", help="Module (application) name.")
+@click.option("--vip", help="Virtual IP with prefix, e.g. 198.18.0.100/24 (provider lan).")
+@click.option("--interface", help="Interface that carries the VIP, e.g. eth0.")
+@click.option("--scripts", type=click.Path(path_type=Path), help="Directory of the module's scripts.")
+@click.option("--replicate", multiple=True, type=click.Path(path_type=Path), help="Directory to replicate.")
+@click.option("--preferred", help="Preferred primary node (default: the first --node).")
+@click.option("--key-file", type=click.Path(path_type=Path), help="Cluster key [OUTPUT_DIR/cluster.key].")
+@click.option("--token-file", type=click.Path(path_type=Path), help="API token [OUTPUT_DIR/api.token].")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Cluster file to write [the -c path].")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.pass_obj
+def init(g: Globals, output: Path | None, force: bool, **flags: Any) -> None:
+    """Write a commented starter cluster file, a fresh cluster key and an API token.
+
+    Every answer can come from flags (automation); in a terminal, missing ones are asked for.
+    """
+    output = (output or g.config_path).absolute()
+    spec = _init_spec(flags, output)
+    text = render_cluster_file(spec)
+    parse_config(text, str(output))  # never write a file that `run` would refuse
+    files = [(output, text, 0o644), (spec.key_file, new_cluster_key(), 0o600),
+             (spec.token_file, new_api_token(), 0o600)]
+    existing = [str(path) for path, _, _ in files if path.exists()]
+    if existing and not force:
+        fail(f"{', '.join(existing)} already exist(s): pass --force to overwrite (a new cluster key "
+             "must then be copied to both nodes)")
+    for path, content, mode in files:
+        write_file(path, content, mode, force)
+    peer = spec.nodes[1].name
+    click.echo(f"wrote {output}, {spec.key_file} (mode 0600) and {spec.token_file} (mode 0600)\n"
+               f"copy all three to the same paths on {peer}, then run `safekit-cloud run` on both nodes")
+
+
+def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
+    """The InitSpec from flags, asking for what is missing when a person is at the terminal."""
+    required_missing = [name for name in ("cluster", "module") if not flags[name]]
+    if len(flags["nodes"]) < 2:
+        required_missing.append("node")
+    if required_missing and sys.stdin.isatty():
+        flags = _ask(flags)
+    elif required_missing:
+        fail(f"init needs {', '.join('--' + n for n in required_missing)} (two --node NAME=ADDRESS): "
+             "pass them, or run init in a terminal to be asked")
+    if flags["vip"] and not flags["interface"]:
+        fail("--vip needs --interface (the LAN interface that carries the virtual IP, e.g. eth0)")
+    key_default, token_default = default_secret_paths(output)
+    try:
+        nodes = parse_node_flags(flags["nodes"])
+        check_nodes(nodes)
+    except InitError as exc:
+        fail(str(exc))
+    return InitSpec(
+        cluster=flags["cluster"], nodes=nodes, module=flags["module"],
+        key_file=(flags["key_file"] or key_default).absolute(),
+        token_file=(flags["token_file"] or token_default).absolute(),
+        vip=flags["vip"] or None, interface=flags["interface"] or None,
+        scripts=flags["scripts"].absolute() if flags["scripts"] else None,
+        replicate=tuple(p.absolute() for p in flags["replicate"]), preferred=flags["preferred"] or None,
+    )
+
+
+def _ask(flags: dict[str, Any]) -> dict[str, Any]:
+    """Interactive init: prompt for every answer not given as a flag."""
+    answers = dict(flags)
+    answers["cluster"] = flags["cluster"] or click.prompt("Cluster name", default="cluster1")
+    nodes = list(flags["nodes"])
+    while len(nodes) < 2:
+        number = len(nodes) + 1
+        name = click.prompt(f"Name of node {number}", default=f"n{number}")
+        nodes.append(f"{name}={click.prompt(f'Address of {name} (heartbeat network)')}")
+    answers["nodes"] = tuple(nodes)
+    answers["module"] = flags["module"] or click.prompt("Module (application) name", default="app")
+    if not flags["vip"]:
+        answers["vip"] = click.prompt("Virtual IP with prefix, e.g. 192.0.2.100/24 (empty: none)",
+                                      default="", show_default=False)
+    if answers["vip"] and not flags["interface"]:
+        answers["interface"] = click.prompt("Interface carrying the virtual IP", default="eth0")
+    if not flags["scripts"]:
+        scripts = click.prompt("Directory of the start/stop scripts (empty: none yet)", default="",
+                               show_default=False)
+        answers["scripts"] = Path(scripts) if scripts else None
+    if not flags["replicate"]:
+        dirs = click.prompt("Directories to replicate, comma-separated (empty: none)", default="",
+                            show_default=False)
+        answers["replicate"] = tuple(Path(d.strip()) for d in dirs.split(",") if d.strip())
+    return answers
+
+
+@main.group("config", cls=SafekitGroup)
+def config_group() -> None:
+    """Cluster file tools."""
+
+
+@config_group.command("check")
+@click.pass_obj
+def config_check(g: Globals) -> None:
+    """Validate the cluster file: print the effective config (exit 0) or every problem (exit 1)."""
+    cfg = g.config()
+    click.echo(f"# {g.config_path}: valid; effective configuration with defaults filled in")
+    click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False), nl=False)
+
+
+# ---- commands to the daemon ----------------------------------------------------------------------
+
+COMMAND_HELP = {
+    "start": "Start the module on this node (nothing to do when already started).",
+    "stop": "Stop the module on this node; a primary hands over to the secondary.",
+    "restart": "Restart the application locally (stop + start scripts), no role change.",
+    "swap": "Hand the primary role to the other node, cleanly.",
+    "prim": "Force this node primary even if its data cannot be proved current (the peer resyncs).",
+    "second": "Force this node secondary: its data is replaced by the peer's.",
+    "forcestop": "Stop at once: abort running scripts, no handover wait.",
+}
+
+
+def _command(verb: str) -> click.Command:
+    @click.command(verb, help=COMMAND_HELP[verb])
+    @module_option
+    @click.pass_obj
+    def command(g: Globals, module: str | None) -> None:
+        name = pick_module(g.config(), module)
+        result = g.client().command(name, verb)
+        if not result.ok:
+            fail(f"{name}: {verb} refused: {result.message} (state {result.state})")
+        click.echo(f"{name}: {result.message} (state {result.state})")
+
+    return command
+
+
+for _verb in COMMANDS:
+    main.add_command(_command(_verb))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The status JSON exactly as the API returns it.")
+@module_option
+@click.pass_obj
+def status(g: Globals, as_json: bool, module: str | None) -> None:
+    """Show this node, its peer and its modules."""
+    cfg = g.config()
+    wanted = pick_module(cfg, module) if module else None
+    raw = g.client().status_raw()
+    if as_json:
+        click.echo(raw.decode())
+        return
+    node = decode_status(raw)
+    if wanted is not None:
+        find_module(node.modules, wanted)
+    render_status(node, wanted)
+
+
+# ---- the human status ----------------------------------------------------------------------------
+
+def render_status(node: NodeOut, only: str | None) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print(f"[bold]cluster {node.cluster}[/] node [bold]{node.node}[/] "
+                  f"(safekit-cloud {node.version}, up {_duration(node.uptime)}, incarnation {node.incarnation})")
+    console.print(_peer_table(node))
+    for module in node.modules:
+        if only is None or module.name == only:
+            console.print(_module_text(module))
+            if module.checkers:
+                console.print(_checkers_table(module))
+            console.print(_decisions_table(module))
+
+
+STATE_STYLE = {"PRIM": "bold green", "ALONE": "bold green", "SECOND": "bold blue", "WAIT": "bold yellow",
+               "STOP": "bold"}
+
+
+def _peer_table(node: NodeOut) -> Any:
+    from rich.table import Table
+
+    peer = node.peer
+    title = f"peer {peer.name}: " + ("reachable" if peer.reachable else "[red]unreachable[/]")
+    table = Table("network", "heartbeats", "last heard", "RTT", title=title, title_justify="left")
+    for net in peer.networks:
+        table.add_row(net.network, "alive" if net.alive else "[red]silent[/]",
+                      "never" if net.last_seen_ago is None else f"{net.last_seen_ago:.1f} s ago",
+                      "-" if net.rtt_ms is None else f"{net.rtt_ms:.2f} ms")
+    return table
+
+
+def _module_text(m: ModuleOut) -> str:
+    style = STATE_STYLE.get(m.state, "bold")
+    peer = f"{m.peer_state} ({m.peer_data})" if m.peer_state else "unreachable"
+    vip = f"{m.vip} ({m.vip_provider})" if m.vip else "none"
+    lines = [
+        f"\n[bold]module {m.name}[/]: [{style}]{m.state}[/] (code {m.state_code})",
+        f"  data {m.data}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
+        f"  restarts {m.restarts}/{m.restart_limit}, generation {m.generation}",
+    ]
+    if m.waiting_for:
+        lines.append(f"  [yellow]waiting for: {_esc(m.waiting_for)}[/]")
+    if m.busy:
+        lines.append(f"  busy: {_esc(m.busy)}")
+    return "\n".join(lines)
+
+
+def _checkers_table(m: ModuleOut) -> Any:
+    from rich.table import Table
+
+    table = Table("checker", "type", "result", "failures", "action", "reason")
+    for c in m.checkers:
+        result = "pending" if c.ok is None else ("ok" if c.ok else "[red]failed[/]")
+        table.add_row(c.name, c.type, result, str(c.consecutive_failures), c.action, _esc(c.reason))
+    return table
+
+
+def _decisions_table(m: ModuleOut) -> Any:
+    from rich.table import Table
+
+    table = Table("time", "event", "transition", "reason", title="last decisions", title_justify="left")
+    for d in m.decisions[:5]:
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(d.time)), d.event,
+                      f"{d.from_state} -> {d.to_state}", _esc(d.reason))
+    return table
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@main.command()
+@module_option
+@click.pass_obj
+def state(g: Globals, module: str | None) -> None:
+    """Print the module's state; exit with its code (STOP 0 WAIT 1 ALONE 2 PRIM 3 SECOND 4; 5: error)."""
+    name = pick_module(g.config(), module)
+    found = find_module(g.client().status().modules, name)
+    click.echo(found.state)
+    sys.exit(found.state_code)
+
+
+@main.command()
+@click.argument("wanted", metavar="STATE", type=click.Choice(STATE_NAMES, case_sensitive=False))
+@module_option
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds.")
+@click.pass_obj
+def waitstate(g: Globals, wanted: str, module: str | None, timeout: float) -> None:
+    """Wait until the module is in STATE (SECOND: with up-to-date data); exit 1 on timeout."""
+    wanted = wanted.upper()
+    name = pick_module(g.config(), module)
+    client = g.client()
+    deadline = time.monotonic() + timeout
+    while True:
+        last = _current_state(client, name)
+        if _reached(last, wanted):
+            click.echo(f"{name}: {wanted}")
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            fail(f"{name}: still not {wanted} after {timeout:g} s: {_describe_state(last)}")
+        time.sleep(min(0.2, remaining))
+
+
+def _current_state(client: DaemonClient, name: str) -> ModuleOut | str:
+    """The module's status, or why it could not be had (the daemon may be restarting: keep polling)."""
+    try:
+        return find_module(client.status(timeout=5).modules, name)
+    except DaemonUnreachable as exc:
+        return str(exc)
+
+
+def _reached(current: ModuleOut | str, wanted: str) -> bool:
+    if isinstance(current, str) or current.state != wanted:
+        return False
+    return wanted != "SECOND" or current.data == "uptodate"
+
+
+def _describe_state(current: ModuleOut | str) -> str:
+    if isinstance(current, str):
+        return current
+    text = f"state {current.state}, data {current.data}"
+    return text + (f", waiting for: {current.waiting_for}" if current.waiting_for else "")
+
+
+@main.command("log")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended (Ctrl-C to stop).")
+@module_option
+@click.option("-n", "--lines", type=click.IntRange(min=0), help="Only the last LINES lines [whole log].")
+@click.pass_obj
+def log_cmd(g: Globals, follow: bool, module: str | None, lines: int | None) -> None:
+    """Print the module log."""
+    name = pick_module(g.config(), module)
+    client = g.client()
+    try:
+        offset = _print_log(client, name, None, lines)
+        while follow:
+            time.sleep(0.5)
+            offset = _print_log(client, name, offset, None)
+    except KeyboardInterrupt:
+        return  # the way to end `log -f`: not an error
+
+
+def _print_log(client: DaemonClient, module: str, offset: int | None, tail: int | None) -> int:
+    """Print from `offset` (or the last `tail` lines) to the current end; return the next offset."""
+    chunk = client.log(module, offset=offset, tail=tail)
+    while True:
+        click.echo(chunk["text"], nl=False)
+        offset = int(chunk["offset"])
+        if not chunk["text"] or offset >= int(chunk.get("size", offset)):
+            return offset
+        chunk = client.log(module, offset=offset)
+
+
+if __name__ == "__main__":
+    main(prog_name="safekit-cloud")

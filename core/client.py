@@ -1,0 +1,180 @@
+"""The CLI's side of the admin API: a small blocking HTTP client (urllib) for the local daemon.
+
+Blocking on purpose: every CLI verb makes one request at a time, so an event loop would add nothing
+but start-up time. Failures become `ClientError`s whose message is the one line the CLI prints.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .config import ApiConfig
+from .status import CommandResult, NodeOut
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0  # status, logs: the daemon answers these from memory
+# Commands may wait for stop/start scripts (their default timeouts are 60 s and 120 s) on the way.
+COMMAND_TIMEOUT = 600.0
+EXIT_UNREACHABLE = 5  # also `state`'s "no state": a daemon that is not running is not a module state
+
+
+class ClientError(Exception):
+    """A request to the daemon failed; the message is one line for the user."""
+
+    exit_code = 1
+
+
+class DaemonUnreachable(ClientError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class RequestFailed(ClientError):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise ClientError(f"cannot read the API token {path}: no such file "
+                          "(api.token_file; `safekit-cloud init` writes it)") from None
+    except PermissionError:
+        raise ClientError(f"cannot read the API token {path}: permission denied "
+                          "(run as root or as the daemon's user)") from None
+    except OSError as exc:
+        raise ClientError(f"cannot read the API token {path}: {exc.strerror}") from None
+    if not token:
+        raise ClientError(f"the API token file {path} is empty")
+    return token
+
+
+def client_ssl_context(cert_file: Path) -> ssl.SSLContext:
+    """Trust exactly the daemon's own certificate (pinning): the CLI talks to 127.0.0.1, which a
+    certificate issued for the node's name would not match, so the name is not what we check."""
+    try:
+        context = ssl.create_default_context(cafile=str(cert_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(f"cannot load the API certificate {cert_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a CA-issued leaf is its own anchor here
+    return context
+
+
+def connect_host(listen_host: str) -> str:
+    """The address to reach a daemon listening on `listen_host` from this machine."""
+    if listen_host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if listen_host == "::":
+        return "::1"
+    return listen_host
+
+
+@dataclass
+class DaemonClient:
+    base_url: str
+    token: str
+    where: str  # "127.0.0.1:9010 (node n1)": what error messages name
+    ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_config(cls, api: ApiConfig, node: str | None = None) -> DaemonClient:
+        host = connect_host(api.host)
+        netloc = f"[{host}]:{api.port}" if ":" in host else f"{host}:{api.port}"
+        context = client_ssl_context(api.tls.cert_file) if api.tls else None
+        where = f"{netloc}" + (f" (node {node})" if node else "")
+        return cls(f"{'https' if context else 'http'}://{netloc}", read_token(api.token_file), where, context)
+
+    # ---- the API --------------------------------------------------------------------------------
+
+    def status_raw(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        return self._request("GET", "/api/v1/status", timeout=timeout)[1]
+
+    def status(self, timeout: float = DEFAULT_TIMEOUT) -> NodeOut:
+        return decode_status(self.status_raw(timeout))
+
+    def command(self, module: str, verb: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
+        path = f"/api/v1/modules/{_q(module)}/{_q(verb)}"
+        _, body = self._request("POST", path, accept=(200, 409), timeout=timeout)
+        try:
+            return msgspec.json.decode(body, type=CommandResult)
+        except msgspec.DecodeError as exc:
+            raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
+
+    def log(self, module: str, offset: int | None = None, tail: int | None = None) -> dict[str, Any]:
+        query = {k: str(v) for k, v in (("offset", offset), ("tail", tail)) if v is not None}
+        path = f"/api/v1/modules/{_q(module)}/log" + ("?" + urllib.parse.urlencode(query) if query else "")
+        try:
+            return json.loads(self._request("GET", path)[1])
+        except ValueError as exc:
+            raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
+
+    # ---- transport --------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, accept: tuple[int, ...] = (200,),
+                 timeout: float = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base_url + path, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Accept": "application/json"})
+        log.debug("%s %s", method, request.full_url)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            if exc.code in accept:
+                return exc.code, body
+            raise RequestFailed(exc.code, _error_message(exc.code, body)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self._transport_error(exc) from None
+
+    def _transport_error(self, exc: BaseException) -> ClientError:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLError):
+            return ClientError(f"TLS error with the daemon at {self.where}: "
+                               f"{getattr(reason, 'verify_message', None) or reason.reason or reason}")
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return DaemonUnreachable(f"the safekit-cloud daemon at {self.where} did not answer in time")
+        return DaemonUnreachable(f"cannot reach the safekit-cloud daemon at {self.where}: "
+                                 f"is `safekit-cloud run` running? ({_describe_reason(reason)})")
+
+
+def decode_status(body: bytes) -> NodeOut:
+    try:
+        return msgspec.json.decode(body, type=NodeOut)
+    except msgspec.DecodeError as exc:
+        raise ClientError(f"the daemon's status does not match this CLI's schema: {exc}") from None
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
+    return f"{message or 'no details'} (HTTP {status})"
+
+
+def _describe_reason(reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason) or type(reason).__name__

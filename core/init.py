@@ -1,0 +1,270 @@
+"""`safekit-cloud init`: the starter cluster file, as a pure rendering of an `InitSpec`, and fresh secrets.
+
+The CLI gathers the spec (from flags or prompts), renders it here, validates the text with the real
+config loader before anything is written, then writes the file, the cluster key and the API token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_NETWORK = "default"  # what a plain `--node n1=ADDR` names, as in the config model
+
+
+class InitError(ValueError):
+    """A flag or answer of `init` is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    addresses: dict[str, str]  # heartbeat network -> address
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    cluster: str
+    nodes: tuple[NodeSpec, ...]
+    module: str
+    key_file: Path
+    token_file: Path
+    vip: str | None = None
+    interface: str | None = None
+    scripts: Path | None = None
+    replicate: tuple[Path, ...] = ()
+    preferred: str | None = None
+    api_listen: str = "127.0.0.1:9010"
+    heartbeat_port: int = 4800
+
+
+_NODE_FLAG = re.compile(r"^(?P<name>[^:=\s]+)(?::(?P<net>[^:=\s]+))?=(?P<addr>\S+)$")
+
+
+def parse_node_flags(values: Iterable[str]) -> tuple[NodeSpec, ...]:
+    """`n1=198.18.0.1`, `n1:backup=198.18.1.1` -> nodes in the order first named, networks merged."""
+    nodes: dict[str, dict[str, str]] = {}
+    for value in values:
+        match = _NODE_FLAG.match(value.strip())
+        if match is None:
+            raise InitError(f"--node {value!r}: expected NAME=ADDRESS or NAME:NETWORK=ADDRESS")
+        name, net, addr = match["name"], match["net"] or DEFAULT_NETWORK, match["addr"]
+        addresses = nodes.setdefault(name, {})
+        if net in addresses:
+            raise InitError(f"--node {value!r}: node {name} already has an address on network {net}")
+        addresses[net] = addr
+    return tuple(NodeSpec(name, addrs) for name, addrs in nodes.items())
+
+
+def check_nodes(nodes: tuple[NodeSpec, ...]) -> None:
+    """What the template needs before rendering; address syntax is left to the config loader."""
+    if len(nodes) != 2:
+        raise InitError(f"a mirror cluster has exactly two nodes, got {len(nodes)} "
+                        f"({', '.join(n.name for n in nodes) or 'none'}): pass --node twice")
+    first, second = (sorted(n.addresses) for n in nodes)
+    if first != second:
+        raise InitError(f"both nodes need an address on the same heartbeat networks: "
+                        f"{nodes[0].name} has {first}, {nodes[1].name} has {second}")
+
+
+def new_cluster_key() -> str:
+    """32 random bytes in hex: the HMAC key of heartbeats and replication, identical on both nodes."""
+    return secrets.token_hex(32) + "\n"
+
+
+def new_api_token() -> str:
+    return secrets.token_urlsafe(32) + "\n"
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+def scalar(value: object) -> str:
+    """A YAML scalar that reads back as the same string: bare when safe, else JSON-quoted."""
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", text) and yaml.safe_load(text) == text:
+        return text
+    return json.dumps(text)
+
+
+def render_cluster_file(spec: InitSpec) -> str:
+    """The commented starter cluster file. Pure: the same spec gives the same text."""
+    check_nodes(spec.nodes)
+    parts = [
+        _header(spec), _cluster(spec), _nodes(spec), _heartbeat(spec), _api(spec),
+        _module_head(spec), _vip(spec), _scripts(spec), _replication(spec), _checkers(), _witnesses(),
+    ]
+    return "\n".join(parts)
+
+
+def _header(spec: InitSpec) -> str:
+    return """\
+# safekit-cloud cluster file (written by `safekit-cloud init`).
+# Reference of every key: docs/configuration.md. Validate after editing:
+#   safekit-cloud config check -c THIS_FILE
+# Install this file, the cluster key and the API token at the same paths on both nodes, then run
+# `safekit-cloud run` on each (under systemd in production: docs/operations.md).
+# Any key can be overridden by an environment variable SAFEKIT_<SECTION>__<KEY>.
+"""
+
+
+def _cluster(spec: InitSpec) -> str:
+    return f"""\
+# The cluster's name, shown in logs, status and traces.
+cluster:
+  name: {scalar(spec.cluster)}
+"""
+
+
+def _nodes(spec: InitSpec) -> str:
+    lines = [
+        "# The two nodes of the mirror, with one address per heartbeat network. Heartbeats go over",
+        "# every network and the peer is only declared lost when all of them are silent, so a second",
+        "# network (another subnet, a crossover link) keeps a single switch failure from causing a",
+        "# failover. `safekit-cloud run` finds which node it is from its local addresses (or --node).",
+        "nodes:",
+    ]
+    for node in spec.nodes:
+        lines += [f"  - name: {scalar(node.name)}", "    addresses:"]
+        lines += [f"      {scalar(net)}: {scalar(addr)}" for net, addr in node.addresses.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _heartbeat(spec: InitSpec) -> str:
+    return f"""\
+# Heartbeats: UDP datagrams authenticated with HMAC-SHA256 under the cluster key (open the port
+# between the nodes on every network). Failover happens `timeout` seconds after the primary died;
+# 0.1 / 0.5 is the fastest setting, for a network you trust not to drop datagrams for 0.5 s.
+heartbeat:
+  port: {spec.heartbeat_port}
+  interval: 0.5   # seconds between two heartbeats
+  timeout: 3.0    # seconds of silence on every network before the peer is lost (>= 3 intervals)
+  key_file: {scalar(spec.key_file)}   # 64 hex digits, the same file on both nodes, mode 0600
+"""
+
+
+def _api(spec: InitSpec) -> str:
+    return f"""\
+# The local admin API: the CLI and the web console (http://LISTEN/) use it with the bearer token;
+# GET /health?module=NAME answers 200 only on the node serving the module (for load balancers:
+# listen on an address they can reach, e.g. 0.0.0.0:9010, ideally with TLS).
+api:
+  listen: {scalar(spec.api_listen)}
+  token_file: {scalar(spec.token_file)}   # mode 0600
+  # tls:                                  # serve HTTPS instead of HTTP
+  #   cert_file: /etc/safekit-cloud/api.crt
+  #   key_file: /etc/safekit-cloud/api.key
+"""
+
+
+def _module_head(spec: InitSpec) -> str:
+    preferred = spec.preferred or spec.nodes[0].name
+    return f"""\
+# Modules: each one is an application made highly available. A cluster may hold several, each with
+# its own primary, virtual IP, scripts and checkers.
+modules:
+  - name: {scalar(spec.module)}
+    mode: mirror
+    boot: true                 # `safekit-cloud run` starts this module
+    {f"preferred_primary: {scalar(preferred)}":<26} # becomes primary when both nodes start together
+    failback: false            # true: hand the primary role back to it automatically when it returns
+    split_brain: manual        # after both nodes were primary: wait for an admin (or keep-preferred)
+"""
+
+
+def _vip(spec: InitSpec) -> str:
+    intro = ("    # The virtual IP clients connect to: it follows the primary. Provider lan: the address\n"
+             "    # is added to the interface and announced with gratuitous ARP / unsolicited NA.\n")
+    if spec.vip is None:
+        return intro + ("    # vip:\n    #   provider: lan\n    #   address: 192.0.2.100/24\n"
+                        "    #   interface: eth0\n")
+    lines = [intro + "    vip:", "      provider: lan", f"      address: {scalar(spec.vip)}"]
+    if spec.interface is not None:
+        lines.append(f"      interface: {scalar(spec.interface)}")
+    return "\n".join(lines) + "\n"
+
+
+def _scripts(spec: InitSpec) -> str:
+    directory = (f"      directory: {scalar(spec.scripts)}" if spec.scripts is not None
+                 else "      # directory: /opt/app/safekit")
+    return f"""\
+    # Scripts that start and stop the application: prestart, start_prim, stop_prim, start_second,
+    # stop_second, start_both, stop_both, transition (missing ones are skipped). Each is called with
+    # (current state, next state, action); a failing start_prim leads to stop and failover.
+    scripts:
+{directory}
+      timeout: 120             # seconds before a script's whole process group is killed
+      stop_timeout: 60
+"""
+
+
+def _replication(spec: InitSpec) -> str:
+    intro = ("    # Directories replicated synchronously from the primary to the secondary (absolute paths).\n"
+             "    # Protocol C: a write the application saw complete survives the loss of the primary.\n")
+    if not spec.replicate:
+        return intro + "    replication:\n      directories: []\n      # - /var/lib/app\n"
+    dirs = "\n".join(f"        - {scalar(d)}" for d in spec.replicate)
+    return intro + f"""\
+    replication:
+      directories:
+{dirs}
+      exclude: []              # patterns not replicated, e.g. "tmp/", "*.tmp"
+      protocol: C
+      port: {spec.heartbeat_port + 1}               # TCP, between the nodes
+"""
+
+
+def _checkers() -> str:
+    return """\
+    # Checkers watch the application on the primary. After `failures` consecutive failures the
+    # action runs: restart (stop_prim + start_prim, up to restart.limit times within restart.window,
+    # then failover), stopstart (fail over to the peer), wait, or none.
+    checkers: []
+    #  - name: web
+    #    type: http                   # process, tcp, http or command
+    #    url: http://127.0.0.1:8080/
+    #    interval: 5
+    #    timeout: 5
+    #    failures: 3
+    #    action: restart
+    restart:
+      limit: 3
+      window: 86400
+"""
+
+
+def _witnesses() -> str:
+    return """\
+    # Split-brain guard: when the peer goes silent, a secondary that reaches none of these does not
+    # take over (it is probably the one cut off). A router or a third machine makes a good witness.
+    witnesses: []
+    #  - type: ping
+    #    address: 192.0.2.254
+"""
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def default_secret_paths(output: Path) -> tuple[Path, Path]:
+    """Cluster key and API token next to the cluster file: /etc/safekit-cloud/ gives the defaults."""
+    folder = output.absolute().parent
+    return folder / "cluster.key", folder / "api.token"
+
+
+def write_file(path: Path, text: str, mode: int, force: bool) -> None:
+    """Write `text` with `mode` from the first byte (a secret is never briefly world-readable);
+    without `force`, O_EXCL refuses an existing file even if one appeared since we looked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    fd = os.open(path, flags, mode)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, mode)  # an overwritten file keeps its old mode otherwise; umask narrows a new one
+        fh.write(text)
+        fh.flush()
+        os.fsync(fd)

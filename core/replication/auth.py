@@ -1,0 +1,80 @@
+"""HMAC challenge/response in both directions over the cluster key, before any operation flows.
+
+The sender (client) opens with a fresh nonce; the receiver (server) answers with its own nonce and
+proves knowledge of the key first, then the client proves it. Both proofs bind the module, the
+directory and both nonces, so a proof cannot be replayed on another stream or connection.
+This authenticates the peers; it does not protect the stream against an active man in the middle
+(TLS, planned, does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+
+from .framing import FrameDecoder, frame, read_message
+from .messages import (
+    PROTOCOL_VERSION, Challenge, Error, Hello, Message, Proof, ProtocolError, Welcome,
+)
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def proof(key: bytes, role: bytes, hello: Hello, server_nonce: bytes) -> bytes:
+    parts = [role, hello.module.encode(), hello.directory, hello.protocol.encode(), hello.nonce, server_nonce]
+    body = b"".join(len(p).to_bytes(4, "big") + p for p in parts)  # length-prefixed: no ambiguity
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+class AuthError(ProtocolError):
+    pass
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, module: str,
+    directory: bytes, protocol: str,
+) -> tuple[int, FrameDecoder, list[Message]]:
+    """Authenticate to the receiver. Returns the sequence number it expects next, with the decoder
+    and any message already read past the handshake."""
+    decoder, backlog = FrameDecoder(), []
+    hello = Hello(PROTOCOL_VERSION, module, directory, protocol, os.urandom(32))
+    writer.write(frame(hello))
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+        msg = await read_message(reader, decoder, backlog)
+        if isinstance(msg, Error):
+            raise AuthError(f"receiver refused: {msg.message}")
+        if not isinstance(msg, Challenge):
+            raise ProtocolError(f"expected a challenge, got {type(msg).__name__}")
+        if not hmac.compare_digest(msg.proof, proof(key, b"receiver", hello, msg.nonce)):
+            raise AuthError("the receiver does not know the cluster key")
+        writer.write(frame(Proof(proof(key, b"sender", hello, msg.nonce))))
+        msg = await read_message(reader, decoder, backlog)
+    if isinstance(msg, Error):
+        raise AuthError(f"receiver refused: {msg.message}")
+    if not isinstance(msg, Welcome):
+        raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+    return msg.next_seq, decoder, backlog
+
+
+async def server_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes,
+) -> tuple[Hello, FrameDecoder, list[Message]]:
+    """Authenticate a sender. Returns its Hello (module, directory, protocol) once it proved the key;
+    the caller checks the module and directory and answers Welcome or Error."""
+    decoder, backlog = FrameDecoder(), []
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+        hello = await read_message(reader, decoder, backlog)
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected hello, got {type(hello).__name__}")
+        if hello.version != PROTOCOL_VERSION or hello.protocol not in ("A", "B", "C"):
+            raise ProtocolError(f"unsupported version {hello.version} / protocol {hello.protocol!r}")
+        nonce = os.urandom(32)
+        writer.write(frame(Challenge(nonce, proof(key, b"receiver", hello, nonce))))
+        msg = await read_message(reader, decoder, backlog)
+    if not isinstance(msg, Proof):
+        raise ProtocolError(f"expected proof, got {type(msg).__name__}")
+    if not hmac.compare_digest(msg.proof, proof(key, b"sender", hello, nonce)):
+        raise AuthError("the sender does not know the cluster key")
+    return hello, decoder, backlog

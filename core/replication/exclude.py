@@ -1,0 +1,54 @@
+"""Exclude patterns (ReplicationConfig.exclude): which relative paths are not replicated.
+
+Semantics, close to .gitignore so users guess right:
+- `name/` (trailing slash): a directory called `name` at any depth, and everything under it;
+- `*.tmp` (no slash): any entry whose name matches, at any depth, and everything under it;
+- `cache/*.bin` or `/cache` (a slash inside or in front): matched against the whole relative path
+  from the replicated root, and everything under a matching entry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    regex: re.Pattern[bytes]
+    anchored: bool
+    dirs_only: bool
+
+
+def _compile(pattern: str) -> _Pattern:
+    dirs_only = pattern.endswith("/")
+    body = pattern.strip("/")
+    anchored = "/" in pattern.rstrip("/")
+    if not body:
+        raise ValueError(f"empty exclude pattern {pattern!r}")
+    return _Pattern(re.compile(fnmatch.translate(body).encode()), anchored, dirs_only)
+
+
+class Excluder:
+    def __init__(self, patterns: list[str] | tuple[str, ...] = ()) -> None:
+        self._patterns = tuple(_compile(p) for p in patterns)
+
+    def __bool__(self) -> bool:
+        return bool(self._patterns)
+
+    def excluded(self, path: bytes, is_dir: bool = False) -> bool:
+        """True if `path` (relative, b"" is the root) or one of its ancestors matches a pattern.
+        `is_dir` says whether the last component is a directory (ancestors always are)."""
+        if not self._patterns or not path:
+            return False
+        parts = path.split(b"/")
+        last = len(parts) - 1
+        for pat in self._patterns:
+            for i, part in enumerate(parts):
+                if pat.dirs_only and i == last and not is_dir:
+                    break
+                subject = b"/".join(parts[:i + 1]) if pat.anchored else part
+                if pat.regex.fullmatch(subject):
+                    return True
+        return False

@@ -1,0 +1,273 @@
+"""Wire messages of the replication stream: one msgspec tagged union, encoded as msgpack.
+
+Every operation the primary replicates carries a sequence number; the receiver applies them strictly
+in sequence order and acknowledges cumulatively (`Ack`). Paths are raw bytes relative to the replicated
+directory (Linux file names need not be UTF-8); the receiver validates them (see `paths`).
+
+Limits are declared on the types so that msgspec rejects an oversized or ill-typed field while
+decoding: a malformed frame never reaches the code that touches files.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+
+# Write payloads above this are split over several frames: asyncio streams degrade with megabytes
+# in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
+MAX_CHUNK = 256 * 1024
+# Room for the largest non-data part: two PATH_MAX paths (rename, link) or a 64 KiB xattr value.
+MAX_FRAME = MAX_CHUNK + 16 * 1024
+
+U63 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+Mode = Annotated[int, Meta(ge=0, le=0o177777)]
+Path = Annotated[bytes, Meta(max_length=4096)]
+XattrName = Annotated[bytes, Meta(min_length=1, max_length=255)]
+XattrValue = Annotated[bytes, Meta(max_length=65536)]
+Data = Annotated[bytes, Meta(max_length=MAX_CHUNK)]
+Nonce = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Mac = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Text = Annotated[str, Meta(max_length=4096)]
+TimeNs = Annotated[int, Meta(ge=-(2**62), le=2**62)]
+
+
+class _Msg(Struct, array_like=True, tag_field="t", frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+# ---- handshake (see auth.py) ----
+
+class Hello(_Msg, tag="hello"):
+    version: int
+    module: Text
+    directory: Path  # which replicated directory of the module this stream carries
+    protocol: str  # "A", "B" or "C"
+    nonce: Nonce
+
+
+class Challenge(_Msg, tag="chal"):
+    nonce: Nonce
+    proof: Mac  # the receiver proves it knows the key first: a wrong peer learns nothing from us
+
+
+class Proof(_Msg, tag="proof"):
+    proof: Mac
+
+
+class Welcome(_Msg, tag="welcome"):
+    next_seq: U63  # the first sequence number the receiver expects
+
+
+# ---- operations (each applied in `seq` order) ----
+
+class Noop(_Msg, tag="noop"):
+    seq: U63
+
+
+class Open(_Msg, tag="open"):
+    """Open an existing file for writing under handle `hid` (writes then need no path lookup)."""
+
+    seq: U63
+    hid: U63
+    path: Path
+
+
+class Close(_Msg, tag="close"):
+    seq: U63
+    hid: U63
+    atime_ns: TimeNs | None = None  # the primary's times when it closed, so the replica's match
+    mtime_ns: TimeNs | None = None
+
+
+class Write(_Msg, tag="write"):
+    seq: U63
+    hid: U63
+    off: U63
+    data: Data
+    sync: bool = False  # O_SYNC/O_DSYNC on the primary: durable on the replica before the ack
+
+
+class Create(_Msg, tag="create"):
+    """Create a regular file (exclusively) and, when `hid` is set, keep it open under that handle."""
+
+    seq: U63
+    path: Path
+    mode: Mode
+    uid: U32
+    gid: U32
+    hid: U63 | None = None
+
+
+class Mkdir(_Msg, tag="mkdir"):
+    seq: U63
+    path: Path
+    mode: Mode
+    uid: U32
+    gid: U32
+
+
+class Mknod(_Msg, tag="mknod"):
+    seq: U63
+    path: Path
+    mode: Mode
+    rdev: U63
+    uid: U32
+    gid: U32
+
+
+class Symlink(_Msg, tag="symlink"):
+    seq: U63
+    path: Path
+    target: Path  # stored verbatim: never resolved by the receiver
+    uid: U32
+    gid: U32
+
+
+class Link(_Msg, tag="link"):
+    seq: U63
+    path: Path  # existing entry
+    new: Path
+
+
+class Unlink(_Msg, tag="unlink"):
+    seq: U63
+    path: Path
+
+
+class Rmdir(_Msg, tag="rmdir"):
+    seq: U63
+    path: Path
+
+
+class Remove(_Msg, tag="remove"):
+    """Remove an entry whatever it is, recursively (a tree moved out of replication, resync)."""
+
+    seq: U63
+    path: Path
+
+
+class Rename(_Msg, tag="rename"):
+    seq: U63
+    old: Path
+    new: Path
+    flags: Annotated[int, Meta(ge=0, le=3)] = 0  # RENAME_NOREPLACE 1, RENAME_EXCHANGE 2
+
+
+class SetAttr(_Msg, tag="setattr"):
+    """chmod, chown, truncate and utimens in one message; None leaves a field alone."""
+
+    seq: U63
+    path: Path
+    hid: U63 | None = None  # set when the primary's call came through an open handle (ftruncate...)
+    mode: Mode | None = None
+    uid: U32 | None = None
+    gid: U32 | None = None
+    size: U63 | None = None
+    atime_ns: TimeNs | None = None
+    mtime_ns: TimeNs | None = None
+
+
+class SetXattr(_Msg, tag="setxattr"):
+    seq: U63
+    path: Path
+    name: XattrName
+    value: XattrValue
+    flags: Annotated[int, Meta(ge=0, le=3)] = 0
+
+
+class RemoveXattr(_Msg, tag="rmxattr"):
+    seq: U63
+    path: Path
+    name: XattrName
+
+
+class Fallocate(_Msg, tag="fallocate"):
+    seq: U63
+    hid: U63
+    mode: Annotated[int, Meta(ge=0, le=0xFF)]
+    off: U63
+    length: U63
+
+
+class Fsync(_Msg, tag="fsync"):
+    """Barrier: the receiver makes the file (hid), the directory (path) or, with neither, its whole
+    file system durable, then acks."""
+
+    seq: U63
+    hid: U63 | None = None
+    path: Path | None = None
+    datasync: bool = False
+    atime_ns: TimeNs | None = None
+    mtime_ns: TimeNs | None = None
+
+
+# ---- replies ----
+
+class Ack(_Msg, tag="ack"):
+    """Cumulative: every operation up to `received` is in the receiver's hands, up to `applied` applied
+    (and, for Fsync and sync writes, durable)."""
+
+    received: U63
+    applied: U63
+
+
+class Error(_Msg, tag="error"):
+    """Fatal: the sender of this message closes the connection after it."""
+
+    message: Text
+
+
+Op = Union[
+    Noop, Open, Close, Write, Create, Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Remove, Rename,
+    SetAttr, SetXattr, RemoveXattr, Fallocate, Fsync,
+]
+Message = Union[Hello, Challenge, Proof, Welcome, Ack, Error, Op]
+OP_TYPES: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
+
+# Operations after which the receiver must be durable before acknowledging.
+BARRIERS = (Fsync,)
+
+
+class ProtocolError(Exception):
+    """The peer sent something we must not act on: the connection is dropped and the cause logged."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(payload: bytes | memoryview) -> Message:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"malformed message: {exc}") from None
+
+
+def with_seq(op: Op, seq: int) -> Op:
+    return msgspec.structs.replace(op, seq=seq)
+
+
+def split_write(op: Write) -> list[Write]:
+    """Split a write whose data exceeds MAX_CHUNK into consecutive chunks (seq filled in later)."""
+    data = op.data
+    if len(data) <= MAX_CHUNK:
+        return [op]
+    view = memoryview(data)
+    return [
+        Write(seq=0, hid=op.hid, off=op.off + i, data=bytes(view[i:i + MAX_CHUNK]), sync=op.sync)
+        for i in range(0, len(data), MAX_CHUNK)
+    ]
+
+
+def op_size(op: Op) -> int:
+    """Bytes an operation weighs in the in-flight bound (data plus a fixed overhead)."""
+    return (len(op.data) if isinstance(op, Write) else 0) + 64

@@ -1,0 +1,191 @@
+"""The secondary's end: accepts authenticated streams, applies operations in order, acknowledges.
+
+One stream per replicated directory; a new authenticated stream for a directory replaces the old one
+(the primary reconnected). Acknowledgements are cumulative and sent once per batch of frames read
+from the socket, after the batch is applied (protocol C; protocol B also acks on receipt).
+Anything malformed or hostile ends the stream with an Error message and a log line; the tree is
+only ever touched through `Applier`, which cannot reach outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import messages as m
+from .apply import Applier
+from .auth import server_handshake
+from .framing import READ_CHUNK, FrameDecoder, frame
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, dict[str, object]], None]
+
+
+@dataclass
+class StreamStats:
+    directory: str
+    peer: str = ""
+    connected: bool = False
+    ops: int = 0
+    bytes: int = 0
+    last_seq: int = 0
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+
+
+def raise_fd_limit() -> None:
+    # One descriptor per file the primary has open for writing: allow as many as the system lets us.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Receiver:
+    def __init__(self, module: str, directories: Mapping[bytes, str | os.PathLike[str]], key: bytes,
+                 on_event: EventCallback | None = None) -> None:
+        """`directories` maps the name a primary announces (its absolute path, as bytes) to the local
+        directory receiving it (the same path in production; another one in tests)."""
+        self.module = module
+        self.key = key
+        self.on_event = on_event
+        self._dirs = {name: Path(path) for name, path in directories.items()}
+        self._root_fds: dict[bytes, int] = {}
+        self._active: dict[bytes, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
+        self.stats: dict[bytes, StreamStats] = {n: StreamStats(n.decode(errors="replace")) for n in self._dirs}
+        self._server: asyncio.Server | None = None
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (useful with port 0)."""
+        raise_fd_limit()
+        for name, path in self._dirs.items():
+            self._root_fds[name] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._server = await asyncio.start_server(self._on_connection, host, port, limit=READ_CHUNK)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conn_tasks):
+            task.cancel()
+        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        for fd in self._root_fds.values():
+            os.close(fd)
+        self._root_fds.clear()
+
+    def status(self) -> dict[str, object]:
+        return {s.directory: vars(s).copy() for s in self.stats.values()}
+
+    def _emit(self, event: str, **detail: object) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, detail)
+            except Exception:
+                log.exception("receiver event callback failed")
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conn_tasks.add(task)
+        peer = str(writer.get_extra_info("peername"))
+        try:
+            await self._serve(reader, writer, peer)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._conn_tasks.discard(task)
+            writer.close()  # flushes a final Error message; a replaced stream was aborted already
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        try:
+            hello, decoder, backlog = await server_handshake(reader, writer, self.key)
+        except (m.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("replication handshake from %s refused: %s", peer, exc)
+            self._refuse(writer, str(exc))
+            self._emit("refused", peer=peer, reason=str(exc))
+            return
+        if hello.module != self.module or hello.directory not in self._dirs:
+            reason = f"module {hello.module!r} directory {hello.directory!r} not replicated here"
+            log.warning("replication stream from %s refused: %s", peer, reason)
+            self._refuse(writer, reason)
+            return
+        await self._replace(hello.directory)
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[hello.directory] = (task, writer)
+        stats = self.stats[hello.directory]
+        stats.peer, stats.connected, stats.since, stats.last_error = peer, True, time.time(), ""
+        applier = Applier(self._root_fds[hello.directory])
+        log.info("replication stream for %s from %s (protocol %s)", stats.directory, peer, hello.protocol)
+        self._emit("connected", directory=stats.directory, peer=peer)
+        try:
+            writer.write(frame(m.Welcome(next_seq=1)))
+            await self._pump(reader, writer, decoder, backlog, applier, stats, hello.protocol == "B")
+            reason = "peer closed the stream"
+        except (m.ProtocolError, OSError) as exc:
+            # OSError while applying: the replica diverged from the primary; either way it is out of date.
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("replication stream for %s from %s dropped: %s", stats.directory, peer, reason)
+            self._refuse(writer, reason)
+        finally:
+            applier.close()
+            stats.connected = False
+            if self._active.get(hello.directory, (None,))[0] is task:
+                del self._active[hello.directory]
+        stats.last_error = reason
+        self._emit("disconnected", directory=stats.directory, reason=reason)
+
+    async def _replace(self, directory: bytes) -> None:
+        old = self._active.pop(directory, None)
+        if old is not None:
+            log.info("new stream for %r replaces the previous one", directory)
+            old[1].transport.abort()
+            old[0].cancel()
+            await asyncio.gather(old[0], return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    decoder: FrameDecoder, backlog: list[m.Message], applier: Applier,
+                    stats: StreamStats, ack_on_receipt: bool) -> None:
+        expected = 1
+        batch = backlog
+        while True:
+            if not batch:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    return
+                stats.bytes += len(data)
+                batch = decoder.feed(data)
+                if not batch:
+                    continue
+            if ack_on_receipt:
+                writer.write(frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))
+            for msg in batch:
+                if not isinstance(msg, m.OP_TYPES):
+                    raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
+                if msg.seq != expected:
+                    raise m.ProtocolError(f"sequence {msg.seq} where {expected} was expected")
+                applier.apply(msg)
+                expected += 1
+            stats.ops += len(batch)
+            stats.last_seq = expected - 1
+            writer.write(frame(m.Ack(received=expected - 1, applied=expected - 1)))
+            batch = []
+            if writer.transport.get_write_buffer_size() > 1 << 20:
+                await writer.drain()
+
+    @staticmethod
+    def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+        try:
+            writer.write(frame(m.Error(reason[:4000])))
+        except (ConnectionError, RuntimeError, ValueError):
+            pass

@@ -1,0 +1,275 @@
+"""The user-scripts runner: prestart, start_prim, stop_prim, ... run with a timeout, logged line by line.
+
+A script runs in its own process group, so a timeout or a forcestop reaches everything it forked. Its
+output (stdout and stderr merged) is appended to the module log as it arrives. A script that leaves a
+background child holding its output (`app &`, `nohup app &`, `setsid app &`) must not hold up the
+engine: `run` returns once the script itself has exited plus a short grace; whatever the leftover
+children still print keeps being logged by a drain task the runner owns (closing their pipe instead
+would kill a `nohup`-ed application with SIGPIPE on its next write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ScriptsConfig
+from .procgroup import OutputPipe, kill_and_reap, signal_group, terminate_group
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAMES = (
+    "prestart", "start_both", "start_prim", "stop_prim", "start_second", "stop_second", "stop_both", "transition",
+)
+STOP_SCRIPTS = frozenset({"stop_prim", "stop_second", "stop_both"})
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of a timed-out script's group
+OUTPUT_GRACE = 0.5  # seconds we keep collecting output after the script exited, before returning
+TAIL_LINES = 20
+MAX_LINE = 8192  # longer output without a newline is logged in pieces of this size
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    name: str
+    ran: bool  # False when the script file does not exist (that is not an error)
+    ok: bool
+    returncode: int | None
+    timed_out: bool
+    seconds: float
+    output_tail: str  # last TAIL_LINES lines of output, plus a note of ours on failure
+    aborted: bool = False  # killed by abort() (forcestop)
+
+
+class _LogSink:
+    """Splits a byte stream into lines and appends them to the module log, keeping the last lines."""
+
+    def __init__(self, log_file: Path, module: str, script: str):
+        self._log_file = log_file
+        self._prefix = f"{module} {script}"
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._partial = b""
+        self.background = False  # set once run() returned: later lines come from leftover children
+
+    async def pump(self, pipe: OutputPipe) -> None:
+        """Read until every writer closed the pipe (EOF), then close it."""
+        try:
+            while chunk := await pipe.reader.read(READ_CHUNK):
+                await self._write(self._split(chunk))
+            if self._partial:
+                await self._write([self._partial])
+                self._partial = b""
+        finally:
+            pipe.close()
+
+    def _split(self, chunk: bytes) -> list[bytes]:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        while len(self._partial) > MAX_LINE:
+            lines.append(self._partial[:MAX_LINE])
+            self._partial = self._partial[MAX_LINE:]
+        return lines
+
+    async def _write(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
+        self.tail.extend(texts)
+        await asyncio.to_thread(self.append, texts)
+
+    def append(self, texts: list[str]) -> None:
+        """Blocking file append: call through asyncio.to_thread."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        prefix = f"{self._prefix}[background]" if self.background else self._prefix
+        try:
+            with open(self._log_file, "a", encoding="utf-8") as out:
+                out.writelines(f"{stamp} {prefix}: {text}\n" for text in texts)
+        except OSError as exc:
+            # Losing log lines must not fail a failover; say it once per batch in the daemon log.
+            log.warning("cannot append to %s: %s", self._log_file, exc)
+
+
+@dataclass
+class _Running:
+    proc: asyncio.subprocess.Process
+    aborted: bool = False
+
+
+class ScriptRunner:
+    """Runs one module's scripts, one at a time (the lock: scripts of a module never overlap)."""
+
+    def __init__(self, *, module: str, node: str, config: ScriptsConfig, env: dict[str, str], log_file: Path):
+        self.module = module
+        self.node = node
+        self.config = config
+        self.env = dict(env)
+        self.log_file = log_file
+        self._lock = asyncio.Lock()
+        self._running: _Running | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+
+    async def run(
+        self, name: str, current: str, next: str, action: str, timeout: float | None = None
+    ) -> ScriptResult:
+        """Run script `name` with arguments (current state, next state, action); never raises for a
+        script problem (missing, not executable, failing, timing out): the result says what happened."""
+        if name not in SCRIPT_NAMES:
+            raise ValueError(f"unknown script {name!r} (one of {', '.join(SCRIPT_NAMES)})")
+        if timeout is None:
+            timeout = self.config.stop_timeout if name in STOP_SCRIPTS else self.config.timeout
+        async with self._lock:
+            result = await self._run_locked(name, [current, next, action], timeout)
+        self._log_result(result)
+        return result
+
+    async def abort(self) -> None:
+        """Kill the running script's whole group at once (forcestop) and wait until it is gone.
+
+        Scripts queued behind it on the lock still run: the engine stops asking for them."""
+        running = self._running
+        if running is None or running.proc.returncode is not None:
+            return
+        running.aborted = True
+        log.warning("%s: aborting the running script (pid %d)", self.module, running.proc.pid)
+        signal_group(running.proc.pid, signal.SIGKILL)
+        await running.proc.wait()
+
+    async def close(self) -> None:
+        """Stop logging the output of background children that outlived their script."""
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+
+    async def _run_locked(self, name: str, args: list[str], timeout: float) -> ScriptResult:
+        path = self.config.directory / name if self.config.directory is not None else None
+        problem = await asyncio.to_thread(_check_script, path)
+        if problem is None:
+            return ScriptResult(name, False, True, None, False, 0.0, "")
+        if problem:
+            await asyncio.to_thread(_LogSink(self.log_file, self.module, name).append, [problem])
+            return ScriptResult(name, True, False, None, False, 0.0, problem)
+        assert path is not None
+        return await self._execute(name, path, args, timeout)
+
+    def _environment(self, name: str, args: list[str]) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SAFEKIT_MODULE": self.module,
+            "SAFEKIT_NODE": self.node,
+            **self.env,
+            "SAFEKIT_SCRIPT": name,
+            "SAFEKIT_CURRENT_STATE": args[0],
+            "SAFEKIT_NEXT_STATE": args[1],
+            "SAFEKIT_ACTION": args[2],
+        }
+
+    async def _execute(self, name: str, path: Path, args: list[str], timeout: float) -> ScriptResult:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sink = _LogSink(self.log_file, self.module, name)
+        log.info("%s: running %s %s", self.module, name, " ".join(args))
+        pipe = await OutputPipe.open()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(path), *args, stdin=asyncio.subprocess.DEVNULL, stdout=pipe.write_fd,
+                stderr=pipe.write_fd, env=self._environment(name, args), cwd=path.parent,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            pipe.close()
+            note = f"cannot execute {path}: {exc.strerror or exc}"
+            await asyncio.to_thread(sink.append, [note])
+            return ScriptResult(name, True, False, None, False, loop.time() - started, note)
+        pipe.child_started()
+        pump = asyncio.create_task(sink.pump(pipe), name=f"{self.module}:{name}:output")
+        self._running = running = _Running(proc)
+        try:
+            timed_out = await self._wait(proc, timeout)
+            await self._finish_output(pump, sink)
+        except asyncio.CancelledError:
+            # The engine gave up on this script (it is shutting down): leave nothing behind.
+            pump.cancel()
+            await kill_and_reap(proc)
+            raise
+        finally:
+            self._running = None
+        return self._result(name, proc, running, timed_out, timeout, loop.time() - started, sink)
+
+    async def _wait(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
+        """Wait for the script; on timeout kill its group. True when it timed out."""
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+            return False
+        except TimeoutError:
+            log.warning("%s: script pid %d still running after %gs: killing its group",
+                        self.module, proc.pid, timeout)
+            await terminate_group(proc, KILL_GRACE)
+            return True
+
+    async def _finish_output(self, pump: asyncio.Task[None], sink: _LogSink) -> None:
+        """Give the output a short grace to reach EOF; if children still hold the pipe, keep
+        draining it in the background instead of waiting for them."""
+        done, _ = await asyncio.wait({pump}, timeout=OUTPUT_GRACE)
+        if done:
+            return
+        sink.background = True
+        self._drains.add(pump)
+        pump.add_done_callback(self._drains.discard)
+
+    def _result(
+        self, name: str, proc: asyncio.subprocess.Process, running: _Running, timed_out: bool,
+        timeout: float, seconds: float, sink: _LogSink,
+    ) -> ScriptResult:
+        rc = proc.returncode
+        tail = list(sink.tail)
+        if running.aborted:
+            tail.append(f"[safekit-cloud: {name} aborted (forcestop)]")
+        elif timed_out:
+            tail.append(f"[safekit-cloud: {name} killed after its {timeout:g}s timeout]")
+        elif rc:
+            tail.append(f"[safekit-cloud: {name} exited with {_describe_rc(rc)}]")
+        ok = rc == 0 and not timed_out and not running.aborted
+        return ScriptResult(name, True, ok, rc, timed_out, seconds, "\n".join(tail[-TAIL_LINES:]),
+                            running.aborted)
+
+    def _log_result(self, result: ScriptResult) -> None:
+        if not result.ran:
+            log.debug("%s: no %s script, skipped", self.module, result.name)
+        elif result.ok:
+            log.info("%s: %s ok in %.2fs", self.module, result.name, result.seconds)
+        else:
+            last = result.output_tail.rsplit("\n", 1)[-1]
+            log.warning("%s: %s failed after %.2fs: %s", self.module, result.name, result.seconds, last)
+
+
+def _describe_rc(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"status {rc}"
+
+
+def _check_script(path: Path | None) -> str | None:
+    """None: no script to run; "": runnable; otherwise why it cannot run. Blocking (stat)."""
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None  # missing file or missing directory: the user provides only the scripts they need
+    except NotADirectoryError:
+        return None
+    except OSError as exc:
+        return f"cannot access script {path}: {exc.strerror}"
+    if not path.is_file():
+        return f"script {path} is not a regular file"
+    if not os.access(path, os.X_OK) or not mode & 0o111:
+        return f"script {path} is not executable (chmod +x {path})"
+    return ""
