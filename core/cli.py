@@ -73,10 +73,22 @@ class Globals:
             return self.node
 
     def client(self) -> DaemonClient:
-        return DaemonClient.from_config(self.config().api, self.local_node())
+        return DaemonClient.from_config(self.config().api, self.local_node)
+
+
+class CliFailure(Exception):
+    """A verb cannot do what was asked; the edge prints the message and exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    raise CliFailure(message, code)
+
+
+def _die(message: str, code: int) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
@@ -84,28 +96,41 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 class SafekitGroup(click.Group):
     """Catches our errors at the edge: one line (config problems: one per problem), no traceback."""
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            if "state" in args:  # a bad global option before `state`: still not a state code
+                exc.exit_code = EXIT_UNREACHABLE
+            raise
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):  # --help, ctx.exit(), Ctrl-C at a prompt
+            raise
         except click.ClickException as exc:
             if ctx.invoked_subcommand != "state":
                 raise
             exc.show()
             sys.exit(EXIT_UNREACHABLE)
+        except CliFailure as exc:
+            _die(str(exc), _code(ctx, exc.code))
         except ConfigError as exc:
-            fail(str(exc), _code(ctx, EXIT_FAILURE))
+            _die(str(exc), _code(ctx, EXIT_FAILURE))
         except ClientError as exc:
-            fail(str(exc), _code(ctx, exc.exit_code))
+            _die(str(exc), _code(ctx, exc.exit_code))
         except KeyboardInterrupt:
-            fail("interrupted", _code(ctx, EXIT_INTERRUPTED))
+            _die("interrupted", _code(ctx, EXIT_INTERRUPTED))
         except OSError as exc:  # init writing files, mostly: "Permission denied: /etc/..."
             where = f": {exc.filename}" if exc.filename else ""
-            fail(f"{exc.strerror or exc}{where}", _code(ctx, EXIT_FAILURE))
+            _die(f"{exc.strerror or exc}{where}", _code(ctx, EXIT_FAILURE))
         except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback only with -v
             obj = ctx.find_object(Globals)
             if obj is not None and obj.verbose:
                 traceback.print_exc()
-            fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+            _die(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                  _code(ctx, EXIT_FAILURE))
 
 
@@ -220,7 +245,7 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
     required_missing = [name for name in ("cluster", "module") if not flags[name]]
     if len(flags["nodes"]) < 2:
         required_missing.append("node")
-    if required_missing and sys.stdin.isatty():
+    if required_missing and interactive():
         flags = _ask(flags)
     elif required_missing:
         fail(f"init needs {', '.join('--' + n for n in required_missing)} (two --node NAME=ADDRESS): "
@@ -241,6 +266,10 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
         scripts=flags["scripts"].absolute() if flags["scripts"] else None,
         replicate=tuple(p.absolute() for p in flags["replicate"]), preferred=flags["preferred"] or None,
     )
+
+
+def interactive() -> bool:
+    return sys.stdin.isatty()
 
 
 def _ask(flags: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +334,7 @@ def _command(verb: str) -> click.Command:
         name = pick_module(g.config(), module)
         result = g.client().command(name, verb)
         if not result.ok:
-            fail(f"{name}: {verb} refused: {result.message} (state {result.state})")
+            fail(f"{name}: {verb} refused: {result.message.removeprefix('refused: ')} (state {result.state})")
         click.echo(f"{name}: {result.message} (state {result.state})")
 
     return command
@@ -340,7 +369,7 @@ def render_status(node: NodeOut, only: str | None) -> None:
 
     console = Console(highlight=False)
     console.print(f"[bold]cluster {node.cluster}[/] node [bold]{node.node}[/] "
-                  f"(safekit-cloud {node.version}, up {_duration(node.uptime)}, incarnation {node.incarnation})")
+                  f"(safekit-cloud {node.version}, up {_duration(node.uptime)})")
     console.print(_peer_table(node))
     for module in node.modules:
         if only is None or module.name == only:
@@ -398,7 +427,9 @@ def _decisions_table(m: ModuleOut) -> Any:
 
     table = Table("time", "event", "transition", "reason", title="last decisions", title_justify="left")
     for d in m.decisions[:5]:
-        table.add_row(time.strftime("%H:%M:%S", time.localtime(d.time)), d.event,
+        # the date only when it is not today's: most decisions worth reading are recent
+        fmt = "%H:%M:%S" if time.time() - d.time < 12 * 3600 else "%Y-%m-%d %H:%M:%S"
+        table.add_row(time.strftime(fmt, time.localtime(d.time)), d.event,
                       f"{d.from_state} -> {d.to_state}", _esc(d.reason))
     return table
 

@@ -14,6 +14,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,24 @@ def connect_host(listen_host: str) -> str:
 class DaemonClient:
     base_url: str
     token: str
-    where: str  # "127.0.0.1:9010 (node n1)": what error messages name
+    address: str  # host:port, for messages
     ssl_context: ssl.SSLContext | None = None
+    # This node's name for messages, found only when one is printed: finding it from the local
+    # addresses costs a netlink import that `state` in a monitoring loop should not pay.
+    node: str | Callable[[], str | None] | None = None
 
     @classmethod
-    def from_config(cls, api: ApiConfig, node: str | None = None) -> DaemonClient:
+    def from_config(cls, api: ApiConfig, node: str | Callable[[], str | None] | None = None) -> DaemonClient:
         host = connect_host(api.host)
         netloc = f"[{host}]:{api.port}" if ":" in host else f"{host}:{api.port}"
         context = client_ssl_context(api.tls.cert_file) if api.tls else None
-        where = f"{netloc}" + (f" (node {node})" if node else "")
-        return cls(f"{'https' if context else 'http'}://{netloc}", read_token(api.token_file), where, context)
+        return cls(f"{'https' if context else 'http'}://{netloc}", read_token(api.token_file), netloc, context, node)
+
+    @property
+    def where(self) -> str:
+        """"127.0.0.1:9010 (node n1)": what error messages name."""
+        node = self.node() if callable(self.node) else self.node
+        return self.address + (f" (node {node})" if node else "")
 
     # ---- the API --------------------------------------------------------------------------------
 

@@ -93,7 +93,10 @@ def go_second(local: LocalView, peer: PeerView, reason: str, prefix: tuple[Actio
         data, extra = DataStatus.RESYNCING, ()
     else:
         data, extra = DataStatus.UPTODATE, (Action(A.ADOPT_PEER_GENERATION),)
-    persisted = replace(local.persisted, last_state=S.SECOND, can_start_alone=False, data=data)
+    # Without data, joining is the whole resync: a `second` request is then fulfilled at once.
+    discard = local.persisted.discard_local_data and local.has_replication
+    persisted = replace(local.persisted, last_state=S.SECOND, can_start_alone=False, data=data,
+                        discard_local_data=discard)
     return Decision(S.SECOND, prefix + START_SECONDARY + extra, reason,
                     persisted=persisted, waiting_for="", intent=Intent.NONE)
 
@@ -101,9 +104,10 @@ def go_second(local: LocalView, peer: PeerView, reason: str, prefix: tuple[Actio
 def data_order(local: LocalView, peer: PeerView) -> GenerationOrder:
     if local.persisted.discard_local_data:
         return GenerationOrder.PEER_NEWER
-    if not local.has_replication:
-        return GenerationOrder.SAME  # no data: generations only order the history, never block
-    return compare_generations(local.persisted.generation, peer.generation)
+    order = compare_generations(local.persisted.generation, peer.generation)
+    if order == GenerationOrder.SPLIT_BRAIN and not local.has_replication:
+        return GenerationOrder.SAME  # no data could diverge: a tie, broken by preference
+    return order
 
 
 def wins_tie(local: LocalView, peer: PeerView) -> bool:
@@ -124,6 +128,12 @@ def eligible(local: LocalView) -> bool:
 
 def peer_serving(peer: PeerView) -> bool:
     return peer.reachable and peer.state.is_primary
+
+
+def peer_discards(peer: PeerView) -> bool:
+    """The peer waits with stale data (`second` was run there): it cannot serve and will not keep its
+    side of a split brain; it resyncs from whichever node serves."""
+    return peer.reachable and peer.state == S.WAIT and peer.data == DataStatus.STALE
 
 
 def peer_uptodate_second(local: LocalView, peer: PeerView) -> bool:
@@ -165,7 +175,8 @@ def _restart(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, "application restarted by admin", actions=(run("stop_prim"), run("start_prim")))
     if local.state == S.SECOND:
         return stay(local, "secondary restarted by admin", actions=(run("stop_second"), run("start_second")))
-    return refuse(local, f"the module is {local.state.name}: nothing runs to restart (use start)")
+    hint = "use start" if local.state == S.STOP else "use stop, then start"  # start is a no-op in WAIT
+    return refuse(local, f"the module is {local.state.name}: nothing runs to restart ({hint})")
 
 
 def _swap(local: LocalView, peer: PeerView, event: Event) -> Decision:
@@ -241,6 +252,8 @@ def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return _wait_for_witness(local, peer)
     if peer_serving(peer):
         return _join_primary(local, peer)
+    if local.waiting_for.startswith("split_brain") and peer_discards(peer):
+        local = replace(local, waiting_for="")  # the admin chose this side: elect again
     if local.waiting_for.startswith(BLOCKED_PREFIXES):
         return stay(local, f"waiting: {local.waiting_for}")
     if peer.reachable and peer.state == S.SECOND:
@@ -258,7 +271,7 @@ def _join_primary(local: LocalView, peer: PeerView) -> Decision:
     if order == GenerationOrder.SPLIT_BRAIN and not (local.split_brain_policy == "keep-preferred" and peer.preferred):
         return wait(local, f"split brain: this node and {peer.name} both wrote data alone; keep one side "
                     f"with `safekit-cloud second` on the node whose changes to discard", "split_brain")
-    if order == GenerationOrder.LOCAL_NEWER:
+    if order == GenerationOrder.LOCAL_NEWER and local.has_replication:
         return wait(local, f"{peer.name} is primary with older data than this node: run `safekit-cloud "
                     f"second` here to discard this node's newer data, or stop {peer.name}", "split_brain")
     return go_second(local, peer, f"{peer.name} is primary: joining as secondary")
@@ -268,6 +281,8 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
     """Both nodes are up and neither serves: the one with the newest data serves."""
     order = data_order(local, peer)
     mine = eligible(local)
+    if peer_discards(peer):
+        order = GenerationOrder.LOCAL_NEWER  # `second` there: its data counts for nothing
     if order == GenerationOrder.SPLIT_BRAIN:
         if local.split_brain_policy == "keep-preferred" and (local.preferred or peer.preferred):
             order = GenerationOrder.LOCAL_NEWER if local.preferred else GenerationOrder.PEER_NEWER
@@ -352,13 +367,14 @@ def _primary_gone(local: LocalView, peer: PeerView, event: Event, uptodate: bool
         why, alone = f"{peer.name} stopped serving ({peer.state.name})", True
     else:
         why, alone = f"{peer.name} lost on every heartbeat network", True
-        if not local.witness_ok:
-            return wait(local, f"{why} and no witness answers: not taking over (split-brain guard)",
-                        "witness", STOP_SECONDARY)
+    # Stale data first: a WAIT for the witness ends in a takeover once a witness answers.
     if not uptodate:
         return wait(local, f"{why}, but this node's data is not up to date: not taking over "
                     f"(start {peer.name}, or force with `safekit-cloud prim`: changes since the last "
                     f"resync are lost)", "stale", STOP_SECONDARY, data=DataStatus.STALE)
+    if not peer.reachable and not local.witness_ok:
+        return wait(local, f"{why} and no witness answers: not taking over (split-brain guard)",
+                    "witness", STOP_SECONDARY)
     if not alone:
         persisted = replace(local.persisted, last_state=S.PRIM, can_start_alone=False)
         return Decision(S.PRIM, STOP_SECONDARY + start_primary(alone=False), f"{why}: taking over",
@@ -409,7 +425,8 @@ def _both_primary(local: LocalView, peer: PeerView) -> Decision:
     split = local.has_replication and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN
     if split and local.split_brain_policy != "keep-preferred":
         return wait(local, f"split brain: {peer.name} also served; this node stopped serving and keeps its "
-                    f"data: `safekit-cloud second` here discards it, `prim` keeps it", "split_brain",
+                    f"data: `safekit-cloud second` here discards it, `safekit-cloud second` on {peer.name} "
+                    f"discards {peer.name}'s instead", "split_brain",
                     STOP_PRIMARY)
     return go_second(local, peer, f"{peer.name} also serves (partition healed): yielding and resyncing from it",
                      STOP_PRIMARY)
@@ -438,7 +455,7 @@ def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
     if local.state == S.PRIM and peer_uptodate_second(local, peer):
         return hand_over(local, f"checker failed ({reason}), {why}: failing over to {peer.name}")
     return wait(local, f"checker failed ({reason}), {why}, and no up-to-date secondary can take over: "
-                f"application stopped; fix it, then `safekit-cloud start`", "restarts", STOP_PRIMARY)
+                f"application stopped; fix it, then `safekit-cloud stop` and `start`", "restarts", STOP_PRIMARY)
 
 
 def _start_failed(local: LocalView, step: str) -> Decision:

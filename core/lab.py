@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _Host:
 
 def _run_cmd(argv: Sequence[str], *, input: str | None = None, timeout: float = 30) -> str:
     try:
-        done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
         raise LabError(f"{argv[0]} is not installed (apt install iproute2 util-linux)") from None
     except subprocess.TimeoutExpired:
@@ -178,13 +178,13 @@ class Lab:
         if not self._networks:
             self._add_netns(self.switch_netns)
         bridge = f"br-{name}" if len(name) <= 12 else f"br{len(self._networks)}"
-        self._networks[name] = bridge
         # Without STP a port forwards at once; without snooping the bridge floods multicast like a
         # dumb switch, which is what neighbour discovery on a small LAN expects.
         _ip(netns=self.switch_netns, batch=[
             f"link add {bridge} type bridge stp_state 0 forward_delay 0 mcast_snooping 0",
             f"link set {bridge} up",
         ])
+        self._networks[name] = bridge
 
     def add_host(self, host: str, links: Mapping[str, str | Sequence[str]]) -> None:
         """A host cabled to each network of `links` (network -> "198.18.0.1/24", or a list of
@@ -357,7 +357,7 @@ class Lab:
         self._closed = True
         try:
             self._stop_processes()
-        except Exception:  # noqa: BLE001 - close() must always go on to delete the namespaces
+        except Exception:  # close() must go on to delete the namespaces whatever happened
             log.exception("lab %s: stopping processes failed", self.prefix)
         left = _delete_namespaces(reversed(self._namespaces))
         if left:
@@ -376,7 +376,7 @@ class Lab:
                 proc.wait(timeout=1)
         self._procs.clear()
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -116,6 +116,7 @@ class ModuleRuntime:
                 pass
             self._task = None
         await self.checkers.stop()
+        await self.scripts.close()
         if self.replication is not None:
             await self.replication.stop()
         if self.provider is not None:

@@ -43,7 +43,7 @@ class ScriptResult:
     returncode: int | None
     timed_out: bool
     seconds: float
-    output_tail: str  # last TAIL_LINES lines of output, plus a note of ours on failure
+    output_tail: str  # the last TAIL_LINES lines of output, or why the script could not be started
     aborted: bool = False  # killed by abort() (forcestop)
 
 
@@ -84,7 +84,7 @@ class _LogSink:
 
     def append(self, texts: list[str]) -> None:
         """Blocking file append: call through asyncio.to_thread."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # as the engine's own module-log lines
         prefix = f"{self._prefix}[background]" if self.background else self._prefix
         try:
             with open(self._log_file, "a", encoding="utf-8") as out:
@@ -111,6 +111,7 @@ class ScriptRunner:
         self.log_file = log_file
         self._lock = asyncio.Lock()
         self._running: _Running | None = None
+        self._abort_pending = False  # abort() came while the current run was not yet spawned
         self._drains: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -123,8 +124,11 @@ class ScriptRunner:
         if timeout is None:
             timeout = self.config.stop_timeout if name in STOP_SCRIPTS else self.config.timeout
         async with self._lock:
-            result = await self._run_locked(name, [current, next, action], timeout)
-        self._log_result(result)
+            try:
+                result = await self._run_locked(name, [current, next, action], timeout)
+            finally:
+                self._abort_pending = False  # an abort applies to the run in progress, not the next
+            await self._conclude(result, timeout)
         return result
 
     async def abort(self) -> None:
@@ -132,12 +136,18 @@ class ScriptRunner:
 
         Scripts queued behind it on the lock still run: the engine stops asking for them."""
         running = self._running
-        if running is None or running.proc.returncode is not None:
+        if running is None:
+            # A run may hold the lock and be about to spawn its script: it will kill it on sight.
+            self._abort_pending = self._lock.locked()
             return
+        if running.proc.returncode is None:
+            self._kill(running)
+            await running.proc.wait()
+
+    def _kill(self, running: _Running) -> None:
         running.aborted = True
         log.warning("%s: aborting the running script (pid %d)", self.module, running.proc.pid)
         signal_group(running.proc.pid, signal.SIGKILL)
-        await running.proc.wait()
 
     async def close(self) -> None:
         """Stop logging the output of background children that outlived their script."""
@@ -188,6 +198,8 @@ class ScriptRunner:
         pipe.child_started()
         pump = asyncio.create_task(sink.pump(pipe), name=f"{self.module}:{name}:output")
         self._running = running = _Running(proc)
+        if self._abort_pending:
+            self._kill(running)
         try:
             timed_out = await self._wait(proc, timeout)
             await self._finish_output(pump, sink)
@@ -198,7 +210,7 @@ class ScriptRunner:
             raise
         finally:
             self._running = None
-        return self._result(name, proc, running, timed_out, timeout, loop.time() - started, sink)
+        return self._result(name, proc, running, timed_out, loop.time() - started, sink)
 
     async def _wait(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
         """Wait for the script; on timeout kill its group. True when it timed out."""
@@ -221,30 +233,36 @@ class ScriptRunner:
         self._drains.add(pump)
         pump.add_done_callback(self._drains.discard)
 
+    @staticmethod
     def _result(
-        self, name: str, proc: asyncio.subprocess.Process, running: _Running, timed_out: bool,
-        timeout: float, seconds: float, sink: _LogSink,
+        name: str, proc: asyncio.subprocess.Process, running: _Running, timed_out: bool, seconds: float,
+        sink: _LogSink,
     ) -> ScriptResult:
         rc = proc.returncode
-        tail = list(sink.tail)
-        if running.aborted:
-            tail.append(f"[safekit-cloud: {name} aborted (forcestop)]")
-        elif timed_out:
-            tail.append(f"[safekit-cloud: {name} killed after its {timeout:g}s timeout]")
-        elif rc:
-            tail.append(f"[safekit-cloud: {name} exited with {_describe_rc(rc)}]")
         ok = rc == 0 and not timed_out and not running.aborted
-        return ScriptResult(name, True, ok, rc, timed_out, seconds, "\n".join(tail[-TAIL_LINES:]),
-                            running.aborted)
+        return ScriptResult(name, True, ok, rc, timed_out, seconds, "\n".join(sink.tail), running.aborted)
 
-    def _log_result(self, result: ScriptResult) -> None:
+    async def _conclude(self, result: ScriptResult, timeout: float) -> None:
+        """One line in the daemon log, and on failure one in the module log, saying how it ended
+        (output_tail stays the script's own words: the result's fields already tell the rest)."""
         if not result.ran:
             log.debug("%s: no %s script, skipped", self.module, result.name)
-        elif result.ok:
+            return
+        if result.ok:
             log.info("%s: %s ok in %.2fs", self.module, result.name, result.seconds)
+            return
+        if result.aborted:
+            note = f"{result.name} aborted (forcestop)"
+        elif result.timed_out:
+            note = f"{result.name} killed after its {timeout:g}s timeout"
+        elif result.returncode is not None:
+            note = f"{result.name} failed with {_describe_rc(result.returncode)}"
         else:
-            last = result.output_tail.rsplit("\n", 1)[-1]
-            log.warning("%s: %s failed after %.2fs: %s", self.module, result.name, result.seconds, last)
+            note = f"{result.name} could not run"
+        last = result.output_tail.rsplit("\n", 1)[-1]
+        log.warning("%s: %s after %.2fs: %s", self.module, note, result.seconds, last)
+        if result.returncode is not None or result.timed_out:
+            await asyncio.to_thread(_LogSink(self.log_file, self.module, "safekit-cloud").append, [note])
 
 
 def _describe_rc(rc: int) -> str:

@@ -1,6 +1,6 @@
 """The status schema: what `GET /api/v1/status` and `safekit-cloud status --json` return.
 
-This is a documented, stable interface (docs/status-schema.md): fields are only ever added, and
+This is a documented, stable interface (docs/api.md): fields are only ever added, and
 `schema_version` changes if one is ever removed or changes meaning. msgspec Structs keep encoding cheap.
 """
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import ProviderError, ProviderPermissionError, ProviderRetryable, ProviderSettings, VipProvider
+from .base import ProviderPermissionError, ProviderRetryable, ProviderSettings, VipProvider
 
 
 class FakeSettings(ProviderSettings):
@@ -36,11 +36,12 @@ class FakeProvider(VipProvider):
             fh.seek(0)
             raw = fh.read()
             state = json.loads(raw) if raw.strip() else {}
-            result = change(state)
-            fh.seek(0)
-            fh.truncate()
-            json.dump(state, fh)
-            return result
+            try:
+                return change(state)
+            finally:  # also when an injected fault raised: its counter must go down
+                fh.seek(0)
+                fh.truncate()
+                json.dump(state, fh)
 
     def _fault(self, state: dict[str, Any]) -> None:
         if state.get("deny"):
@@ -74,7 +75,7 @@ class FakeProvider(VipProvider):
         try:
             await self._run(lambda state: None)
         except OSError as exc:
-            raise ProviderError(f"fake: cannot use {self.settings.state_file}: {exc.strerror}") from None
+            return [f"fake: cannot use {self.settings.state_file}: {exc.strerror}"]
         return []
 
     @classmethod

@@ -245,6 +245,10 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
+def encode_into(msg: Message, buf: bytearray, offset: int) -> None:
+    _encoder.encode_into(msg, buf, offset)
+
+
 def decode(payload: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(payload)

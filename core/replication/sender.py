@@ -37,6 +37,8 @@ DEFAULT_MAX_INFLIGHT = 8 << 20
 WRITE_BUFFER_HIGH = 4 << 20
 
 LostCallback = Callable[[str, list[m.Op]], None]
+_RANK = {None: 0, "received": 1, "applied": 2}
+_STRONGER = {(a, b): a if _RANK[a] >= _RANK[b] else b for a in _RANK for b in _RANK}
 
 
 @dataclass
@@ -145,13 +147,16 @@ class Sender:
             self._space.clear()
         return seq
 
-    async def submit(self, op: m.Op) -> bool:
-        """Send `op` and wait as the protocol requires. True: the peer has it as required; False: the
-        link is lost (the caller carries on alone; the op is among those handed to on_lost)."""
-        seq = self.send(op)
-        if seq == 0:
-            return False
-        stage = self._stage(op)
+    async def submit(self, *ops: m.Op) -> bool:
+        """Send `ops` (all enqueued before the first await) and wait as the protocol requires.
+        True: the peer has them as required; False: the link is lost (the caller carries on alone;
+        unacknowledged ops are handed to on_lost)."""
+        seq, stage = 0, None
+        for op in ops:
+            seq = self.send(op)
+            if seq == 0:
+                return False
+            stage = _STRONGER[stage, self._stage(op)]
         ok = True
         if stage is not None:
             ok = await self._wait(stage, seq)

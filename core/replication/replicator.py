@@ -1,0 +1,48 @@
+"""What the FUSE layer hands every mutating operation to: the sender in PRIM, a journal in ALONE,
+nothing in tests.
+
+Contract of `submit(*ops)`: every op is *enqueued before the first suspension point* of the call.
+The FUSE layer applies an operation locally and calls `submit` without awaiting anything in between,
+so operations reach the secondary in the order they happened here, whatever runs concurrently.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .messages import Op
+
+
+class Replicator(Protocol):
+    @property
+    def active(self) -> bool:
+        """False: the FUSE layer does not even build messages (fast path)."""
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the peer forgot our open handles (new stream): handles are reopened."""
+
+    async def submit(self, *ops: Op) -> None:
+        """Replicate `ops` in order; returns when the protocol is satisfied or the peer is lost
+        (never raises for a lost peer: the caller's system call must complete)."""
+
+
+class NullReplicator:
+    active = False
+    epoch = 0
+
+    async def submit(self, *ops: Op) -> None:
+        return None
+
+
+class RecordingReplicator:
+    """Keeps what it is given (tests)."""
+
+    active = True
+    epoch = 1
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    async def submit(self, *ops: Op) -> None:
+        self.ops.extend(ops)
