@@ -43,6 +43,9 @@ def run(script: str) -> Action:
 STOP_PRIMARY = (Action(A.STOP_CHECKERS), run("stop_prim"), Action(A.RELEASE_VIP), Action(A.STOP_REPLICATION))
 STOP_SECONDARY = (run("stop_second"), Action(A.STOP_REPLICATION))
 START_SECONDARY = (Action(A.REPLICATE_AS_SECONDARY), run("start_second"))
+# A VIP left behind by a crashed daemon must go before anything else: clients would reach a node that
+# no longer serves. prestart is the user's hook to clean up the application likewise.
+START_MODULE = (Action(A.RELEASE_VIP), run("prestart"), run("start_both"))
 
 
 def start_primary(alone: bool) -> tuple[Action, ...]:
@@ -146,10 +149,7 @@ def peer_uptodate_second(local: LocalView, peer: PeerView) -> bool:
 def _start(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state != S.STOP:
         return stay(local, "already started")
-    # A VIP left behind by a crashed daemon must go before anything else: clients would reach a node
-    # that no longer serves. prestart is the user's hook to clean up the application likewise.
-    return wait(local, "started: waiting for the peer", "peer",
-                (Action(A.RELEASE_VIP), run("prestart"), run("start_both")))
+    return wait(local, "started: waiting for the peer", "peer", START_MODULE)
 
 
 def _stop(local: LocalView, peer: PeerView, event: Event) -> Decision:
@@ -209,7 +209,7 @@ def _force_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state == S.SECOND:
         prefix = STOP_SECONDARY
     elif local.state == S.STOP:
-        prefix = (run("prestart"), run("start_both"))
+        prefix = START_MODULE
     return go_alone(local, "forced primary by admin: the peer will be resynchronised from this node", prefix)
 
 
@@ -218,7 +218,7 @@ def _force_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state.is_primary:
         prefix = STOP_PRIMARY
     elif local.state == S.STOP:
-        prefix = (run("prestart"), run("start_both"))
+        prefix = START_MODULE
     elif local.state == S.SECOND:
         prefix = STOP_SECONDARY
     forced = replace(local, state=S.WAIT, waiting_for="",
@@ -292,6 +292,11 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
                         "split_brain")
     if order == GenerationOrder.LOCAL_NEWER and mine:
         return go_alone(local, f"this node has newer data than {peer.name}: serving")
+    if order == GenerationOrder.PEER_NEWER and not peer.eligible and mine and not local.has_replication:
+        return go_alone(local, f"{peer.name} was primary last but cannot serve; no data to lose: serving")
+    if order == GenerationOrder.PEER_NEWER and not peer.eligible:
+        return stay(local, f"{peer.name} has newer data but cannot serve: fix it there, or force this node "
+                    f"with `safekit-cloud prim` (its changes since are lost)", waiting_for="peer")
     if order == GenerationOrder.PEER_NEWER or not mine:
         why = "has newer data" if order == GenerationOrder.PEER_NEWER else "can serve and this node cannot"
         return stay(local, f"{peer.name} {why}: waiting for it to become primary", waiting_for="peer")
@@ -351,6 +356,9 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if peer_serving(peer):
         if local.intent == Intent.HANDOVER:
             return stay(local, f"{peer.name} took over", intent=Intent.NONE)
+        if local.intent == Intent.WANT_PRIMARY and (peer.state != S.PRIM or not uptodate):
+            return stay(local, "swap abandoned: this node is no longer an up-to-date secondary of a "
+                        "replicating primary", intent=Intent.NONE)
         return stay(local, f"secondary of {peer.name}")
     if peer.reachable and peer.state == S.SECOND and peer.intent != Intent.HANDOVER:
         if local.intent == Intent.HANDOVER:

@@ -57,7 +57,9 @@ STOP_PRIM = """#!/bin/sh
 pidfile="$SAFEKIT_WORKDIR/run-$SAFEKIT_NODE/service.pid"
 [ -f "$pidfile" ] || exit 0
 pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null
-for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+# gone, or a zombie waiting to be reaped by init, counts as stopped
+running() {{ [ -r /proc/$pid/status ] && ! grep -q '^State:.*Z' /proc/$pid/status; }}
+for i in $(seq 1 60); do running || break; sleep 0.05; done
 kill -9 "$pid" 2>/dev/null; rm -f "$pidfile"; exit 0
 """
 

@@ -234,6 +234,7 @@ class ModuleRuntime:
             await self._save(self._next_persisted(d, peer))
             if event.kind == E.START:
                 self.started_at, self.peer_seen_since_start = time.monotonic(), peer.reachable
+                self.restart_times.clear()  # an admin start is a fresh start: the restart limit too
             if d.next_state != old:
                 await self._script("transition", old, d.next_state, event)
             failed = await self._run_actions(d, event, old, peer)
