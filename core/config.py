@@ -11,11 +11,18 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from .types import CheckerAction
 
@@ -174,7 +181,7 @@ class CommandChecker(CheckerBase):
 
 
 CheckerConfig = Annotated[
-    Union[ProcessChecker, TcpChecker, HttpChecker, CommandChecker], Field(discriminator="type")
+    ProcessChecker | TcpChecker | HttpChecker | CommandChecker, Field(discriminator="type")
 ]
 
 
@@ -271,9 +278,11 @@ class ClusterConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ClusterConfig:
-        problems = list(cross_check(self))
+        problems = cross_check(self.model_dump())
         if problems:
-            raise ValueError("; ".join(problems))
+            # A distinct error type: parse_config reports these rules itself, one line per problem.
+            text = "; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems)
+            raise PydanticCustomError(CROSS_CHECK, "{problems}", {"problems": text})
         return self
 
     def node(self, name: str) -> NodeConfig:
@@ -296,32 +305,93 @@ class ClusterConfig(BaseSettings):
         return sorted(self.nodes[0].addresses)
 
 
-def cross_check(cfg: ClusterConfig) -> list[str]:
-    """Rules spanning sections; each message names the keys concerned."""
-    problems: list[str] = []
-    names = [n.name for n in cfg.nodes]
-    if len(set(names)) != len(names):
-        problems.append(f"nodes: names must be unique, got {names}")
-    nets = [set(n.addresses) for n in cfg.nodes]
-    if nets and any(s != nets[0] for s in nets):
-        problems.append(
-            f"nodes: every node needs an address on the same heartbeat networks, got "
-            f"{ {n.name: sorted(n.addresses) for n in cfg.nodes} }"
-        )
-    modules = [m.name for m in cfg.modules]
-    if len(set(modules)) != len(modules):
-        problems.append(f"modules: names must be unique, got {modules}")
-    for i, module in enumerate(cfg.modules):
-        if module.preferred_primary is not None and module.preferred_primary not in names:
-            problems.append(
-                f"modules[{i}].preferred_primary: {module.preferred_primary!r} is not a node ({names})"
-            )
-        checkers = [c.name for c in module.checkers]
-        if len(set(checkers)) != len(checkers):
-            problems.append(f"modules[{i}].checkers: names must be unique, got {checkers}")
-    ports = {cfg.heartbeat.port} | {m.replication.port for m in cfg.modules if m.replication.directories}
-    if len(ports) != 1 + sum(1 for m in cfg.modules if m.replication.directories):
-        problems.append("replication.port: each replicated module needs its own port, distinct from heartbeat.port")
+Loc = tuple[Any, ...]  # a YAML path: keys and list indices
+CROSS_CHECK = "cross_check"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _entries(value: Any) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings of a YAML list with their indices (anything else is left to field validation)."""
+    return [(i, v) for i, v in enumerate(value) if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _duplicates(items: list[tuple[Loc, Any]], what: str) -> list[tuple[Loc, str]]:
+    """One problem per repeated name, at the repetition."""
+    first: dict[Any, Loc] = {}
+    problems = []
+    for loc, name in items:
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            where = _format_loc(first[name][:-1])
+            problems.append((loc, f"{name!r} is already the name of {where}: {what} must be unique"))
+        else:
+            first[name] = loc
+    return problems
+
+
+def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """Rules spanning sections, as (YAML path, message) pairs.
+
+    Works on plain data: a validated config's `model_dump()`, or the raw YAML mapping when some fields
+    are invalid (pydantic then skips model validators). Missing or malformed parts are skipped: field
+    validation reports them; defaults are the models' own.
+    """
+    problems: list[tuple[Loc, str]] = []
+    nodes = _entries(data.get("nodes"))
+    problems += _duplicates([(("nodes", i, "name"), n.get("name")) for i, n in nodes], "node names")
+    names = [n["name"] for _, n in nodes if isinstance(n.get("name"), str)]
+    all_named = isinstance(data.get("nodes"), list) and len(names) == len(data["nodes"])
+
+    networks: list[tuple[str, list[str]]] = []  # (node, its heartbeat networks)
+    for i, node in nodes:
+        addresses = node.get("addresses")
+        if isinstance(addresses, str):
+            addresses = {"default": addresses}
+        if isinstance(addresses, dict):
+            networks.append((str(node.get("name", f"nodes[{i}]")), sorted(map(str, addresses))))
+    if len({tuple(nets) for _, nets in networks}) > 1:
+        got = ", ".join(f"{name}: {nets}" for name, nets in networks)
+        why = f"every node needs an address on the same heartbeat networks, got {got}"
+        problems.append((("nodes",), why))
+
+    modules = _entries(data.get("modules"))
+    problems += _duplicates([(("modules", i, "name"), m.get("name")) for i, m in modules], "module names")
+    for i, module in modules:
+        preferred = module.get("preferred_primary")
+        if all_named and isinstance(preferred, str) and preferred not in names:
+            problems.append((("modules", i, "preferred_primary"), f"{preferred!r} is not a node ({names})"))
+        checkers = _entries(module.get("checkers"))
+        problems += _duplicates([(("modules", i, "checkers", j, "name"), c.get("name")) for j, c in checkers],
+                                "checker names in a module")
+
+    default_port = HeartbeatConfig.model_fields["port"].default
+    heartbeat_port = _int(_dict(data.get("heartbeat")).get("port", default_port))
+    used: dict[int, str] = {heartbeat_port: "heartbeat.port"} if heartbeat_port is not None else {}
+    for i, module in modules:
+        replication = _dict(module.get("replication"))
+        if not replication.get("directories"):
+            continue
+        port = _int(replication.get("port", ReplicationConfig.model_fields["port"].default))
+        if port is None:
+            continue
+        if port in used:
+            why = (f"port {port} is already used by {used[port]}: each replicated module needs its own "
+                   "port, distinct from heartbeat.port")
+            problems.append((("modules", i, "replication", "port"), why))
+        else:
+            used[port] = f"modules[{i}].replication.port"
     return problems
 
 
@@ -351,7 +421,7 @@ def _line_index(text: str) -> dict[tuple[Any, ...], int]:
     index: dict[tuple[Any, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
-        index[path] = node.start_mark.line + 1
+        index.setdefault(path, node.start_mark.line + 1)  # a key's own line, not where its block starts
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 index[path + (key.value,)] = key.start_mark.line + 1
@@ -381,14 +451,17 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _describe(error: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("process", "tcp", "http", "command"))
-    where = _format_loc(loc)
+def _where(loc: Loc, lines: dict[Loc, int]) -> str:
+    """`modules[0].vip (line 12)`: the path, and the line of its nearest part present in the file."""
     line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return _format_loc(loc) + (f" (line {line})" if line else "")
+
+
+def _describe(error: dict[str, Any], lines: dict[Loc, int]) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("process", "tcp", "http", "command"))
     msg = error["msg"].removeprefix("Value error, ")
     hint = HINTS.get(error["type"], "")
-    at = f" (line {line})" if line else ""
-    return f"{where}{at}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
+    return f"{_where(loc, lines)}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
 
 
 def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
@@ -401,26 +474,60 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
     lines = _line_index(text)
     try:
         cfg = ClusterConfig(**data)
+    except SettingsError as exc:  # a SAFEKIT_* variable that cannot be parsed (JSON for lists, ...)
+        raise ConfigError(source, [f"environment: {exc}"]) from None
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e, lines) for e in exc.errors()]) from None
-    problems = validate_providers(cfg)
+        # Field errors make pydantic skip the cross-section rules and the providers never see their
+        # settings: check both on the raw data (with the environment's overrides) so that every problem
+        # is reported at once. Cross-check errors of the model itself are reported from here too.
+        plain = _merge(data, _environment())
+        problems = [_describe(e, lines) for e in exc.errors() if e["type"] != CROSS_CHECK]
+        rules = cross_check(plain) + validate_providers(plain)
+        problems += [f"{_where(loc, lines)}: {msg}" for loc, msg in rules]
+        if not problems:  # cannot happen unless the rules disagree with the model: keep pydantic's words
+            problems = [_describe(e, lines) for e in exc.errors()]
+        raise ConfigError(source, list(dict.fromkeys(problems))) from None
+    problems = [f"{_where(loc, lines)}: {msg}" for loc, msg in validate_providers(cfg.model_dump())]
     if problems:
         raise ConfigError(source, problems)
     return cfg
 
 
-def validate_providers(cfg: ClusterConfig) -> list[str]:
-    """Each module's VIP provider validates its own settings (imported lazily through the registry)."""
+def _environment() -> dict[str, Any]:
+    """The SAFEKIT_* overrides as the settings source reads them (nested by `__`)."""
+    try:
+        return EnvSettingsSource(ClusterConfig)()
+    except SettingsError:
+        return {}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate_providers(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """Each module's VIP provider validates its own settings (imported lazily through the registry).
+
+    Plain data as for `cross_check`; returns (YAML path, message) pairs."""
     from safekit_cloud.providers.base import ProviderError, validate_settings
 
-    problems = []
-    for i, module in enumerate(cfg.modules):
-        if module.vip is None:
+    nodes = [n["name"] for _, n in _entries(data.get("nodes")) if isinstance(n.get("name"), str)]
+    problems: list[tuple[Loc, str]] = []
+    for i, module in _entries(data.get("modules")):
+        vip = module.get("vip")
+        if not isinstance(vip, dict):
             continue
+        settings = {key: value for key, value in vip.items() if key not in ("provider", "address")}
         try:
-            validate_settings(module.vip.provider, module.vip.settings, [n.name for n in cfg.nodes])
+            validate_settings(str(vip.get("provider") or "lan"), settings, nodes)
         except ProviderError as exc:
-            problems.append(f"modules[{i}].vip: {exc}")
+            problems.append((("modules", i, "vip"), str(exc)))
     return problems
 
 

@@ -17,18 +17,24 @@ from dataclasses import replace
 
 from .types import (
     Action,
-    ActionKind as A,
     CheckerAction,
     DataStatus,
     Decision,
     Event,
-    EventKind as E,
     GenerationOrder,
     Intent,
     LocalView,
-    ModuleState as S,
     PeerView,
     compare_generations,
+)
+from .types import (
+    ActionKind as A,
+)
+from .types import (
+    EventKind as E,
+)
+from .types import (
+    ModuleState as S,
 )
 
 # WAIT reasons that bar this node from becoming primary on its own; a peer that is primary may still
@@ -363,7 +369,7 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if peer.reachable and peer.state == S.SECOND and peer.intent != Intent.HANDOVER:
         if local.intent == Intent.HANDOVER:
             return stay(local, f"waiting for {peer.name} to take over")
-        return stay(local, f"both nodes secondary: waiting (force one with `safekit-cloud prim`)")
+        return stay(local, "both nodes secondary: waiting (force one with `safekit-cloud prim`)")
     return _primary_gone(local, peer, event, uptodate)
 
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import msgspec
+from safekit_cloud.providers.base import VipProvider, create_provider
 
 from safekit_cloud import __version__
-from safekit_cloud.providers.base import VipProvider, create_provider
 
 from .config import ClusterConfig, ModuleConfig
 from .heartbeat import Heartbeat, Link

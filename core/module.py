@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from opentelemetry import trace
-
 from safekit_cloud.providers.base import ProviderError, VipProvider
 
 from .checkers.runner import CheckerSet
@@ -31,18 +32,23 @@ from .status import CheckerOut, CommandResult, DecisionOut
 from .store import ModuleStore
 from .types import (
     Action,
-    ActionKind as A,
     CheckerAction,
-    DataStatus,
     Decision,
     Event,
-    EventKind as E,
     Generation,
     Intent,
     LocalView,
-    ModuleState as S,
-    Persisted,
     PeerView,
+    Persisted,
+)
+from .types import (
+    ActionKind as A,
+)
+from .types import (
+    EventKind as E,
+)
+from .types import (
+    ModuleState as S,
 )
 
 log = logging.getLogger(__name__)
@@ -142,7 +148,7 @@ class ModuleRuntime:
             if self._queue.empty():
                 try:
                     await asyncio.wait_for(self._wake.wait(), tick)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._wake.clear()
             if not self._queue.empty():
@@ -162,12 +168,19 @@ class ModuleRuntime:
         peer = self._peer_view(self.config.name)
         if peer.reachable:
             self.peer_seen_since_start = True
+        if not self._witness_needed(peer):
+            return await self._decide_and_act(event, peer, None)
+        # A takeover without the peer is being considered: its span starts now, so the witness check
+        # is one of its children; _carry_out renames it (failover, transition, ...) once decided.
+        with tracer.start_as_current_span("takeover_check") as span:
+            return await self._decide_and_act(event, peer, span)
+
+    async def _decide_and_act(self, event: Event, peer: PeerView, span: trace.Span | None) -> CommandResult:
         await self._refresh_witness(peer)
-        local = self.local_view()
-        decision = decide(local, peer, event)
+        decision = decide(self.local_view(), peer, event)
         if not self._changes_anything(decision):
             return CommandResult(not decision.refused, decision.reason, self.state.name)
-        await self._carry_out(decision, event, peer)
+        await self._carry_out(decision, event, peer, span)
         return CommandResult(not decision.refused, decision.reason, self.state.name)
 
     def _changes_anything(self, d: Decision) -> bool:
@@ -196,10 +209,14 @@ class ModuleRuntime:
             peer_seen_since_start=self.peer_seen_since_start,
         )
 
+    def _witness_needed(self, peer: PeerView) -> bool:
+        """A takeover without the peer is being considered and witnesses are configured."""
+        considered = not peer.reachable and (self.state == S.SECOND or self.waiting_for == "witness")
+        return considered and bool(self.config.witnesses)
+
     async def _refresh_witness(self, peer: PeerView) -> None:
         """Ask the witnesses only when a takeover without the peer is being considered."""
-        needed = not peer.reachable and (self.state == S.SECOND or self.waiting_for == "witness")
-        if not self.config.witnesses or not needed:
+        if not self._witness_needed(peer):
             self.witness_ok = True
             return
         with tracer.start_as_current_span("witness_check") as span:
@@ -210,7 +227,7 @@ class ModuleRuntime:
 
     # ---- carrying out a decision -------------------------------------------------------------
 
-    async def _carry_out(self, d: Decision, event: Event, peer: PeerView) -> None:
+    async def _carry_out(self, d: Decision, event: Event, peer: PeerView, outer: trace.Span | None) -> None:
         old = self.state
         failover = old == S.SECOND and d.next_state.is_primary and not peer.reachable
         span_name = "failover" if failover else "transition" if d.next_state != old else "decision"
@@ -220,7 +237,12 @@ class ModuleRuntime:
         self._module_log(line)
         self.decisions.appendleft(DecisionOut(time.time(), event.kind.value, old.name, d.next_state.name,
                                               d.reason, [str(a) for a in d.actions]))
-        with tracer.start_as_current_span(span_name) as span:
+        if outer is not None:  # opened by handle() before the witness check: already current
+            outer.update_name(span_name)
+            opened = contextlib.nullcontext(outer)
+        else:
+            opened = tracer.start_as_current_span(span_name)
+        with opened as span:
             span.set_attribute("module", self.config.name)
             span.set_attribute("node", self.node)
             span.set_attribute("event", event.kind.value)

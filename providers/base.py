@@ -177,7 +177,7 @@ class VipProvider(abc.ABC):
                 log.warning("%s: %s of %s failed (%s), retry in %.2fs", self.name, verb, self.vip, exc, pause)
                 await asyncio.sleep(pause)
                 backoff *= 2
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ProviderError(f"{self.name}: {verb} of {self.vip} did not finish within "
                                     f"{self.deadline:g}s") from None
 
@@ -227,7 +227,7 @@ def validate_settings(name: str, settings: dict[str, Any], nodes: list[str]) -> 
         parsed = cls.settings_model(**settings)
     except ValidationError as exc:
         raise ProviderConfigError(_format_errors(exc)) from None
-    for node_key in getattr(parsed, "per_node_keys", lambda: [])():
+    for node_key in getattr(parsed, "per_node_keys", list)():
         if node_key not in nodes:
             raise ProviderConfigError(f"{node_key!r} is not a node of the cluster ({nodes})")
     return parsed

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 from . import messages as m
 from .paths import PathError, components, open_beneath, parent_dir

@@ -16,7 +16,14 @@ import os
 
 from .framing import FrameDecoder, frame, read_message
 from .messages import (
-    PROTOCOL_VERSION, Challenge, Error, Hello, Message, Proof, ProtocolError, Welcome,
+    PROTOCOL_VERSION,
+    Challenge,
+    Error,
+    Hello,
+    Message,
+    Proof,
+    ProtocolError,
+    Welcome,
 )
 
 HANDSHAKE_TIMEOUT = 10.0

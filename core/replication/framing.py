@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+
 from .messages import MAX_FRAME, Message, ProtocolError, decode, encode_into
 
 _HEADER = struct.Struct(">I")

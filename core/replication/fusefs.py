@@ -16,15 +16,16 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pyfuse3
 
 from . import messages as m
 from .apply import renameat2
 from .exclude import Excluder
-from .inodes import ROOT, Inodes, fuse_ino, join
+from .inodes import Inodes, fuse_ino, join
 from .replicator import NullReplicator, Replicator
 from .snapshot import tree_ops
 
@@ -46,8 +47,10 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
             return await fn(*args)
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except m.ProtocolError as exc:
-            log.error("%s: %s", fn.__name__, exc)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:  # a bug must fail one call, not unmount the application's directory
+            log.exception("FUSE %s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -188,13 +191,20 @@ class ReplicatedFS(pyfuse3.Operations):
         path = self.inodes.path(inode)
         if f is None and path is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        target: int | bytes
-        target, follow = (f.fd, True) if f is not None else self._abs(path)  # type: ignore[arg-type]
+        # Through the open handle when the call came with one (ftruncate, fchmod...), else by name
+        # beneath the root descriptor without following a final symlink (lchown, utimensat).
+        kw: dict[str, Any]
+        if f is not None:
+            target, kw = f.fd, {}
+        elif path:
+            target, kw = path, {"dir_fd": self.root, "follow_symlinks": False}
+        else:
+            target, kw = self._proc_root, {}
         if fields.update_uid or fields.update_gid:
             os.chown(target, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1, follow_symlinks=follow)
+                     attr.st_gid if fields.update_gid else -1, **kw)
         if fields.update_mode:
-            os.chmod(target, stat.S_IMODE(attr.st_mode), follow_symlinks=follow)
+            os.chmod(target, stat.S_IMODE(attr.st_mode), **kw)
         if fields.update_size:
             if f is not None:
                 os.ftruncate(f.fd, attr.st_size)
@@ -205,11 +215,10 @@ class ReplicatedFS(pyfuse3.Operations):
                 finally:
                     os.close(fd)
         if fields.update_atime or fields.update_mtime:
-            cur = os.stat(target, follow_symlinks=follow)
+            cur = os.stat(target, **kw)
             os.utime(target, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                                 attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
-                     follow_symlinks=follow)
-        st = os.stat(target, follow_symlinks=follow)
+                                 attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns), **kw)
+        st = os.stat(target, **kw)
         await self._replicate_setattr(f, fh, path, st, fields)
         return self._attrs(st)
 
@@ -305,18 +314,25 @@ class ReplicatedFS(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = join(self._path(parent_inode_old), name_old)
         new = join(self._path(parent_inode_new), name_new)
-        is_dir = stat.S_ISDIR(self._lstat(old).st_mode)
+        old_dir = stat.S_ISDIR(self._lstat(old).st_mode)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        new_dir = stat.S_ISDIR(self._lstat(new).st_mode) if exchange else False
         renameat2(self.root, old, self.root, new, flags)
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if exchange:
             self.inodes.exchange(old, new)
         else:
-            self.inodes.rename(old, new, is_dir)
+            self.inodes.rename(old, new, old_dir)
         if not self.repl.active:
             return
-        keep_old, keep_new = (not self.exclude.excluded(p, is_dir) for p in (old, new))
-        if keep_old and keep_new:
+        # Exclusion can depend on the type ("tmp/" only matches directories): look at every name
+        # with the entry it held before and the one it holds after.
+        ex = self.exclude.excluded
+        views = [ex(old, old_dir), ex(new, old_dir)]
+        if exchange:
+            views += [ex(new, new_dir), ex(old, new_dir)]
+        if not any(views):
             await self.repl.submit(m.Rename(0, old, new, flags))
-        elif keep_old or keep_new:
+        elif not all(views):
             await self.repl.submit(*self._resend(old, new))
 
     def _resend(self, *paths: bytes) -> list[m.Op]:

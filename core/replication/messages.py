@@ -10,7 +10,7 @@ decoding: a malformed frame never reaches the code that touches files.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta, Struct
@@ -222,11 +222,11 @@ class Error(_Msg, tag="error"):
     message: Text
 
 
-Op = Union[
-    Noop, Open, Close, Write, Create, Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Remove, Rename,
-    SetAttr, SetXattr, RemoveXattr, Fallocate, Fsync,
-]
-Message = Union[Hello, Challenge, Proof, Welcome, Ack, Error, Op]
+Op = (
+    Noop | Open | Close | Write | Create | Mkdir | Mknod | Symlink | Link | Unlink | Rmdir | Remove
+    | Rename | SetAttr | SetXattr | RemoveXattr | Fallocate | Fsync
+)
+Message = Hello | Challenge | Proof | Welcome | Ack | Error | Op
 OP_TYPES: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
 
 # Operations after which the receiver must be durable before acknowledging.

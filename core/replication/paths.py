@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .messages import ProtocolError
 

@@ -14,9 +14,9 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 from . import messages as m
 from .apply import Applier

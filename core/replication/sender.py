@@ -22,8 +22,8 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import messages as m
 from .auth import client_handshake

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import messages as m
 from .exclude import Excluder

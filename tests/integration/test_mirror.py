@@ -7,10 +7,10 @@ daemons, services and namespaces included, even when it fails.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 from safekit_cloud.core.lab import lab_supported
 from safekit_cloud.core.labcluster import LabCluster, outage, read_probe
 

@@ -9,10 +9,9 @@ import shutil
 import stat
 import subprocess
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
-
-import pytest
+from typing import Any, TypeVar
 
 from safekit_cloud.core.replication.exclude import Excluder
 from safekit_cloud.core.replication.fusefs import ReplicatedFS
@@ -104,7 +103,7 @@ class Mirror:
 
 
 def force_unmount(path: Path) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
 
 
 def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tuple]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,53 @@ def test_smoke(mirror: Mirror) -> None:
     (p / "tmp" / "y").write_bytes(b"excluded")
     assert describe_tree(p, mirror.excluder) == describe_tree(mirror.replica)
     assert not (mirror.replica / "x.tmp").exists()
+
+
+@pytest.fixture
+def fast_mirror(tmp_path: Path):
+    dirs = [tmp_path / n for n in ("primary", "replica", "state")]
+    for d in dirs:
+        d.mkdir()
+    mir = Mirror(dirs[0], dirs[1], dirs[2], timeout=1.0)
+    try:
+        yield mir
+    finally:
+        try:
+            mir.close()
+        finally:
+            force_unmount(dirs[0])
+
+
+def test_hung_peer_mid_write_writer_returns_within_timeout(fast_mirror: Mirror) -> None:
+    p = fast_mirror.primary
+    with open(p / "f", "wb") as f:
+        f.write(b"a" * 65536)
+        f.flush()
+        # The receiver's loop freezes (a hung peer): acks stop coming.
+        fast_mirror.rx_thread.loop.call_soon_threadsafe(time.sleep, 4)
+        t0 = time.monotonic()
+        f.write(b"b" * 65536)
+        f.flush()
+        elapsed = time.monotonic() - t0
+        f.write(b"c")  # later calls go on alone without waiting
+        f.flush()
+        assert time.monotonic() - t0 - elapsed < 0.5
+    assert 0.5 < elapsed < 3.0
+    assert fast_mirror.lost and "no acknowledgement" in fast_mirror.lost[0]
+    assert fast_mirror.marker.dirty  # the replica is known to miss changes: resync before it may serve
+    assert (p / "f").read_bytes() == b"a" * 65536 + b"b" * 65536 + b"c"
+
+
+def test_peer_connection_reset_mid_write(fast_mirror: Mirror) -> None:
+    p = fast_mirror.primary
+    with open(p / "f", "wb") as f:
+        f.write(b"a")
+        f.flush()
+        fast_mirror.rx_thread.call(fast_mirror.receiver.stop())
+        t0 = time.monotonic()
+        for _ in range(20):
+            f.write(b"b" * 4096)
+            f.flush()
+        assert time.monotonic() - t0 < 2.0
+    assert fast_mirror.lost and fast_mirror.marker.dirty
+    fast_mirror.rx_thread.call(fast_mirror.receiver.start("127.0.0.1", fast_mirror.port))

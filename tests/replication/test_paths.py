@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safekit_cloud.core.replication import paths
 from safekit_cloud.core.replication.paths import PathError, components, open_beneath, parent_dir
 
@@ -26,7 +26,7 @@ def test_components_accepts_plain_relative_paths(good: bytes, parts: tuple[bytes
 
 @pytest.mark.parametrize("bad", [
     b"/", b"/etc/passwd", b"//a", b"..", b"../x", b"a/..", b"a/../../b", b".", b"./a", b"a/./b",
-    b"a//b", b"a/", b"a\0b", b"\0", b"x" * 256, b"a/" * 2048 + b"a", b"a/.."
+    b"a//b", b"a/", b"a\0b", b"\0", b"x" * 256, b"a/" * 2048 + b"a"
 ])
 def test_components_refuses_escapes_and_oddities(bad: bytes) -> None:
     with pytest.raises(PathError):
@@ -121,9 +121,7 @@ def test_parent_dir(tree: tuple[int, Path], resolver: str) -> None:
         os.mkdir(name, dir_fd=parent)
     with parent_dir(fd, b"top") as (parent, name):
         assert parent == fd and name == b"top"
-    with pytest.raises(OSError):
-        with parent_dir(fd, b"abs_dir_link/x"):
-            pass
-    with pytest.raises(PathError):
-        with parent_dir(fd, b""):
-            pass
+    with pytest.raises(OSError), parent_dir(fd, b"abs_dir_link/x"):
+        pass
+    with pytest.raises(PathError), parent_dir(fd, b""):
+        pass

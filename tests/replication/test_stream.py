@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.apply import Applier
 from safekit_cloud.core.replication.auth import client_handshake
 from safekit_cloud.core.replication.framing import FrameDecoder, frame
-from safekit_cloud.core.replication.paths import PathError
 from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
 

@@ -1,0 +1,199 @@
+"""The small interface the engine uses: become primary, become secondary, stop, status.
+
+It owns agent processes (agent.py): on the primary one per replicated directory (a FUSE mount each),
+on the secondary one receiver for the module. Their events arrive as JSON lines; a link loss is
+reported once per loss through `on_link_lost(reason)`, which the engine turns into
+REPLICATION_LOST (PRIM -> ALONE; the secondary is no longer up to date).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the config layer
+    from safekit_cloud.core.config import ReplicationConfig
+
+from .mount import unmount
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 15.0
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class _Agent:
+    name: str
+    proc: asyncio.subprocess.Process
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+    failed: str = ""
+
+
+class ReplicationService:
+    def __init__(self, module_name: str, config: ReplicationConfig, peer_address: str, key: bytes,
+                 state_dir: Path | str, on_link_lost: Callable[[str], None] | None = None,
+                 listen_address: str = "0.0.0.0", timeout: float = 10.0,
+                 receive_into: dict[Path, Path] | None = None) -> None:
+        """`receive_into` redirects, on the secondary, a replicated directory to another local path
+        (two nodes on one machine without mount namespaces, tests); normally the path is the same."""
+        self.module = module_name
+        self.config = config
+        self.peer_address = peer_address
+        self.key = key
+        self.state_dir = Path(state_dir)
+        self.on_link_lost = on_link_lost
+        self.listen_address = listen_address
+        self.timeout = timeout
+        self.receive_into = {Path(k): Path(v) for k, v in (receive_into or {}).items()}
+        self.role = "stopped"
+        self._agents: list[_Agent] = []
+        self._lost_reasons: list[str] = []
+
+    # ---- roles ----
+
+    async def become_primary(self) -> None:
+        """Mount over every replicated directory and stream to the peer (journal if it is away).
+        Returns once every mount is in place: the application may start."""
+        await self._stop_agents()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for directory in self.config.directories:
+            argv = ["--role", "primary", "--directory", str(directory),
+                    "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
+            argv += [f"--exclude={p}" for p in self.config.exclude]
+            await self._spawn(str(directory), argv)
+        self.role = "primary"
+
+    async def become_secondary(self) -> None:
+        """Receive for every replicated directory (the application must not run here)."""
+        await self._stop_agents()
+        argv = ["--role", "secondary", "--listen", f"{self._bracket(self.listen_address)}:{self.config.port}"]
+        argv += [f"--directory-list={d}={self.receive_into.get(Path(d), d)}" for d in self.config.directories]
+        await self._spawn("receiver", argv)
+        self.role = "secondary"
+
+    async def stop(self) -> None:
+        await self._stop_agents()
+        self.role = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        agents = {a.name: dict(a.status, alive=a.proc.returncode is None, failed=a.failed) for a in self._agents}
+        primary = [a.status for a in self._agents if self.role == "primary"]
+        return {
+            "role": self.role,
+            "connected": bool(primary) and all(s.get("connected") for s in primary),
+            "dirty": any(s.get("dirty") for s in primary),
+            "bytes_sent": sum(s.get("bytes_sent", 0) for s in primary),
+            "inflight_bytes": sum(s.get("inflight", 0) for s in primary),
+            "lag_seconds": max((s.get("lag") or 0.0 for s in primary), default=0.0),
+            "resync": None,  # resync is not implemented yet: a dirty replica needs a full copy
+            "agents": agents,
+            "last_lost": self._lost_reasons[-1] if self._lost_reasons else "",
+        }
+
+    # ---- agents ----
+
+    @staticmethod
+    def _bracket(host: str) -> str:
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+    async def _spawn(self, name: str, argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "safekit_cloud.core.replication.agent", "--module", self.module,
+               "--state-dir", str(self.state_dir), "--protocol", self.config.protocol,
+               "--timeout", str(self.timeout), *argv]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C to the daemon must not reach the agent before its unmount
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(self.key.hex().encode() + b"\n")
+        await proc.stdin.drain()
+        proc.stdin.close()
+        agent = _Agent(name, proc)
+        agent.reader = asyncio.create_task(self._read_events(agent), name=f"repl-agent-{name}")
+        self._agents.append(agent)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await agent.ready.wait()
+        except TimeoutError:
+            agent.failed = agent.failed or "not ready in time"
+        if agent.failed:
+            raise RuntimeError(f"replication agent {name} failed: {agent.failed}")
+
+    async def _read_events(self, agent: _Agent) -> None:
+        assert agent.proc.stdout is not None
+        while line := await agent.proc.stdout.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.warning("agent %s: %r", agent.name, line[:200])
+                continue
+            self._on_event(agent, event)
+        await agent.proc.wait()
+        if self.role != "stopping" and agent in self._agents:
+            agent.failed = agent.failed or f"exited with {agent.proc.returncode}"
+            agent.ready.set()
+            self._link_lost(f"agent {agent.name} {agent.failed}")
+
+    def _on_event(self, agent: _Agent, event: dict[str, Any]) -> None:
+        kind = event.pop("event", "")
+        if kind == "status":
+            agent.status = event | {"at": time.time()}
+            return
+        agent.events.append(dict(event, event=kind))
+        del agent.events[:-50]
+        log.info("replication %s: %s %s", agent.name, kind, event)
+        if kind == "ready":
+            agent.status.update(event)
+            agent.ready.set()
+        elif kind == "failed":
+            agent.failed = event.get("reason", "failed")
+            agent.ready.set()
+        elif kind == "lost":
+            agent.status["connected"] = False
+            self._link_lost(f"{agent.name}: {event.get('reason', '')}")
+
+    def _link_lost(self, reason: str) -> None:
+        self._lost_reasons.append(reason)
+        del self._lost_reasons[:-20]
+        if self.on_link_lost is not None:
+            try:
+                self.on_link_lost(reason)
+            except Exception:
+                log.exception("on_link_lost callback failed")
+
+    async def _stop_agents(self) -> None:
+        agents, previous = self._agents, self.role
+        self.role = "stopping"
+        for agent in agents:
+            if agent.proc.returncode is None:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in agents:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await agent.proc.wait()
+            except TimeoutError:
+                log.error("replication agent %s ignored SIGTERM: killing it", agent.name)
+                agent.proc.kill()
+                await agent.proc.wait()
+            if agent.reader is not None:
+                await asyncio.gather(agent.reader, return_exceptions=True)
+        self._agents = []
+        if previous == "primary":
+            for directory in self.config.directories:
+                try:
+                    unmount(Path(directory))  # a killed agent leaves a dead mount behind
+                except OSError as exc:
+                    log.error("cannot unmount %s: %s", directory, exc)
+        self.role = previous
