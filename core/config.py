@@ -218,6 +218,12 @@ class ReplicationConfig(Strict):
     exclude: list[str] = Field(default_factory=list, description='Patterns not replicated ("tmp/", "*.tmp").')
     protocol: Literal["A", "B", "C"] = Field("C", description="C: synchronous (applied on the peer); B: received; A: asynchronous.")
     port: int = Field(4801, ge=1, le=65535, description="TCP port of the replication stream.")
+    network: str | None = Field(
+        None, description="Heartbeat network whose addresses carry the stream (default: the first listed)."
+    )
+    timeout: float = Field(
+        10.0, gt=0, description="Seconds without an acknowledgement before the primary continues alone."
+    )
 
     @field_validator("directories")
     @classmethod
@@ -304,6 +310,10 @@ class ClusterConfig(BaseSettings):
     def networks(self) -> list[str]:
         return sorted(self.nodes[0].addresses)
 
+    def replication_network(self, module: ModuleConfig) -> str:
+        """The network carrying a module's replication stream: configured, else the first listed."""
+        return module.replication.network or next(iter(self.nodes[0].addresses))
+
 
 Loc = tuple[Any, ...]  # a YAML path: keys and list indices
 CROSS_CHECK = "cross_check"
@@ -372,6 +382,11 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         preferred = module.get("preferred_primary")
         if all_named and isinstance(preferred, str) and preferred not in names:
             problems.append((("modules", i, "preferred_primary"), f"{preferred!r} is not a node ({names})"))
+        network = _dict(module.get("replication")).get("network")
+        known = networks[0][1] if networks else []
+        if isinstance(network, str) and known and network not in known:
+            problems.append((("modules", i, "replication", "network"),
+                             f"{network!r} is not a heartbeat network ({known})"))
         checkers = _entries(module.get("checkers"))
         problems += _duplicates([(("modules", i, "checkers", j, "name"), c.get("name")) for j, c in checkers],
                                 "checker names in a module")

@@ -474,7 +474,7 @@ def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
 
 def _start_failed(local: LocalView, step: str) -> Decision:
     """start_prim or the VIP takeover failed: this node cannot serve; stop and let the peer try."""
-    if step not in ("start_prim", "take_vip"):
+    if step not in ("start_prim", "take_vip", "replicate_as_primary"):
         return stay(local, f"script {step} failed (see the module log)")
     return wait(local, f"{step} failed: application stopped, failing over (see the module log)",
                 f"failed:{step}", STOP_PRIMARY)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from safekit_cloud.providers.base import VipProvider, create_provider
@@ -21,6 +23,9 @@ from .heartbeat import Heartbeat, Link
 from .module import ModuleRuntime
 from .status import CommandResult, ModuleOut, NetworkOut, NodeOut, PeerOut
 from .types import DataStatus, Generation, Intent, ModuleState, PeerView
+
+if TYPE_CHECKING:
+    from .replication.service import ReplicationService
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +86,11 @@ class Engine:
             interval=hb.interval, timeout=hb.timeout, replay_window=hb.replay_window,
             payload=self._payload, on_change=self._peer_changed,
         )
+        self.key = key
         self.modules: dict[str, ModuleRuntime] = {
             m.name: ModuleRuntime(cluster=config, config=m, node=node, state_dir=state_dir,
                                   peer_view=self.peer_view, announce=self.heartbeat.beat_now,
-                                  provider=self._provider(m))
+                                  provider=self._provider(m), replication=self._replication)
             for m in config.modules
         }
 
@@ -93,6 +99,21 @@ class Engine:
             return None
         return create_provider(module.vip.provider, module.vip.address, module.vip.settings, self.node,
                                [n.name for n in self.config.nodes])
+
+    def _replication(self, module: ModuleConfig, on_lost: Callable[[str], None],
+                     on_resync_done: Callable[[], None]) -> ReplicationService | None:
+        """The module's replication service, or None when it replicates nothing."""
+        if not module.replication.directories:
+            return None
+        from .replication.service import ReplicationService
+
+        network = self.config.replication_network(module)
+        return ReplicationService(
+            module.name, module.replication, peer_address=self.peer.addresses[network], key=self.key,
+            state_dir=self.state_dir / module.name / "replication", on_link_lost=on_lost,
+            listen_address=self.config.node(self.node).addresses[network], timeout=module.replication.timeout,
+            on_resync_done=on_resync_done,
+        )
 
     # ---- life cycle ------------------------------------------------------------------------------
 

@@ -28,11 +28,28 @@ CLI = str(Path(sys.executable).with_name("safekit-cloud"))
 # The demo application: a tiny HTTP service that says which node answered. start_prim starts it in the
 # background (its own session, so it outlives the script) and stop_prim stops it by its pid file.
 SERVICE = r'''
-import http.server, os, socketserver, sys
+import http.server, os, socketserver, sys, threading
 node, port = os.environ["SAFEKIT_NODE"], int(sys.argv[1])
+data = sys.argv[2] if len(sys.argv) > 2 else ""
+lock = threading.Lock()
+def visit():
+    """Count this request in the replicated data folder, durably, and return the count."""
+    if not data:
+        return ""
+    with lock:
+        path = os.path.join(data, "visits")
+        try:
+            with open(path) as f:
+                count = int(f.read() or 0) + 1
+        except FileNotFoundError:
+            count = 1
+        with open(path + ".tmp", "w") as f:
+            f.write(str(count)); f.flush(); os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        return " visit %d" % count
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = ("served by " + node + "\n").encode()
+        body = ("served by " + node + visit() + "\n").encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
@@ -43,7 +60,7 @@ with socketserver.ThreadingTCPServer(("0.0.0.0", port), H) as s: s.serve_forever
 START_PRIM = """#!/bin/sh
 # start_prim <current> <next> <action>: start the service on the primary.
 run="$SAFEKIT_WORKDIR/run-$SAFEKIT_NODE"; mkdir -p "$run"
-setsid {python} "$SAFEKIT_WORKDIR/service.py" {port} </dev/null >"$run/service.log" 2>&1 &
+setsid {python} "$SAFEKIT_WORKDIR/service.py" {port} {data} </dev/null >"$run/service.log" 2>&1 &
 echo $! > "$run/service.pid"
 for i in $(seq 1 50); do
   {python} -c "import socket; socket.create_connection(('127.0.0.1', {port}), 0.2)" 2>/dev/null && exit 0
@@ -76,8 +93,10 @@ while time.time() < end:
             data = b""
             while chunk := s.recv(4096):
                 data += chunk
-        who = data.decode(errors="replace").rsplit("served by ", 1)[1].strip() if b"served by" in data else "?"
-        print(json.dumps({"t": t, "ok": True, "node": who}), flush=True)
+        words = data.decode(errors="replace").rsplit("served by ", 1)[-1].split()
+        who = words[0] if b"served by" in data and words else "?"
+        visit = int(words[2]) if len(words) > 2 and words[1] == "visit" else None
+        print(json.dumps({"t": t, "ok": True, "node": who, "visit": visit}), flush=True)
     except Exception as exc:
         print(json.dumps({"t": t, "ok": False, "error": type(exc).__name__}), flush=True)
     time.sleep(max(0.0, period - (time.time() - t)))
@@ -105,6 +124,9 @@ class LabCluster:
     witnesses: list[dict[str, Any]] = field(default_factory=list)
     restart: dict[str, Any] | None = None
     extra_module: dict[str, Any] = field(default_factory=dict)
+    # Replicate the service's data folder: each node then runs in its own mount namespace, with its
+    # own copy (disk-<node>) bind-mounted on the same path (data), as two machines would have.
+    replicate: bool = False
     workdir: Path | None = None
     lab: Lab | None = None
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -147,7 +169,8 @@ class LabCluster:
         # prestart cleans what a crashed daemon may have left running: the same as stop_prim here.
         for name, text in (("start_prim", START_PRIM), ("stop_prim", STOP_PRIM), ("prestart", STOP_PRIM)):
             path = scripts / name
-            path.write_text(text.format(python=sys.executable, port=self.service_port))
+            data = str(self.data_dir) if self.replicate else ""
+            path.write_text(text.format(python=sys.executable, port=self.service_port, data=data))
             path.chmod(0o755)
         self.config_path.write_text(yaml.safe_dump(self.config_dict(), sort_keys=False))
 
@@ -163,6 +186,8 @@ class LabCluster:
         }
         if self.restart:
             module["restart"] = self.restart
+        if self.replicate:
+            module["replication"] = {"directories": [str(self.data_dir)], "timeout": max(2.0, 4 * self.timeout)}
         module.update(self.extra_module)
         return {
             "cluster": {"name": "demo"},
@@ -175,6 +200,17 @@ class LabCluster:
         }
 
     # ---- daemons -------------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        """The replicated folder, the same path on both nodes."""
+        assert self.workdir is not None
+        return self.workdir / "data"
+
+    def disk(self, node: str) -> Path:
+        """The node's own copy of the replicated folder, as seen from outside its mount namespace."""
+        assert self.workdir is not None
+        return self.workdir / f"disk-{node}"
 
     def state_dir(self, node: str) -> Path:
         assert self.workdir is not None
@@ -193,12 +229,15 @@ class LabCluster:
 
     def start_daemon(self, node: str) -> None:
         assert self.lab is not None
-        out = open(self.daemon_log(node), "ab")
-        self.daemons[node] = self.lab.spawn(
-            node, [CLI, "-c", str(self.config_path), "--node", node, "--state-dir", str(self.state_dir(node)), "run"],
-            env=self.env(node), stdout=out, stderr=subprocess.STDOUT,
-        )
-        out.close()
+        argv = [CLI, "-c", str(self.config_path), "--node", node, "--state-dir", str(self.state_dir(node)), "run"]
+        if self.replicate:
+            self.disk(node).mkdir(exist_ok=True)
+            self.data_dir.mkdir(exist_ok=True)
+            argv = ["sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
+                    str(self.disk(node)), str(self.data_dir), *argv]
+        with open(self.daemon_log(node), "ab") as out:
+            self.daemons[node] = self.lab.spawn(node, argv, env=self.env(node), stdout=out,
+                                                stderr=subprocess.STDOUT, mount_namespace=self.replicate)
 
     def kill_daemon(self, node: str) -> None:
         """SIGKILL the daemon (not its application): a crash of safekit-cloud itself."""
@@ -216,16 +255,17 @@ class LabCluster:
         return proc.wait(timeout)
 
     def power_off(self, node: str) -> None:
-        """The node dies: daemon killed, every cable pulled (its application is unreachable)."""
+        """The node dies: every cable pulled and every process of the node killed at once (daemon,
+        replication agents, application)."""
         assert self.lab is not None
-        self.kill_daemon(node)
         for net in self.networks:
             self.lab.cut(node, net)
+        self.lab.kill_host(node)
+        self.kill_daemon(node)
 
     def power_on(self, node: str) -> None:
         """The node reboots: no application, no virtual IP, cables back, daemon started."""
         assert self.lab is not None
-        self.kill_service(node)
         self.lab.run(node, ["ip", "addr", "del", self.vip, "dev", self.lab.interface(node, "lan")], check=False)
         for net in self.networks:
             self.lab.restore(node, net)

@@ -60,14 +60,14 @@ ADMIN_EVENTS = {
 }
 # Scripts whose failure means the application cannot serve here: the rest of the decision is dropped
 # and `decide` hears about it.
-CRITICAL_STEPS = ("prestart", "start_both", "start_prim", "take_vip")
+CRITICAL_STEPS = ("prestart", "start_both", "start_prim", "take_vip", "replicate_as_primary")
 HISTORY_KEPT = 16
 
 
 class ModuleRuntime:
     def __init__(self, *, cluster: ClusterConfig, config: ModuleConfig, node: str, state_dir: Path,
                  peer_view: Callable[[str], PeerView], announce: Callable[[], None],
-                 provider: VipProvider | None, replication: Any | None = None) -> None:
+                 provider: VipProvider | None, replication: Callable[..., Any] | None = None) -> None:
         self.cluster = cluster
         self.config = config
         self.node = node
@@ -75,7 +75,11 @@ class ModuleRuntime:
         self._peer_view = peer_view
         self._announce = announce
         self.provider = provider
-        self.replication = replication
+        # The replication service (None without replicated directories) reports through events.
+        self.replication = replication(
+            config, lambda why: self._post(Event(E.REPLICATION_LOST, why)),
+            lambda: self._post(Event(E.RESYNC_DONE)),
+        ) if replication is not None else None
         self.store = ModuleStore(state_dir, config.name)
         self.log_path = self.store.folder / "module.log"
         self.persisted: Persisted = self.store.load()
@@ -345,12 +349,17 @@ class ModuleRuntime:
     async def _replication(self, kind: A) -> bool:
         if self.replication is None:
             return True
-        if kind == A.REPLICATE_AS_PRIMARY:
-            await self.replication.become_primary()
-        elif kind == A.REPLICATE_AS_SECONDARY:
-            await self.replication.become_secondary()
-        else:
-            await self.replication.stop()
+        try:
+            if kind == A.REPLICATE_AS_PRIMARY:
+                await self.replication.become_primary()
+            elif kind == A.REPLICATE_AS_SECONDARY:
+                await self.replication.become_secondary()
+            else:
+                await self.replication.stop()
+        except (OSError, RuntimeError) as exc:
+            log.error("module %s: replication %s failed: %s", self.config.name, kind.value, exc)
+            self._module_log(f"replication {kind.value} failed: {exc}")
+            return False
         return True
 
     # ---- checkers ------------------------------------------------------------------------------
@@ -372,13 +381,16 @@ class ModuleRuntime:
         else:
             await self._stop_checkers()
 
-    def _on_checker_failure(self, name: str, action: CheckerAction, reason: str) -> None:
-        self._queue.put_nowait((Event(E.CHECKER_FAILED, checker_detail(action, name, reason)), None))
+    def _post(self, event: Event) -> None:
+        """Queue an event from a callback (checkers, replication); handled in order by the loop."""
+        self._queue.put_nowait((event, None))
         self._wake.set()
 
+    def _on_checker_failure(self, name: str, action: CheckerAction, reason: str) -> None:
+        self._post(Event(E.CHECKER_FAILED, checker_detail(action, name, reason)))
+
     def _on_checker_recovered(self, name: str) -> None:
-        self._queue.put_nowait((Event(E.CHECKER_RECOVERED, name), None))
-        self._wake.set()
+        self._post(Event(E.CHECKER_RECOVERED, name))
 
     # ---- what the engine reports ---------------------------------------------------------------
 

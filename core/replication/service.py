@@ -45,7 +45,8 @@ class ReplicationService:
     def __init__(self, module_name: str, config: ReplicationConfig, peer_address: str, key: bytes,
                  state_dir: Path | str, on_link_lost: Callable[[str], None] | None = None,
                  listen_address: str = "0.0.0.0", timeout: float = 10.0,
-                 receive_into: dict[Path, Path] | None = None) -> None:
+                 receive_into: dict[Path, Path] | None = None,
+                 on_resync_done: Callable[[], None] | None = None) -> None:
         """`receive_into` redirects, on the secondary, a replicated directory to another local path
         (two nodes on one machine without mount namespaces, tests); normally the path is the same."""
         self.module = module_name
@@ -54,6 +55,7 @@ class ReplicationService:
         self.key = key
         self.state_dir = Path(state_dir)
         self.on_link_lost = on_link_lost
+        self.on_resync_done = on_resync_done  # the agent reported "resync_done": the replica is current
         self.listen_address = listen_address
         self.timeout = timeout
         self.receive_into = {Path(k): Path(v) for k, v in (receive_into or {}).items()}
@@ -160,6 +162,9 @@ class ReplicationService:
         elif kind == "failed":
             agent.failed = event.get("reason", "failed")
             agent.ready.set()
+        elif kind == "resync_done":
+            if self.on_resync_done is not None:
+                self.on_resync_done()
         elif kind == "lost":
             agent.status["connected"] = False
             self._link_lost(f"{agent.name}: {event.get('reason', '')}")
