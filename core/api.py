@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from .config import ApiConfig, TLSConfig
+from .replication.verify import VerifyError
 from .status import COMMANDS, Controller
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,24 @@ async def command(request: web.Request) -> web.Response:
                         status=200 if result.ok else 409)
 
 
+async def verify(request: web.Request) -> web.Response:
+    """Compare the module's replicas (runs on the primary; may take as long as hashing the data).
+    200 with the report (identical or not); 409 when it cannot run (not primary, peer unreachable)."""
+    controller = _controller(request)
+    module = request.match_info["module"]
+    if (missing := _unknown_module(controller, module)) is not None:
+        return missing
+    run = getattr(controller, "verify", None)
+    if run is None:
+        return json_error(501, "this daemon cannot verify replicas")
+    log.info("api: verify %s requested", module)
+    try:
+        report = await run(module)
+    except VerifyError as exc:
+        return json_error(409, f"verify {module}: {exc}")
+    return web.json_response(report, headers={"Cache-Control": "no-store"})
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -213,6 +232,7 @@ def build_app(controller: Controller, token: str) -> web.Application:
     app.router.add_get("/", console)
     app.router.add_get("/health", health)
     app.router.add_get("/api/v1/status", status)
+    app.router.add_post("/api/v1/modules/{module}/verify", verify)  # before the generic verb route
     app.router.add_post("/api/v1/modules/{module}/{verb}", command)
     app.router.add_get("/api/v1/modules/{module}/log", module_log)
     return app

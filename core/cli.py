@@ -7,6 +7,7 @@ failures, usage errors included, use 5: a script must never read an error as a s
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -18,7 +19,14 @@ from typing import Any, NoReturn
 import click
 import yaml
 
-from .client import EXIT_UNREACHABLE, ClientError, DaemonClient, DaemonUnreachable, decode_status
+from .client import (
+    EXIT_UNREACHABLE,
+    VERIFY_TIMEOUT,
+    ClientError,
+    DaemonClient,
+    DaemonUnreachable,
+    decode_status,
+)
 from .config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_STATE_DIR,
@@ -360,6 +368,59 @@ def status(g: Globals, as_json: bool, module: str | None) -> None:
     if wanted is not None:
         find_module(node.modules, wanted)
     render_status(node, wanted)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The report exactly as the API returns it.")
+@click.option("--timeout", type=float, default=VERIFY_TIMEOUT, show_default=True,
+              help="Seconds to wait for the report (verify hashes all replicated data on both nodes).")
+@module_option
+@click.pass_obj
+@click.pass_context
+def verify(ctx: click.Context, g: Globals, as_json: bool, timeout: float, module: str | None) -> None:
+    """Compare the module's two replicas online (content and metadata); exit 1 if they differ.
+
+    Run it on the primary. Exit 0: identical; 1: differences (listed) or verify could not run;
+    5: the daemon is not reachable.
+    """
+    name = pick_module(g.config(), module)
+    report = g.client().verify(name, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_verify(name, report)
+    if not report.get("identical"):
+        ctx.exit(EXIT_FAILURE)
+
+
+_PROBLEM_TEXT = {"missing_on_secondary": "missing on the secondary", "missing_on_primary": "missing on the primary"}
+
+
+def render_verify(name: str, report: dict[str, Any]) -> None:
+    dirs = report.get("directories", [])
+    entries = sum(d.get("primary_entries", 0) for d in dirs)
+    hashed = sum(d.get("primary_bytes_hashed", 0) for d in dirs)
+    scope = (f"{len(dirs)} director{'y' if len(dirs) == 1 else 'ies'}, {entries} entries, "
+             f"{hashed / 1e6:.1f} MB hashed on each node, {report.get('duration_s', 0):.1f} s")
+    if report.get("identical"):
+        click.echo(f"{name}: replicas identical ({scope})")
+    else:
+        total = report.get("total_differences", 0)
+        click.echo(f"{name}: {total} difference{'s' if total != 1 else ''} between the replicas ({scope})")
+        listed = report.get("differences", [])
+        width = max((len(d["path"]) for d in listed), default=0)
+        several = len(dirs) > 1
+        for diff in listed:
+            problem = diff.get("problem", "")
+            text = _PROBLEM_TEXT.get(problem) or ", ".join(diff.get("fields", [])) + " differ"
+            where = f"{diff.get('directory', '')}: " if several else ""
+            click.echo(f"  {where}{diff['path']:<{width}}  {text}")
+        if total > len(listed):
+            counts = ", ".join(f"{n} {_PROBLEM_TEXT.get(k, 'differing')}"
+                               for k, n in report.get("counts", {}).items() if n)
+            click.echo(f"  ... and {total - len(listed)} more ({counts})")
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}")
 
 
 # ---- the human status ----------------------------------------------------------------------------

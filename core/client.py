@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # status, logs: the daemon answers these from memory
 # Commands may wait for stop/start scripts (their default timeouts are 60 s and 120 s) on the way.
 COMMAND_TIMEOUT = 600.0
+VERIFY_TIMEOUT = 6 * 3600.0  # verify hashes every replicated byte on both nodes
 EXIT_UNREACHABLE = 5  # also `state`'s "no state": a daemon that is not running is not a module state
 
 
@@ -124,6 +125,17 @@ class DaemonClient:
             return msgspec.json.decode(body, type=CommandResult)
         except msgspec.DecodeError as exc:
             raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
+
+    def verify(self, module: str, timeout: float = VERIFY_TIMEOUT) -> dict[str, Any]:
+        """The verify report of the module's replicas (RequestFailed 409: verify could not run)."""
+        _, body = self._request("POST", f"/api/v1/modules/{_q(module)}/verify", timeout=timeout)
+        try:
+            report = json.loads(body)
+        except ValueError as exc:
+            raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
+        if not isinstance(report, dict) or "identical" not in report:
+            raise ClientError(f"unexpected answer from the daemon at {self.where}: no verify report")
+        return report
 
     def log(self, module: str, offset: int | None = None, tail: int | None = None) -> dict[str, Any]:
         query = {k: str(v) for k, v in (("offset", offset), ("tail", tail)) if v is not None}

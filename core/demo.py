@@ -36,9 +36,18 @@ class Probe:
         return read_probe(list(self.lines))
 
     def served_by(self) -> str:
-        recent = self.samples()[-5:]
-        ok = [s["node"] for s in recent if s["ok"]]
-        return ok[-1] if ok else "nobody"
+        recent = [s for s in self.samples()[-5:] if s["ok"]]
+        if not recent:
+            return "nobody"
+        last = recent[-1]
+        return last["node"] + (f" (visit #{last['visit']})" if last.get("visit") else "")
+
+    def last_visit_before(self, t: float) -> int | None:
+        counts = [s["visit"] for s in self.samples() if s["ok"] and s["t"] < t and s.get("visit")]
+        return max(counts) if counts else None
+
+    def first_visit_after(self, t: float) -> int | None:
+        return next((s["visit"] for s in self.samples() if s["ok"] and s["t"] >= t and s.get("visit")), None)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -64,7 +73,7 @@ def run_demo(fast: bool = True, keep: bool = False) -> int:
         console.print(f"[red]The demo needs root and network namespaces: {why}[/]")
         return 2
     interval, timeout = (0.1, 0.5) if fast else (0.5, 3.0)
-    cluster = LabCluster(interval=interval, timeout=timeout)
+    cluster = LabCluster(interval=interval, timeout=timeout, replicate=True)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return _scenario(cluster, interval, timeout)
@@ -85,6 +94,7 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
          f"peer lost after {timeout * 1000:.0f} ms of silence on both networks)")
     cluster.build()
     console.print(f"    n1 198.18.0.1  n2 198.18.0.2  client 198.18.0.10  virtual IP {cluster.vip}")
+    console.print(f"    the service counts visits in {cluster.data_dir}, replicated synchronously n1 <-> n2")
     step("Starting safekit-cloud on both nodes: n1 is the preferred primary")
     cluster.start_daemon("n1")
     cluster.start_daemon("n2")
@@ -104,10 +114,17 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
         show_states(cluster)
         console.print(f"    client -> [green]{probe.served_by()}[/]; service was unavailable for "
                       f"[bold]{_fmt(failover)}[/]")
-        step("Powering n1 back on: it rejoins as secondary")
+        before, after = probe.last_visit_before(killed), probe.first_visit_after(killed)
+        data_kept = before is not None and after is not None and after > before  # a lost answer may skip one
+        console.print(f"    last visit counted on n1: #{before}, first on n2: #{after}: "
+                      + ("[green]no acknowledged write lost[/]" if data_kept else "[red]data lost[/]"))
+        step("Powering n1 back on: it is resynchronised with only what changed, then rejoins as secondary")
         cluster.power_on("n1")
-        cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=30)
+        cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
         show_states(cluster)
+        resync = (cluster.status("n2") or {}).get("modules", [{}])[0].get("replication") or {}
+        if resync.get("resync"):
+            console.print(f"    resync: {resync['resync']}")
         step("swap: handing the primary role back to n1")
         swapped = time.time()
         result = cluster.cli("n2", "swap")
@@ -118,6 +135,9 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
         show_states(cluster)
         console.print(f"    client -> [green]{probe.served_by()}[/]; swap interrupted service for "
                       f"[bold]{_fmt(swap)}[/]")
+        before2, after2 = probe.last_visit_before(swapped), probe.first_visit_after(swapped)
+        data_kept = data_kept and before2 is not None and after2 is not None and after2 > before2
+        console.print(f"    last visit on n2: #{before2}, first on n1: #{after2}")
     finally:
         probe.stop()
     samples = probe.samples()
@@ -127,10 +147,11 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
     table.add_row("client requests", f"{len(samples)} ({sum(s['ok'] for s in samples)} answered)")
     table.add_row("failover (n1 powered off -> served by n2)", _fmt(failover))
     table.add_row("swap (n2 -> n1)", _fmt(swap))
+    table.add_row("replicated data", "every acknowledged visit kept" if data_kept else "[red]visits lost[/]")
     table.add_row("final state", "n1 PRIM, n2 SECOND")
     console.print()
     console.print(table)
-    return 0 if failover is not None and swap is not None else 1
+    return 0 if failover is not None and swap is not None and data_kept else 1
 
 
 def _fmt(seconds: float | None) -> str:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from safekit_cloud.providers.base import VipProvider, create_provider
@@ -198,6 +198,15 @@ class Engine:
 
     async def command(self, module: str, verb: str) -> CommandResult:
         return await self.modules[module].command(verb)
+
+    async def verify(self, module: str) -> dict[str, Any]:
+        """Compare the module's two replicas (on the primary). Raises VerifyError when it cannot run."""
+        from .replication.verify import VerifyError
+
+        replication = self.modules[module].replication
+        if replication is None:
+            raise VerifyError(f"module {module} replicates no directory")
+        return await replication.verify()
 
     def status(self) -> NodeOut:
         hb = self.heartbeat.peer_status()

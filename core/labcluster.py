@@ -127,6 +127,11 @@ class LabCluster:
     # Replicate the service's data folder: each node then runs in its own mount namespace, with its
     # own copy (disk-<node>) bind-mounted on the same path (data), as two machines would have.
     replicate: bool = False
+    # Run this folder's scripts instead of the demo service's (e.g. docs/examples/postgresql/scripts).
+    scripts_dir: Path | None = None
+    # Extra environment of the daemons, hence of their scripts and checkers; "{node}" and "{workdir}"
+    # in a value become the node's name and the lab's folder (per-node sockets, logs, ...).
+    script_env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None
     lab: Lab | None = None
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -180,7 +185,7 @@ class LabCluster:
             "name": self.module,
             "preferred_primary": self.preferred,
             "vip": {"provider": "lan", "address": self.vip, "interface": self.lab.interface("n1", "lan")},
-            "scripts": {"directory": str(self.workdir / "scripts"), "timeout": 20},
+            "scripts": {"directory": str(self.scripts_dir or self.workdir / "scripts"), "timeout": 20},
             "checkers": self.checkers,
             "witnesses": self.witnesses,
         }
@@ -223,6 +228,7 @@ class LabCluster:
     def env(self, node: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"SAFEKIT_WORKDIR": str(self.workdir), "SAFEKIT_NODE": node})
+        env.update({k: v.format(node=node, workdir=self.workdir) for k, v in self.script_env.items()})
         for var in [v for v in env if v.startswith("OTEL_")]:
             del env[var]
         return env

@@ -24,6 +24,14 @@ if ! command -v pg_ctl >/dev/null 2>&1; then
   [ -n "$pgbin" ] && for b in initdb pg_ctl postgres pgbench psql pg_isready; do ln -sf "$pgbin/$b" /usr/local/bin/$b; done
 fi
 
+# The PostgreSQL example runs the server as the postgres system user. The package creates it; a
+# minimal image, or an /etc/passwd restored without it, may lack it.
+if ! id -u postgres >/dev/null 2>&1; then
+  echo "setup: creating the postgres system user"
+  getent group postgres >/dev/null || groupadd --system postgres
+  useradd --system --gid postgres --home-dir /var/lib/postgresql --no-create-home --shell /bin/bash postgres
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -4,7 +4,9 @@ Why a process: pyfuse3 allows one mount per process, and FUSE traffic must not s
 event loop (heartbeats have deadlines). The service starts agents and talks to them through pipes:
 the key arrives on stdin (never on the command line), events leave on stdout as JSON lines:
   {"event": "ready"} once mounted / listening, {"event": "connected"}, {"event": "lost", "reason"},
-  {"event": "status", ...} every second, {"event": "stopped"} at the end.
+  {"event": "status", ...} every second, {"event": "stopped"} at the end; the secondary's "ready" and
+  "status" list the directories it made read-only for applications ("protected", see protect.py),
+  and {"event": "warning", "reason"} says when it could not.
 SIGTERM stops cleanly (unmount, close the stream).
 """
 
@@ -24,6 +26,8 @@ from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .mount import FuseMount
 from .primary import DirtyMarker, LinkReplicator
+from .protect import marker_path as protect_marker
+from .protect import protect, unprotect
 from .receiver import Receiver
 from .sender import Sender
 
@@ -86,17 +90,35 @@ async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Even
         pairs[os.fsencode(name)] = local or name
     receiver = Receiver(args.module, pairs, key, on_event=lambda e, d: emit(e, **d))
     host, _, port = args.listen.rpartition(":")
-    await receiver.start(host.strip("[]"), int(port))
-    emit("ready")
+    locals_ = [Path(local) for local in pairs.values()]
+    markers = {d: protect_marker(Path(args.state_dir), args.module, d) for d in locals_}
+    for d in locals_:
+        unprotect(d, markers[d])  # a killed agent's leftover: the receiver's descriptors must be writable
+    await receiver.start(host.strip("[]"), int(port))  # opens the directory descriptors...
+    protected = []
     try:
+        if args.protect:
+            for d in locals_:  # ...then hides the directories from applications behind a read-only bind
+                try:
+                    protect(d, markers[d])
+                    protected.append(d)
+                except OSError as exc:
+                    log.error("cannot make %s read-only for applications: %s", d, exc)
+                    emit("warning", reason=f"{d} stays writable for applications: {exc}")
+        emit("ready", protected=[str(d) for d in protected])
         while not stop.is_set():
-            emit("status", streams=receiver.status())
+            emit("status", streams=receiver.status(), protected=[str(d) for d in protected])
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
                 pass
     finally:
         await receiver.stop()
+        for d in locals_:
+            try:
+                unprotect(d, markers[d])
+            except OSError as exc:
+                log.error("cannot remove the read-only protection of %s: %s", d, exc)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -111,6 +133,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peer", help="primary: host:port of the secondary's receiver")
     ap.add_argument("--listen", help="secondary: host:port to listen on")
     ap.add_argument("--directory-list", action="append", default=[], help="secondary: DIR or DIR=LOCAL_DIR, repeated")
+    ap.add_argument("--no-protect", dest="protect", action="store_false",
+                    help="secondary: leave the directories writable for applications (no read-only bind mount)")
     return ap.parse_args(argv)
 
 

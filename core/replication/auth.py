@@ -3,8 +3,9 @@
 The sender (client) opens with a fresh nonce; the receiver (server) answers with its own nonce and
 proves knowledge of the key first, then the client proves it. Both proofs bind the module, the
 directory and both nonces, so a proof cannot be replayed on another stream or connection.
-This authenticates the peers; it does not protect the stream against an active man in the middle
-(TLS, planned, does).
+Once both proofs verified, each end derives one key per direction from the cluster key and that
+transcript (`frame_keys`) and every later frame carries a tag under it (framing.FrameMac): the
+stream's integrity is protected too, not only the handshake. The payload is not encrypted.
 """
 
 from __future__ import annotations
@@ -29,10 +30,21 @@ from .messages import (
 HANDSHAKE_TIMEOUT = 10.0
 
 
+PURPOSES = ("stream", "verify")
+
+
 def proof(key: bytes, role: bytes, hello: Hello, server_nonce: bytes) -> bytes:
-    parts = [role, hello.module.encode(), hello.directory, hello.protocol.encode(), hello.nonce, server_nonce]
+    parts = [role, hello.module.encode(), hello.directory, hello.protocol.encode(), hello.purpose.encode(),
+             hello.nonce, server_nonce]
     body = b"".join(len(p).to_bytes(4, "big") + p for p in parts)  # length-prefixed: no ambiguity
     return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def frame_keys(key: bytes, hello: Hello, server_nonce: bytes) -> tuple[bytes, bytes]:
+    """(sender -> receiver key, receiver -> sender key) of one connection: distinct per connection
+    (both nonces) and per direction (a frame cannot be reflected back to its sender)."""
+    return proof(key, b"frames sender->receiver", hello, server_nonce), \
+        proof(key, b"frames receiver->sender", hello, server_nonce)
 
 
 class AuthError(ProtocolError):
@@ -41,12 +53,13 @@ class AuthError(ProtocolError):
 
 async def client_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, module: str,
-    directory: bytes, protocol: str,
+    directory: bytes, protocol: str, purpose: str = "stream",
 ) -> tuple[int, FrameDecoder, list[Message]]:
     """Authenticate to the receiver. Returns the sequence number it expects next, with the decoder
-    and any message already read past the handshake."""
+    (authenticated: frame what you send with `decoder.frame(msg)`) and any message already read past
+    the handshake."""
     decoder, backlog = FrameDecoder(), []
-    hello = Hello(PROTOCOL_VERSION, module, directory, protocol, os.urandom(32))
+    hello = Hello(PROTOCOL_VERSION, module, directory, protocol, os.urandom(32), purpose)
     writer.write(frame(hello))
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
         msg = await read_message(reader, decoder, backlog)
@@ -56,7 +69,11 @@ async def client_handshake(
             raise ProtocolError(f"expected a challenge, got {type(msg).__name__}")
         if not hmac.compare_digest(msg.proof, proof(key, b"receiver", hello, msg.nonce)):
             raise AuthError("the receiver does not know the cluster key")
+        if backlog:
+            raise ProtocolError("receiver spoke out of turn during the handshake")
         writer.write(frame(Proof(proof(key, b"sender", hello, msg.nonce))))
+        to_receiver, to_sender = frame_keys(key, hello, msg.nonce)
+        decoder.authenticate(rx_key=to_sender, tx_key=to_receiver)  # Welcome is the first tagged frame
         msg = await read_message(reader, decoder, backlog)
     if isinstance(msg, Error):
         raise AuthError(f"receiver refused: {msg.message}")
@@ -68,15 +85,18 @@ async def client_handshake(
 async def server_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes,
 ) -> tuple[Hello, FrameDecoder, list[Message]]:
-    """Authenticate a sender. Returns its Hello (module, directory, protocol) once it proved the key;
-    the caller checks the module and directory and answers Welcome or Error."""
+    """Authenticate a sender. Returns its Hello (module, directory, protocol, purpose) once it proved
+    the key, with the decoder switched to authenticated frames; the caller checks the module and
+    directory and answers `decoder.frame(Welcome(...))` or `decoder.frame(Error(...))`."""
     decoder, backlog = FrameDecoder(), []
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
         hello = await read_message(reader, decoder, backlog)
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected hello, got {type(hello).__name__}")
-        if hello.version != PROTOCOL_VERSION or hello.protocol not in ("A", "B", "C"):
-            raise ProtocolError(f"unsupported version {hello.version} / protocol {hello.protocol!r}")
+        if hello.version != PROTOCOL_VERSION or hello.protocol not in ("A", "B", "C") \
+                or hello.purpose not in PURPOSES:
+            raise ProtocolError(f"unsupported version {hello.version} / protocol {hello.protocol!r}"
+                                f" / purpose {hello.purpose!r}")
         nonce = os.urandom(32)
         writer.write(frame(Challenge(nonce, proof(key, b"receiver", hello, nonce))))
         msg = await read_message(reader, decoder, backlog)
@@ -84,4 +104,9 @@ async def server_handshake(
         raise ProtocolError(f"expected proof, got {type(msg).__name__}")
     if not hmac.compare_digest(msg.proof, proof(key, b"sender", hello, nonce)):
         raise AuthError("the sender does not know the cluster key")
+    if backlog or decoder.pending:
+        # Nothing may follow the proof before our Welcome: it would have been read unauthenticated.
+        raise ProtocolError("sender spoke out of turn during the handshake")
+    to_receiver, to_sender = frame_keys(key, hello, nonce)
+    decoder.authenticate(rx_key=to_receiver, tx_key=to_sender)
     return hello, decoder, backlog

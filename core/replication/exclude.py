@@ -32,6 +32,7 @@ def _compile(pattern: str) -> _Pattern:
 
 class Excluder:
     def __init__(self, patterns: list[str] | tuple[str, ...] = ()) -> None:
+        self.patterns = tuple(patterns)
         self._patterns = tuple(_compile(p) for p in patterns)
 
     def __bool__(self) -> bool:

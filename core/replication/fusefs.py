@@ -26,7 +26,7 @@ from . import messages as m
 from .apply import renameat2
 from .exclude import Excluder
 from .inodes import Inodes, fuse_ino, join
-from .replicator import NullReplicator, Replicator
+from .replicator import PENDING, NullReplicator, Replicator
 from .snapshot import tree_ops
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
+        token = PENDING.set(None)
         try:
             return await fn(*args)
         except OSError as exc:
@@ -52,6 +53,14 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
         except Exception:  # a bug must fail one call, not unmount the application's directory
             log.exception("FUSE %s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            # A namespace intent the handler did not consume: its change failed or was not replicated.
+            pending = PENDING.get()
+            if pending is not None:
+                settle = getattr(args[0].repl, "settle", None)
+                if settle is not None:
+                    settle(pending)
+            PENDING.reset(token)
 
     return wrapper
 
@@ -130,6 +139,23 @@ class ReplicatedFS(pyfuse3.Operations):
     def _replicated(self, path: bytes | None, is_dir: bool = False) -> bool:
         return path is not None and self.repl.active and not self.exclude.excluded(path, is_dir)
 
+    # ---- write-ahead intents (journaling replicators only; see replicator.py) ----
+
+    async def _intend_ns(self, *paths: bytes) -> None:
+        if getattr(self.repl, "journaling", False):
+            await self.repl.intend_ns(*paths)  # type: ignore[attr-defined]
+
+    async def _intend_meta(self, path: bytes | None, is_dir: bool | None = None, size: int | None = None) -> None:
+        if path is None or not getattr(self.repl, "journaling", False):
+            return
+        if is_dir is None:
+            try:
+                is_dir = stat.S_ISDIR(self._lstat(path).st_mode)
+            except OSError:
+                return  # the call itself will fail
+        if self._replicated(path, is_dir):
+            await self.repl.intend_meta(path, size)  # type: ignore[attr-defined]
+
     def _open_op(self, f: _File, fh: int) -> list[m.Op] | None:
         """The ops to put before one through handle `fh`: [] if the peer has it open, [Open] if not,
         None if this file is not replicated (excluded, or no name left to open it by)."""
@@ -191,6 +217,8 @@ class ReplicatedFS(pyfuse3.Operations):
         path = self.inodes.path(inode)
         if f is None and path is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._intend_meta(path if f is None else self.inodes.path(f.ino), None,
+                                attr.st_size if fields.update_size else None)
         # Through the open handle when the call came with one (ftruncate, fchmod...), else by name
         # beneath the root descriptor without following a final symlink (lchown, utimensat).
         kw: dict[str, Any]
@@ -258,6 +286,8 @@ class ReplicatedFS(pyfuse3.Operations):
         parent = self._path(parent_inode)
         path = join(parent, name)
         uid, gid, setgid = self._new_owner(ctx, parent)
+        if self._replicated(path, True):
+            await self._intend_ns(path)
         os.mkdir(path, 0o700, dir_fd=self.root)
         st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0))
         attrs = self._learn(st, path)
@@ -273,6 +303,8 @@ class ReplicatedFS(pyfuse3.Operations):
         parent = self._path(parent_inode)
         path = join(parent, name)
         uid, gid, _ = self._new_owner(ctx, parent)
+        if self._replicated(path):
+            await self._intend_ns(path)
         os.mknod(path, stat.S_IFMT(mode) | 0o600, dir_fd=self.root)
         st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode))
         attrs = self._learn(st, path)
@@ -286,6 +318,8 @@ class ReplicatedFS(pyfuse3.Operations):
         parent = self._path(parent_inode)
         path = join(parent, name)
         uid, gid, _ = self._new_owner(ctx, parent)
+        if self._replicated(path):
+            await self._intend_ns(path)
         os.symlink(target, path, dir_fd=self.root)
         st = self._fix_owner_mode(path, uid, gid, 0o777)
         attrs = self._learn(st, path)
@@ -296,6 +330,8 @@ class ReplicatedFS(pyfuse3.Operations):
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = join(self._path(parent_inode), name)
+        if self._replicated(path):
+            await self._intend_ns(path)
         os.unlink(path, dir_fd=self.root)
         self.inodes.remove_path(path)
         if self._replicated(path):
@@ -304,6 +340,8 @@ class ReplicatedFS(pyfuse3.Operations):
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = join(self._path(parent_inode), name)
+        if self._replicated(path, True):
+            await self._intend_ns(path)
         os.rmdir(path, dir_fd=self.root)
         self.inodes.remove_path(path, is_dir=True)
         if self._replicated(path, True):
@@ -317,6 +355,14 @@ class ReplicatedFS(pyfuse3.Operations):
         old_dir = stat.S_ISDIR(self._lstat(old).st_mode)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         new_dir = stat.S_ISDIR(self._lstat(new).st_mode) if exchange else False
+        # Exclusion can depend on the type ("tmp/" only matches directories): look at every name
+        # with the entry it held before and the one it holds after.
+        ex = self.exclude.excluded
+        views = [ex(old, old_dir), ex(new, old_dir)]
+        if exchange:
+            views += [ex(new, new_dir), ex(old, new_dir)]
+        if self.repl.active and not all(views):
+            await self._intend_ns(old, new)
         renameat2(self.root, old, self.root, new, flags)
         if exchange:
             self.inodes.exchange(old, new)
@@ -324,12 +370,6 @@ class ReplicatedFS(pyfuse3.Operations):
             self.inodes.rename(old, new, old_dir)
         if not self.repl.active:
             return
-        # Exclusion can depend on the type ("tmp/" only matches directories): look at every name
-        # with the entry it held before and the one it holds after.
-        ex = self.exclude.excluded
-        views = [ex(old, old_dir), ex(new, old_dir)]
-        if exchange:
-            views += [ex(new, new_dir), ex(old, new_dir)]
         if not any(views):
             await self.repl.submit(m.Rename(0, old, new, flags))
         elif not all(views):
@@ -351,6 +391,8 @@ class ReplicatedFS(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         src = self._path(inode)
         dst = join(self._path(new_parent_inode), new_name)
+        if self._replicated(dst):
+            await self._intend_ns(dst)
         os.link(src, dst, src_dir_fd=self.root, dst_dir_fd=self.root, follow_symlinks=False)
         attrs = self._learn(self._lstat(dst), dst)
         if self._replicated(dst):
@@ -389,6 +431,8 @@ class ReplicatedFS(pyfuse3.Operations):
         path = join(parent, name)
         uid, gid, _ = self._new_owner(ctx, parent)
         bflags = (flags & ~_STRIP) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self._replicated(path):
+            await self._intend_ns(path)
         if flags & os.O_EXCL:
             bflags |= os.O_EXCL
         fd = os.open(path, bflags | (flags & os.O_TRUNC), 0o600, dir_fd=self.root)
@@ -413,6 +457,8 @@ class ReplicatedFS(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
+        if getattr(self.repl, "journaling", False):
+            await self._intend_write(f, off, len(buf))
         try:
             done = os.pwrite(f.fd, buf, off)
         except OSError as exc:
@@ -421,6 +467,16 @@ class ReplicatedFS(pyfuse3.Operations):
         if pre is not None and done:
             await self.repl.submit(*pre, m.Write(0, fh, off, buf if done == len(buf) else buf[:done], f.sync))
         return done
+
+    async def _intend_write(self, f: _File, off: int, length: int) -> None:
+        path = self.inodes.path(f.ino)
+        if path is None or not self._replicated(path):
+            return
+        try:
+            extends = off + length > os.fstat(f.fd).st_size
+            await self.repl.intend_write(path, off, length, extends)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # the write itself reports the error
 
     async def flush(self, fh: int) -> None:
         return None  # every write was replicated when it returned: close adds nothing
@@ -507,6 +563,7 @@ class ReplicatedFS(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._path(inode)
         target, follow = self._abs(path)
+        await self._intend_meta(path)
         os.setxattr(target, name, value, follow_symlinks=follow)
         if self._replicated(path, stat.S_ISDIR(self._lstat(path).st_mode)):
             await self.repl.submit(m.SetXattr(0, path, name, value))
@@ -530,6 +587,7 @@ class ReplicatedFS(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._path(inode)
         target, follow = self._abs(path)
+        await self._intend_meta(path)
         try:
             os.removexattr(target, name, follow_symlinks=follow)
         except OSError as exc:

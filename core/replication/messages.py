@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: frames carry an authentication tag after the handshake (framing.py)
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
@@ -48,6 +48,9 @@ class Hello(_Msg, tag="hello"):
     directory: Path  # which replicated directory of the module this stream carries
     protocol: str  # "A", "B" or "C"
     nonce: Nonce
+    # "stream": the operation stream of `directory`; "verify": a short connection asking for the
+    # receiver's manifest of `directory` (verify.py), which leaves the running stream alone.
+    purpose: Annotated[str, Meta(max_length=16)] = "stream"
 
 
 class Challenge(_Msg, tag="chal"):
@@ -206,6 +209,165 @@ class Fsync(_Msg, tag="fsync"):
     mtime_ns: TimeNs | None = None
 
 
+# ---- verify (on a connection of purpose "verify"; see verify.py) ----
+
+Digest = Annotated[bytes, Meta(min_length=8, max_length=16)]
+MAX_ENTRY_XATTRS = 64
+
+
+class Entry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """One entry of a manifest: what verify compares. `xattrs` are (name, xxh3_64 of the value);
+    an entry with more than MAX_ENTRY_XATTRS of them (or very long names) carries one ("*", digest
+    of them all) instead. `link`: for a file with several names, the first of its names in the
+    manifest's order (None on that first name itself)."""
+
+    path: Path
+    kind: Annotated[str, Meta(min_length=1, max_length=1)]  # f d l p s
+    mode: Mode
+    uid: U32
+    gid: U32
+    size: U63 | None = None
+    mtime_ns: TimeNs | None = None
+    digest: Digest | None = None  # files: xxh3_128 of the content
+    target: Path | None = None  # symlinks
+    xattrs: Annotated[list[tuple[XattrName, Digest]], Meta(max_length=MAX_ENTRY_XATTRS)] = []
+    link: Path | None = None
+
+
+class ManifestRequest(_Msg, tag="mreq"):
+    """Send the manifest of the whole tree (`paths` None) or of just these entries (a re-check),
+    leaving out what `exclude` matches; answered by ManifestPart* then ManifestEnd."""
+
+    paths: Annotated[list[Path], Meta(max_length=4096)] | None = None
+    exclude: Annotated[list[Text], Meta(max_length=256)] = []
+
+
+class ManifestPart(_Msg, tag="mpart"):
+    """Entries in manifest order (components compared bytewise, a directory before its content);
+    an empty part is a keepalive while a large file is hashed."""
+
+    entries: Annotated[list[Entry], Meta(max_length=4096)]
+
+
+class ManifestEnd(_Msg, tag="mend"):
+    entries: U63
+    bytes_hashed: U63
+
+
+# ---- resync (in the operation stream: sequenced, applied in order, acknowledged; see resync.py) ----
+# The primary drives; requests carry `req`, the receiver answers with the Rs* replies below, written
+# before the Ack that covers the request.
+
+SyncId = Annotated[bytes, Meta(min_length=16, max_length=16)]
+Flat = Annotated[list[U63], Meta(max_length=8192)]  # block ranges as [start, end, start, end, ...]
+MAX_DIGESTS = 16384  # per RsHash request / RsDigests reply
+DIGEST_SIZE = 16  # xxh3_128
+
+
+class RsQuery(_Msg, tag="rsq"):
+    """What lineage does your tree hold? (answered by RsState)"""
+
+    seq: U63
+    req: U63
+
+
+class RsBegin(_Msg, tag="rsbegin"):
+    """A resync starts: the receiver durably forgets its lineage before anything else is applied
+    (an interrupted resync leaves a tree that is neither the old state nor the new one)."""
+
+    seq: U63
+    mode: Annotated[str, Meta(max_length=16)]  # "journal" or "checksum"
+    sync: SyncId  # the lineage id this resync will establish
+
+
+class RsReplay(_Msg, tag="rsreplay"):
+    """Brackets the journal's namespace log. Between start (end False) and end, a namespace operation
+    that fails on the replica is recorded instead of ending the stream; the end is answered by
+    RsReplayed with the paths that failed."""
+
+    seq: U63
+    req: U63
+    end: bool = False
+
+
+class RsList(_Msg, tag="rslist"):
+    """List the subtree at `path` (answered by RsEntries, the last one with `last`)."""
+
+    seq: U63
+    req: U63
+    path: Path
+    exclude: Annotated[list[Text], Meta(max_length=256)] = []
+
+
+class RsHash(_Msg, tag="rshash"):
+    """Digests of the blocks of `block` bytes in `ranges` of the file at `path` (answered by RsDigests)."""
+
+    seq: U63
+    req: U63
+    path: Path
+    block: Annotated[int, Meta(ge=512, le=1 << 24)]
+    ranges: Flat
+
+
+class RsXattrs(_Msg, tag="rsxattrs"):
+    """Remove every xattr of `path` whose name is not in `keep` (SetXattr ops follow for the values)."""
+
+    seq: U63
+    path: Path
+    keep: Annotated[list[XattrName], Meta(max_length=4096)] = []
+
+
+class RsDone(_Msg, tag="rsdone"):
+    """The replica now equals the primary: make it durable (syncfs) and hold lineage `sync`."""
+
+    seq: U63
+    sync: SyncId
+    generation: U63 | None = None
+
+
+class RsEntry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    path: Path
+    kind: Annotated[str, Meta(min_length=1, max_length=1)]  # f d l p s
+    mode: Mode
+    uid: U32
+    gid: U32
+    size: U63 = 0
+    mtime_ns: TimeNs = 0
+    ino: U63 = 0
+    nlink: U32 = 1
+    target: Path | None = None  # symlinks
+    xattrs: U63 = 0  # xxh3_64 of the sorted (name, value) pairs, 0 without xattrs
+    digest: Annotated[bytes, Meta(max_length=DIGEST_SIZE)] | None = None  # small files: whole content
+
+
+class RsState(_Msg, tag="rsstate"):
+    req: U63
+    sync: SyncId | None = None
+    generation: U63 | None = None
+    detail: Text = ""
+
+
+class RsReplayed(_Msg, tag="rsreplayed"):
+    req: U63
+    failed: Annotated[list[Path], Meta(max_length=65536)] = []
+
+
+class RsEntries(_Msg, tag="rsentries"):
+    req: U63
+    found: bool
+    entries: Annotated[list[RsEntry], Meta(max_length=8192)]
+    last: bool = True
+
+
+class RsDigests(_Msg, tag="rsdigests"):
+    req: U63
+    size: Annotated[int, Meta(ge=-1, le=2**63 - 1)]  # -1: no regular file at that path
+    digests: Annotated[bytes, Meta(max_length=MAX_DIGESTS * DIGEST_SIZE)] = b""
+
+
+RESYNC_REPLIES = (RsState, RsReplayed, RsEntries, RsDigests)
+
+
 # ---- replies ----
 
 class Ack(_Msg, tag="ack"):
@@ -225,8 +387,10 @@ class Error(_Msg, tag="error"):
 Op = (
     Noop | Open | Close | Write | Create | Mkdir | Mknod | Symlink | Link | Unlink | Rmdir | Remove
     | Rename | SetAttr | SetXattr | RemoveXattr | Fallocate | Fsync
+    | RsQuery | RsBegin | RsReplay | RsList | RsHash | RsXattrs | RsDone
 )
-Message = Hello | Challenge | Proof | Welcome | Ack | Error | Op
+Message = (Hello | Challenge | Proof | Welcome | Ack | Error | ManifestRequest | ManifestPart | ManifestEnd
+           | RsState | RsReplayed | RsEntries | RsDigests | Op)
 OP_TYPES: tuple[type, ...] = Op.__args__  # type: ignore[attr-defined]
 
 # Operations after which the receiver must be durable before acknowledging.

@@ -22,6 +22,7 @@ from . import messages as m
 from .apply import Applier
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
+from .verify import serve_manifest
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,10 @@ class Receiver:
         if hello.module != self.module or hello.directory not in self._dirs:
             reason = f"module {hello.module!r} directory {hello.directory!r} not replicated here"
             log.warning("replication stream from %s refused: %s", peer, reason)
-            self._refuse(writer, reason)
+            self._refuse(writer, reason, decoder)
+            return
+        if hello.purpose == "verify":  # a manifest request: the running stream is left alone
+            await serve_manifest(reader, writer, decoder, backlog, self._root_fds[hello.directory], peer)
             return
         await self._replace(hello.directory)
         task = asyncio.current_task()
@@ -129,14 +133,14 @@ class Receiver:
         log.info("replication stream for %s from %s (protocol %s)", stats.directory, peer, hello.protocol)
         self._emit("connected", directory=stats.directory, peer=peer)
         try:
-            writer.write(frame(m.Welcome(next_seq=1)))
+            writer.write(decoder.frame(m.Welcome(next_seq=1)))
             await self._pump(reader, writer, decoder, backlog, applier, stats, hello.protocol == "B")
             reason = "peer closed the stream"
         except (m.ProtocolError, OSError) as exc:
             # OSError while applying: the replica diverged from the primary; either way it is out of date.
             reason = f"{type(exc).__name__}: {exc}"
             log.error("replication stream for %s from %s dropped: %s", stats.directory, peer, reason)
-            self._refuse(writer, reason)
+            self._refuse(writer, reason, decoder)
         finally:
             applier.close()
             stats.connected = False
@@ -168,7 +172,7 @@ class Receiver:
                 if not batch:
                     continue
             if ack_on_receipt:
-                writer.write(frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))
+                writer.write(decoder.frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))
             for msg in batch:
                 if not isinstance(msg, m.OP_TYPES):
                     raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
@@ -178,14 +182,15 @@ class Receiver:
                 expected += 1
             stats.ops += len(batch)
             stats.last_seq = expected - 1
-            writer.write(frame(m.Ack(received=expected - 1, applied=expected - 1)))
+            writer.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))
             batch = []
             if writer.transport.get_write_buffer_size() > 1 << 20:
                 await writer.drain()
 
     @staticmethod
-    def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+    def _refuse(writer: asyncio.StreamWriter, reason: str, decoder: FrameDecoder | None = None) -> None:
+        """Send a final Error (tagged when the connection is authenticated)."""
         try:
-            writer.write(frame(m.Error(reason[:4000])))
+            writer.write(frame(m.Error(reason[:4000]), decoder.tx if decoder is not None else None))
         except (ConnectionError, RuntimeError, ValueError):
             pass

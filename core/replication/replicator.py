@@ -8,9 +8,15 @@ so operations reach the secondary in the order they happened here, whatever runs
 
 from __future__ import annotations
 
+import contextvars
 from typing import Protocol
 
 from .messages import Op
+
+# The namespace intent (see journal.py, write-ahead) made by the FUSE request running in this task:
+# set by `intend_ns`, consumed by the `submit` that follows the local change, settled as failed by
+# the FUSE layer when the handler ends without submitting (the change failed or was not replicated).
+PENDING: contextvars.ContextVar[int | None] = contextvars.ContextVar("replication_pending", default=None)
 
 
 class Replicator(Protocol):
@@ -25,6 +31,15 @@ class Replicator(Protocol):
     async def submit(self, *ops: Op) -> None:
         """Replicate `ops` in order; returns when the protocol is satisfied or the peer is lost
         (never raises for a lost peer: the caller's system call must complete)."""
+
+    # Optional (journaling replicators, resync.MirrorReplicator): told *before* a change is applied
+    # locally while `journaling` is true, so the journal is write-ahead. The FUSE layer checks
+    # `getattr(repl, "journaling", False)` and calls, before the local change:
+    #   intend_write(path, off, length, extends)  a data write (extends: it grows the file)
+    #   intend_meta(path, size=None)              chmod/chown/utimens/xattrs; size: a truncate
+    #   intend_ns(*paths)                          a namespace change (may wait while a resync
+    #                                              replays the namespace); then settle(token) if the
+    #                                              handler ends without submitting
 
 
 class NullReplicator:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import messages as m
 from .auth import client_handshake
-from .framing import READ_CHUNK, FrameDecoder, frame
+from .framing import READ_CHUNK, FrameDecoder
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class Sender:
         self._space: asyncio.Event = asyncio.Event()
         self._space.set()
         self._last_send = time.monotonic()
+        self._last_rx = time.monotonic()
+        # Resync replies (RsState, RsEntries...) go here; the resync driver matches them by `req`.
+        self.on_reply: Callable[[m.Message], None] | None = None
         self.lost_reason: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -132,7 +135,7 @@ class Sender:
                 seq = self._next
                 self._next += 1
                 part = m.with_seq(part, seq)
-                data = frame(part)
+                data = self._decoder.frame(part)  # tagged: the stream is authenticated
                 self._writer.write(data)
                 size = m.op_size(part)
                 self._unacked.append(_Pending(seq, part, size, now))
@@ -165,6 +168,15 @@ class Sender:
         if ok and self._writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
             ok = await self._drain()
         return ok and self.lost_reason is None
+
+    async def room(self) -> bool:
+        """Wait while the bytes in flight or the socket buffer are above their bounds (flow control
+        for a producer of many operations, the resync). False: the link is lost."""
+        if self.lost_reason is None and not self._space.is_set():
+            await self._wait_space()
+        if self.lost_reason is None and self._writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self._drain()
+        return self.lost_reason is None
 
     async def barrier(self) -> bool:
         """Wait until every operation sent so far is applied (and durable where it asked to be)."""
@@ -206,6 +218,7 @@ class Sender:
                 data = await self._reader.read(READ_CHUNK)
                 if not data:
                     raise ConnectionError("receiver closed the connection")
+                self._last_rx = time.monotonic()
                 for msg in self._decoder.feed(data):
                     self._on_message(msg)
         except asyncio.CancelledError:
@@ -216,6 +229,9 @@ class Sender:
     def _on_message(self, msg: m.Message) -> None:
         if isinstance(msg, m.Error):
             raise m.ProtocolError(f"receiver error: {msg.message}")
+        if isinstance(msg, m.RESYNC_REPLIES) and self.on_reply is not None:
+            self.on_reply(msg)
+            return
         if not isinstance(msg, m.Ack):
             raise m.ProtocolError(f"unexpected {type(msg).__name__} from the receiver")
         last = self._next - 1
@@ -248,7 +264,9 @@ class Sender:
         while self.lost_reason is None:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if self._unacked and now - self._unacked[0].sent > self.timeout:
+            # A receiver busy answering a resync request (listing a tree, hashing a file) keeps
+            # sending replies: silence, not slowness, is what makes it lost.
+            if self._unacked and now - self._unacked[0].sent > self.timeout and now - self._last_rx > self.timeout:
                 self._lose(f"no acknowledgement for {self.timeout:g} s")
             elif not self._unacked and now - self._last_send > self.timeout / 2:
                 self.send(m.Noop(seq=0))

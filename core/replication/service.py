@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,9 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
     from safekit_cloud.core.config import ReplicationConfig
 
 from .mount import unmount
+from .protect import marker_path as protect_marker
+from .protect import unprotect
+from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,11 @@ class ReplicationService:
         self.role = "stopped"
         self._agents: list[_Agent] = []
         self._lost_reasons: list[str] = []
+        # Primary: descriptors of the replicated directories opened before the mounts, so verify
+        # reads the real files beneath the FUSE layer (never through it).
+        self._local_fds: dict[Path, int] = {}
+        self._verify_lock = asyncio.Lock()
+        self._last_verify: dict[str, Any] | None = None
 
     # ---- roles ----
 
@@ -70,6 +79,8 @@ class ReplicationService:
         Returns once every mount is in place: the application may start."""
         await self._stop_agents()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._unprotect_all()  # a crashed secondary's read-only bind must not be under our mount
+        self._open_local_fds()
         for directory in self.config.directories:
             argv = ["--role", "primary", "--directory", str(directory),
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
@@ -102,7 +113,61 @@ class ReplicationService:
             "resync": None,  # resync is not implemented yet: a dirty replica needs a full copy
             "agents": agents,
             "last_lost": self._lost_reasons[-1] if self._lost_reasons else "",
+            "last_verify": self._last_verify,
         }
+
+    # ---- verify ----
+
+    async def verify(self) -> dict[str, Any]:
+        """Compare this primary's replicated directories with the secondary's copies, online (see
+        verify.py); the report: {"identical": bool, "differences": [...], "counts": ...}.
+        VerifyError if this node is not the primary or the secondary's receiver cannot be reached."""
+        if self.role != "primary":
+            raise VerifyError(f"verify runs on the primary; this node's replication role is {self.role}")
+        async with self._verify_lock:
+            missing = [str(d) for d in self.config.directories if Path(d) not in self._local_fds]
+            if missing:
+                raise VerifyError(f"no local descriptor of {', '.join(missing)} (not opened at become_primary)")
+            st = self.status()
+            notes = []
+            if not st["connected"]:
+                notes.append("the replication link is down: the secondary is out of date until resynchronised")
+            if st["dirty"]:
+                notes.append("the secondary misses changes made while alone (dirty): differences are expected")
+            report = await verify_module(
+                self.module, [(os.fsencode(str(d)), self._local_fds[Path(d)]) for d in self.config.directories],
+                self.peer_address, self.config.port, self.key, list(self.config.exclude),
+                timeout=self.timeout, notes=notes)
+        self._last_verify = {k: report[k] for k in ("identical", "total_differences", "finished_at")}
+        return report
+
+    def _local_dir(self, directory: Path | str) -> Path:
+        return self.receive_into.get(Path(directory), Path(directory))
+
+    def _unprotect_all(self) -> None:
+        for directory in self.config.directories:
+            for local in {Path(directory), self._local_dir(directory)}:
+                try:
+                    unprotect(local, protect_marker(self.state_dir, self.module, local))
+                except OSError as exc:
+                    log.error("cannot remove the read-only protection of %s: %s", local, exc)
+
+    def _open_local_fds(self) -> None:
+        self._close_local_fds()
+        for directory in self.config.directories:
+            try:
+                unmount(Path(directory))  # a dead mount of a crashed agent would hide the directory
+            except OSError as exc:
+                log.error("cannot unmount %s: %s", directory, exc)
+            try:
+                self._local_fds[Path(directory)] = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:  # the agent will report it too; verify says so
+                log.error("cannot open %s: %s", directory, exc)
+
+    def _close_local_fds(self) -> None:
+        for fd in self._local_fds.values():
+            os.close(fd)
+        self._local_fds.clear()
 
     # ---- agents ----
 
@@ -201,4 +266,7 @@ class ReplicationService:
                     unmount(Path(directory))  # a killed agent leaves a dead mount behind
                 except OSError as exc:
                     log.error("cannot unmount %s: %s", directory, exc)
+            self._close_local_fds()
+        elif previous == "secondary":
+            self._unprotect_all()  # a killed receiver leaves its read-only bind behind
         self.role = previous

@@ -7,6 +7,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.apply import Applier
 from safekit_cloud.core.replication.auth import client_handshake
-from safekit_cloud.core.replication.framing import FrameDecoder, frame
+from safekit_cloud.core.replication.framing import TAG_SIZE, FrameDecoder
 from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
 
@@ -145,12 +146,19 @@ def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path]
     assert not (outside / "new").exists()
 
 
-async def _authenticated_raw(port: int, payload: bytes) -> list[m.Message]:
+def _tagged_raw(dec: FrameDecoder, payload: bytes) -> bytes:
+    """An authenticated frame around arbitrary bytes (what a peer that knows the key could send)."""
+    assert dec.tx is not None
+    head = struct.pack(">I", len(payload) + TAG_SIZE) + payload
+    return head + dec.tx.tag(head)
+
+
+async def _authenticated_raw(port: int, payload: Callable[[FrameDecoder], bytes]) -> list[m.Message]:
+    """Authenticate, send what `payload(decoder)` builds (tagged with the session's keys), collect replies."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await client_handshake(reader, writer, KEY, "mod", NAME, "C")
-    writer.write(payload)
+    _, dec, _ = await client_handshake(reader, writer, KEY, "mod", NAME, "C")
+    writer.write(payload(dec))
     out: list[m.Message] = []
-    dec = FrameDecoder()
     try:
         async with asyncio.timeout(5):
             while data := await reader.read(65536):
@@ -171,8 +179,11 @@ def test_fuzzed_frames_drop_connection_and_receiver_survives(
     async def scenario() -> tuple[list[m.Message], bool]:
         receiver = Receiver("mod", {NAME: replica}, KEY)
         port = await receiver.start("127.0.0.1", 0)
-        prefix = frame(m.Mkdir(1, b"ok", 0o40755, 0, 0)) if valid_prefix else b""
-        replies = await _authenticated_raw(port, prefix + struct.pack(">I", len(junk)) + junk)
+        def payload(dec: FrameDecoder) -> bytes:
+            prefix = dec.frame(m.Mkdir(1, b"ok", 0o40755, 0, 0)) if valid_prefix else b""
+            return bytes(prefix) + _tagged_raw(dec, junk)  # junk behind a valid tag reaches the decoder
+
+        replies = await _authenticated_raw(port, payload)
         # The receiver still serves a well-behaved sender afterwards.
         sender = await Sender.connect("127.0.0.1", port, KEY, "mod", NAME, timeout=5)
         ok = await sender.submit(m.Noop(0)) and await sender.barrier()
@@ -212,7 +223,7 @@ def test_sequence_gap_is_protocol_error(dirs: tuple[Path, Path, Path]) -> None:
     async def scenario() -> list[m.Message]:
         receiver = Receiver("mod", {NAME: replica}, KEY)
         port = await receiver.start("127.0.0.1", 0)
-        replies = await _authenticated_raw(port, frame(m.Noop(1)) + frame(m.Noop(3)))
+        replies = await _authenticated_raw(port, lambda dec: dec.frame(m.Noop(1)) + dec.frame(m.Noop(3)))
         await receiver.stop()
         return replies
 
@@ -225,8 +236,8 @@ async def _silent_receiver() -> tuple[asyncio.Server, int]:
     from safekit_cloud.core.replication.auth import server_handshake
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server_handshake(reader, writer, KEY)
-        writer.write(frame(m.Welcome(1)))
+        _, dec, _ = await server_handshake(reader, writer, KEY)
+        writer.write(dec.frame(m.Welcome(1)))
         while await reader.read(1 << 20):
             pass
 

@@ -83,8 +83,8 @@ async def _handshake(server_key: bytes, client_key: bytes) -> tuple[object, obje
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            hello, _, _ = await server_handshake(reader, writer, server_key)
-            writer.write(frame(m.Welcome(next_seq=1)))
+            hello, dec, _ = await server_handshake(reader, writer, server_key)
+            writer.write(dec.frame(m.Welcome(next_seq=1)))
             results["server"] = hello
         except Exception as exc:  # noqa: BLE001 - recorded for the assertion
             results["server"] = exc

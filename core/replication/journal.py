@@ -1,0 +1,790 @@
+"""What the secondary misses, durably: the primary's journal while it cannot replicate, and each
+node's *lineage* (how its tree relates to the last state both nodes shared).
+
+One file per replicated directory and node, `<state_dir>/<module>.<dir>.journal`, an append-only
+sequence of records (4-byte length, 4-byte CRC-32, msgpack). Reading stops at the first record that
+is short or fails its checksum: a torn tail after a crash is ignored, which is right because nothing
+is done before its record is durable (write-ahead, below).
+
+Lineage ids. Every completed resync gets a random 16-byte id S. Both nodes persist it: the target
+when it applied the resync (`target S`), the source in its journal (`session S`). While the stream
+runs, "the target's tree = the source's tree at the last operation the target applied". What each
+state means for the next resync:
+
+- `alone S` + records: this node's tree = lineage S + exactly what the records say (data ranges,
+  namespace log, metadata marks, suspect paths). A journal resync from it is exact.
+- `session S` clean: a primary stopped with every operation acknowledged (and its tree synced to
+  disk): its tree = lineage S. Unclean (crash while replicating): operations in flight at the crash
+  may be applied here and not there: untrusted.
+- `target S`: a secondary's tree = lineage S at its last applied operation. Trusted after a clean
+  stop (syncfs) or while the machine did not reboot (same boot id: the page cache survived a crash
+  of the process); after a power loss acknowledged-but-unsynced writes may be gone: untrusted.
+- `invalid`: nothing known (a resync began and did not finish, a damaged or missing file, a forced
+  full resync): the next resync compares checksums.
+
+The engine's data generations (design.md §3) are recorded next to the lineage id for diagnostics;
+the choice between a journal and a checksum resync is made on the lineage id, which, unlike the
+generation, changes when a resync *starts* on the target: a partly resynchronised target still has
+the old generation but no longer the old tree.
+
+Write-ahead. While the primary journals, every change is *marked durably before it is applied*:
+a data write's blocks (a write to blocks already marked costs nothing), a metadata change's path, a
+namespace change's paths (`pend`, settled by the `ops` record carrying the operation once applied,
+or by `settle` if it failed). After a crash, a pending namespace change that never settled is a
+*suspect* path: resync compares it (and its subtree) by checksum. So a journal is trusted after a
+crash of the node too, and "the record is on disk before the call returns" holds a fortiori.
+Durability is group-committed: all records appended during one event-loop tick share one fdatasync
+(run in a thread, so requests keep arriving and form the next group while it runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+
+from . import messages as m
+
+log = logging.getLogger(__name__)
+
+INF = 1 << 62  # a block index past the end of any file: "from here to the end"
+DEFAULT_BLOCK = 4096
+FORMAT = 1
+MAX_RANGES = 4096  # per file and kind; above, the marks are coarsened (over-marking is safe)
+MAX_LOG = 200_000  # namespace operations kept for replay; above, the journal gives up (checksum resync)
+COMPACT_MIN = 4 << 20  # rewrite the file when it passes this and 4x its last compacted size
+
+_HEAD = struct.Struct(">II")
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:
+    name = os.fsdecode(directory).strip("/").replace("/", "_") or "root"
+    return Path(state_dir) / f"{module}.{name}.journal"
+
+
+# ---- block ranges --------------------------------------------------------------------------------
+
+class RangeSet:
+    """Disjoint, sorted, coalesced half-open ranges of block indices."""
+
+    __slots__ = ("_e", "_s")
+
+    def __init__(self, flat: Iterable[int] = ()) -> None:
+        self._s: list[int] = []
+        self._e: list[int] = []
+        it = iter(flat)
+        for s in it:
+            self.add(s, next(it))
+
+    def __bool__(self) -> bool:
+        return bool(self._s)
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeSet) and self._s == other._s and self._e == other._e
+
+    def __repr__(self) -> str:
+        return f"RangeSet({list(zip(self._s, self._e))})"
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._s, self._e))
+
+    def flat(self) -> list[int]:
+        out: list[int] = []
+        for s, e in zip(self._s, self._e):
+            out += (s, e)
+        return out
+
+    def copy(self) -> RangeSet:
+        r = RangeSet()
+        r._s, r._e = self._s[:], self._e[:]
+        return r
+
+    def clear(self) -> None:
+        self._s.clear()
+        self._e.clear()
+
+    def first(self) -> int | None:
+        return self._s[0] if self._s else None
+
+    def add(self, s: int, e: int) -> bool:
+        """Add [s, e); True if any block was not in the set before."""
+        if s >= e:
+            return False
+        i = bisect.bisect_left(self._e, s)  # first range ending at or after s (touching merges)
+        j = bisect.bisect_right(self._s, e)  # ranges starting at or before e
+        if i < j:
+            if j - i == 1 and self._s[i] <= s and self._e[i] >= e:
+                return False
+            s, e = min(s, self._s[i]), max(e, self._e[j - 1])
+        self._s[i:j] = [s]
+        self._e[i:j] = [e]
+        if len(self._s) > MAX_RANGES:
+            self.coarsen()
+        return True
+
+    def remove(self, s: int, e: int) -> bool:
+        if s >= e:
+            return False
+        i = bisect.bisect_right(self._e, s)  # first range ending after s
+        j = bisect.bisect_left(self._s, e)  # ranges starting before e
+        if i >= j:
+            return False
+        new_s, new_e = [], []
+        if self._s[i] < s:
+            new_s.append(self._s[i])
+            new_e.append(s)
+        if self._e[j - 1] > e:
+            new_s.append(e)
+            new_e.append(self._e[j - 1])
+        self._s[i:j] = new_s
+        self._e[i:j] = new_e
+        return True
+
+    def covers(self, s: int, e: int) -> bool:
+        i = bisect.bisect_right(self._s, s) - 1
+        return i >= 0 and self._e[i] >= e
+
+    def overlaps(self, s: int, e: int) -> bool:
+        i = bisect.bisect_right(self._e, s)
+        return i < len(self._s) and self._s[i] < e
+
+    def within(self, s: int, e: int) -> list[tuple[int, int]]:
+        """The parts of the set inside [s, e)."""
+        out = []
+        i = bisect.bisect_right(self._e, s)
+        while i < len(self._s) and self._s[i] < e:
+            out.append((max(s, self._s[i]), min(e, self._e[i])))
+            i += 1
+        return out
+
+    def count(self, limit: int = INF) -> int:
+        """Blocks in the set below `limit`."""
+        return sum(min(e, limit) - s for s, e in zip(self._s, self._e) if s < limit)
+
+    def update(self, other: RangeSet) -> bool:
+        changed = False
+        for s, e in other.ranges():
+            changed |= self.add(s, e)
+        return changed
+
+    def coarsen(self) -> None:
+        """Merge the ranges separated by the smallest gaps until at most MAX_RANGES // 2 remain."""
+        gaps = sorted(self._s[k + 1] - self._e[k] for k in range(len(self._s) - 1))
+        limit = gaps[len(self._s) - MAX_RANGES // 2 - 1] if len(gaps) >= MAX_RANGES // 2 else 0
+        s_out, e_out = [self._s[0]], [self._e[0]]
+        for s, e in zip(self._s[1:], self._e[1:]):
+            if s - e_out[-1] <= limit:
+                e_out[-1] = e
+            else:
+                s_out.append(s)
+                e_out.append(e)
+        self._s, self._e = s_out, e_out
+
+
+# ---- what is marked ------------------------------------------------------------------------------
+
+class Mark:
+    """What may differ on the replica at one path.
+
+    data:  blocks to send as they are on the primary (unconditionally);
+    cmp:   blocks to compare by checksum (send only those that differ);
+    fresh: blocks known to be holes on the replica (a zero block there need not be sent);
+    meta:  mode, owner, times and xattrs to resend."""
+
+    __slots__ = ("alive", "cmp", "data", "fresh", "meta", "path", "version")
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+        self.data = RangeSet()
+        self.cmp = RangeSet()
+        self.fresh = RangeSet()
+        self.meta = False
+        self.alive = True
+        self.version = 0  # bumped by every live change of the file while a resync reads it
+
+    def __repr__(self) -> str:
+        return f"Mark({self.path!r}, data={self.data}, cmp={self.cmp}, fresh={self.fresh}, meta={self.meta})"
+
+    @property
+    def empty(self) -> bool:
+        return not (self.data or self.cmp or self.meta)
+
+    def covered(self, s: int, e: int) -> bool:
+        """Every block of [s, e) is still to be synchronised by the resync (data or cmp)."""
+        pos = s
+        for a, b in sorted(self.data.within(s, e) + self.cmp.within(s, e)):
+            if a > pos:
+                return False
+            pos = max(pos, b)
+            if pos >= e:
+                return True
+        return pos >= e
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return not top or path == top or path.startswith(top + b"/")
+
+
+def _moved(path: bytes, old: bytes, new: bytes) -> bytes:
+    return new + path[len(old):]
+
+
+NS_TYPES = (m.Mkdir, m.Create, m.Symlink, m.Mknod, m.Link, m.Unlink, m.Rmdir, m.Remove, m.Rename)
+
+
+def replay_form(op: m.Op) -> m.Op | None:
+    """The namespace part of an operation as the journal replays it: structure only (attributes are
+    resent from the primary's current state through a metadata mark), no handle."""
+    if isinstance(op, m.Create):
+        return m.Create(0, op.path, 0o100600, 0, 0)
+    if isinstance(op, m.Mkdir):
+        return m.Mkdir(0, op.path, 0o40700, 0, 0)
+    if isinstance(op, m.Symlink):
+        return m.Symlink(0, op.path, op.target, 0, 0)
+    if isinstance(op, m.Mknod):
+        return m.Mknod(0, op.path, (op.mode & 0o170000) | 0o600, 0, 0, 0)
+    if isinstance(op, (m.Link, m.Unlink, m.Rmdir, m.Remove, m.Rename)):
+        return msgspec.structs.replace(op, seq=0)
+    return None
+
+
+class State:
+    """The in-memory journal: marks by path, suspect subtrees, the namespace log, pending intents."""
+
+    def __init__(self) -> None:
+        self.marks: dict[bytes, Mark] = {}
+        self.suspects: set[bytes] = set()
+        self.log: list[m.Op] = []
+        self.pending: dict[int, list[bytes]] = {}
+        self.overflow = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.marks or self.suspects or self.log or self.pending)
+
+    def mark(self, path: bytes) -> Mark:
+        mk = self.marks.get(path)
+        if mk is None:
+            mk = self.marks[path] = Mark(path)
+        return mk
+
+    def add_data(self, path: bytes, s: int, e: int) -> bool:
+        return self.mark(path).data.add(s, e)
+
+    def add_meta(self, path: bytes) -> bool:
+        mk = self.mark(path)
+        if mk.meta:
+            return False
+        mk.meta = True
+        return True
+
+    def add_suspect(self, path: bytes) -> bool:
+        if any(_under(path, s) for s in self.suspects):
+            return False
+        self.suspects = {s for s in self.suspects if not _under(s, path)}
+        self.suspects.add(path)
+        return True
+
+    # -- namespace effects --
+
+    def _drop(self, path: bytes, subtree: bool) -> None:
+        for p in [p for p in self.marks if p == path or (subtree and _under(p, path))]:
+            self.marks.pop(p).alive = False
+
+    def _move(self, old: bytes, new: bytes) -> None:
+        moved = [(p, mk) for p, mk in self.marks.items() if _under(p, old)]
+        for p, _ in moved:
+            del self.marks[p]
+        for p, mk in moved:
+            mk.path = _moved(p, old, new)
+            prev = self.marks.get(mk.path)
+            if prev is not None:
+                prev.alive = False
+            self.marks[mk.path] = mk
+        self.suspects = {_moved(s, old, new) if _under(s, old) else s for s in self.suspects}
+        for paths in self.pending.values():
+            paths[:] = [_moved(p, old, new) if _under(p, old) else p for p in paths]
+
+    def apply_ns(self, op: m.Op, log_it: bool = True) -> None:
+        """The effect of a namespace operation on marks (and, when journaling, on the replay log)."""
+        if isinstance(op, m.Rename):
+            if op.flags & 2:  # RENAME_EXCHANGE: swap through a name no real path can take
+                tmp = b"\0exchange"
+                self._move(op.old, tmp)
+                self._move(op.new, op.old)
+                self._move(tmp, op.new)
+            else:
+                self._drop(op.new, True)
+                self.suspects = {s for s in self.suspects if not _under(s, op.new)}
+                self._move(op.old, op.new)
+        elif isinstance(op, (m.Unlink, m.Rmdir, m.Remove)):
+            self._drop(op.path, not isinstance(op, m.Unlink))
+            if isinstance(op, (m.Rmdir, m.Remove)):
+                self.suspects = {s for s in self.suspects if not _under(s, op.path)}
+        elif isinstance(op, m.Create):
+            self._drop(op.path, False)
+            mk = self.mark(op.path)
+            mk.data.add(0, INF)
+            mk.fresh.add(0, INF)  # the replayed create leaves an empty file there
+            mk.meta = True
+        elif isinstance(op, (m.Mkdir, m.Symlink, m.Mknod)):
+            self.mark(op.path).meta = True
+        if log_it:
+            if len(self.log) >= MAX_LOG:
+                self.overflow = True
+            else:
+                rf = replay_form(op)
+                if rf is not None:
+                    self.log.append(rf)
+
+    def settle_pending(self) -> None:
+        """Pending intents whose outcome is unknown (a crash): their paths become suspects."""
+        for paths in self.pending.values():
+            for p in paths:
+                self.add_suspect(p)
+        self.pending.clear()
+
+
+# ---- records -------------------------------------------------------------------------------------
+
+class _Rec(msgspec.Struct, array_like=True, tag_field="t", frozen=True):
+    pass
+
+
+class RMarks(_Rec, tag="marks"):
+    path: bytes
+    data: list[int] = []
+    meta: bool = False
+    fresh: list[int] = []
+
+
+class RState(_Rec, tag="state"):
+    """Resets the journal: what this node's tree is relative to lineage `sync` (see module doc).
+    Marks and suspects given here are part of the same atomic record."""
+
+    kind: str  # alone | session | target | invalid
+    sync: bytes | None = None
+    generation: int | None = None
+    boot: str = ""
+    clean: bool = False
+    block: int = DEFAULT_BLOCK
+    at: float = 0.0
+    marks: list[RMarks] = []
+    suspects: list[bytes] = []
+    reason: str = ""
+
+
+class RSuspect(_Rec, tag="suspect"):
+    path: bytes
+
+
+class RPending(_Rec, tag="pend"):
+    id: int
+    paths: list[bytes]
+
+
+class ROps(_Rec, tag="ops"):
+    """Namespace operations applied (in this order), settling intent `id` (0: none). In a snapshot
+    (`effects` False) they only refill the replay log: their effect on marks is in the snapshot."""
+
+    id: int
+    ops: list[m.Op]
+    effects: bool = True
+
+
+class RSettle(_Rec, tag="settle"):
+    id: int
+
+
+Record = RState | RMarks | RSuspect | RPending | ROps | RSettle
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(Record)
+
+
+def encode_record(rec: Record) -> bytes:
+    payload = _enc.encode(rec)
+    return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_records(data: bytes) -> tuple[list[Record], int]:
+    """Every valid record from the start, and the number of bytes after the last one (torn tail)."""
+    out: list[Record] = []
+    pos = 0
+    while len(data) - pos >= _HEAD.size:
+        size, crc = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + size
+        if end > len(data):
+            break
+        payload = data[pos + _HEAD.size:end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            out.append(_dec.decode(payload))
+        except msgspec.DecodeError:
+            break
+        pos = end
+    return out, len(data) - pos
+
+
+def marks_record(mk: Mark) -> RMarks:
+    return RMarks(mk.path, mk.data.flat(), mk.meta, mk.fresh.flat())
+
+
+# ---- the journal file ----------------------------------------------------------------------------
+
+class Journal:
+    """The journal of one replicated directory on one node (see the module docstring)."""
+
+    def __init__(self, path: Path | None, block: int = DEFAULT_BLOCK) -> None:
+        self.path = path
+        self.block = block
+        self.kind = "invalid"
+        self.sync: bytes | None = None
+        self.generation: int | None = None
+        self.boot = ""
+        self.clean = False
+        self.reason = "no journal yet"
+        self.state = State()
+        self.authoritative = False  # records matter: the disk journal describes what the peer misses
+        self._fd = -1
+        self._buf: list[bytes] = []
+        self._appended = 0
+        self._durable = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._size = 0
+        self._compacted = 0
+        self._next_id = 1
+        self.failed = ""
+        self.torn = 0
+
+    # -- loading --
+
+    @classmethod
+    def load(cls, path: Path | None, block: int = DEFAULT_BLOCK) -> Journal:
+        j = cls(path, block)
+        if path is None:
+            return j
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            j.reason = "no journal file"
+            return j
+        except OSError as exc:
+            j.reason = f"unreadable journal: {exc}"
+            return j
+        records, j.torn = read_records(data)
+        if not records or not isinstance(records[0], RState):
+            j.reason = "damaged journal"
+            return j
+        for rec in records:
+            j._apply(rec)
+        if j.block != block and j.kind == "alone":
+            # Marks are in units of the block size they were recorded with.
+            j._rescale(block)
+        j._size = j._compacted = len(data) - j.torn
+        return j
+
+    def _rescale(self, block: int) -> None:
+        old = self.block
+        for mk in self.state.marks.values():
+            for name in ("data", "cmp"):
+                rs = RangeSet()
+                for s, e in getattr(mk, name).ranges():
+                    rs.add(s * old // block, INF if e >= INF else -(-e * old // block))
+                setattr(mk, name, rs)
+            fresh = RangeSet()
+            for s, e in mk.fresh.ranges():
+                a, b = -(-s * old // block), (INF if e >= INF else e * old // block)
+                fresh.add(a, b)
+            mk.fresh = fresh
+        self.block = block
+
+    def _apply(self, rec: Record) -> None:
+        st = self.state
+        if isinstance(rec, RState):
+            self.kind, self.sync, self.generation = rec.kind, rec.sync, rec.generation
+            self.boot, self.clean, self.block, self.reason = rec.boot, rec.clean, rec.block, rec.reason
+            self.state = st = State()
+            for r in rec.marks:
+                self._apply(r)
+            for p in rec.suspects:
+                st.add_suspect(p)
+        elif isinstance(rec, RMarks):
+            mk = st.mark(rec.path)
+            mk.data.update(RangeSet(rec.data))
+            mk.fresh.update(RangeSet(rec.fresh))
+            mk.meta |= rec.meta
+        elif isinstance(rec, RSuspect):
+            st.add_suspect(rec.path)
+        elif isinstance(rec, RPending):
+            st.pending[rec.id] = list(rec.paths)
+            self._next_id = max(self._next_id, rec.id + 1)
+        elif isinstance(rec, ROps):
+            st.pending.pop(rec.id, None)
+            if rec.effects:
+                for op in rec.ops:
+                    st.apply_ns(op)
+            else:
+                st.log.extend(rec.ops)
+        elif isinstance(rec, RSettle):
+            st.pending.pop(rec.id, None)
+
+    # -- what this node is --
+
+    def lineage(self) -> bytes | None:
+        """The lineage id this node's tree provably equals (what a target reports), or None."""
+        if self.kind == "target" and self.sync and (self.clean or self.boot == boot_id()):
+            return self.sync
+        if self.kind == "session" and self.sync and self.clean:
+            return self.sync
+        if self.kind == "alone" and self.sync and self.state.empty and not self.state.overflow:
+            return self.sync
+        return None
+
+    def describe(self) -> dict[str, object]:
+        st = self.state
+        return {
+            "kind": self.kind, "lineage": self.sync.hex() if self.sync else None, "generation": self.generation,
+            "trusted": self.trusted, "files": len(st.marks), "suspects": len(st.suspects),
+            "namespace_ops": len(st.log), "reason": self.reason, "failed": self.failed,
+        }
+
+    @property
+    def trusted(self) -> bool:
+        """A source can send exactly this journal (given a target at lineage `sync`)."""
+        return self.kind == "alone" and self.sync is not None and not self.state.overflow and not self.failed
+
+    # -- transitions (each rewrites the file: one atomic, durable record) --
+
+    def become_source(self, generation: int | None = None) -> None:
+        """At the start of a primary agent: from whatever this node was, to journaling."""
+        if self.kind == "alone" and self.sync and self.state.overflow:
+            self.invalidate("journal overflowed (too many namespace changes): checksum resync")
+            return
+        if self.kind == "alone" and self.sync:
+            self.state.settle_pending()  # a crash left intents unsettled: compare those paths
+            gen = self.generation if self.generation is not None else generation
+            self._reset(RState("alone", self.sync, gen, boot_id(), block=self.block, at=time.time(),
+                               marks=[marks_record(mk) for mk in self.state.marks.values()],
+                               suspects=sorted(self.state.suspects), reason="alone (continued)"),
+                        keep_log=True)
+            return
+        sync = self.lineage()
+        if sync is not None:
+            why = {"target": "was an up-to-date secondary", "session": "stopped cleanly while replicating"}.get(
+                self.kind, "alone")
+            self._reset(RState("alone", sync, generation, boot_id(), block=self.block, at=time.time(),
+                               reason=f"alone since lineage {sync.hex()[:8]} ({why})"))
+        else:
+            why = self.reason if self.kind == "invalid" else {
+                "session": "crash while replicating: operations in flight unknown",
+                "target": "secondary not stopped cleanly and the machine rebooted",
+            }.get(self.kind, self.kind)
+            self.invalidate(why)
+
+    def alone_from_session(self, marks: Iterable[Mark], suspects: Iterable[bytes]) -> None:
+        """The link broke while replicating in session `sync`: from now on journal, starting with
+        what the peer never acknowledged. One record, so a crash leaves either the clean session
+        (untrusted) or the whole start of the alone journal."""
+        if self.kind != "session" or not self.sync:
+            return
+        recs = [marks_record(mk) for mk in marks]
+        self.kind, self.clean, self.reason = "alone", False, "replication link lost"
+        self.state = State()
+        rec = RState("alone", self.sync, self.generation, boot_id(), block=self.block, at=time.time(),
+                     marks=recs, suspects=sorted(set(suspects)), reason=self.reason)
+        self._apply(rec)
+        self.authoritative = True
+        self.append(rec)
+
+    def start_session(self, sync: bytes, generation: int | None) -> None:
+        self._reset(RState("session", sync, generation, boot_id(), block=self.block, at=time.time(),
+                           reason="replicating"))
+
+    def close_session(self) -> None:
+        if self.kind == "session":
+            self._reset(RState("session", self.sync, self.generation, boot_id(), clean=True, block=self.block,
+                               at=time.time(), reason="stopped cleanly"))
+
+    def target_invalidate(self, why: str) -> None:
+        if self.kind != "invalid":
+            self.invalidate(why)
+
+    def target_done(self, sync: bytes, generation: int | None) -> None:
+        self._reset(RState("target", sync, generation, boot_id(), block=self.block, at=time.time(),
+                           reason="resynchronised"))
+
+    def target_clean(self) -> None:
+        if self.kind == "target":
+            self._reset(RState("target", self.sync, self.generation, boot_id(), clean=True, block=self.block,
+                               at=time.time(), reason="secondary stopped cleanly"))
+
+    def invalidate(self, why: str, keep_state: bool = False) -> None:
+        """Nothing is known any more (durably). `keep_state`: the in-memory state stays (a resync
+        that just started works from it)."""
+        state = self.state
+        self._reset(RState("invalid", None, self.generation, boot_id(), block=self.block, at=time.time(), reason=why))
+        if keep_state:
+            self.state = state
+
+    def _reset(self, rec: RState, keep_log: bool = False) -> None:
+        log_ops, pending = (self.state.log, self.state.pending) if keep_log else ([], {})
+        self._apply(rec)
+        self.state.log = list(log_ops)
+        self.state.pending = dict(pending)
+        self.authoritative = rec.kind == "alone"
+        self._buf.clear()
+        if self.path is None:
+            self._all_durable()
+            return
+        body = encode_record(rec)
+        if keep_log:
+            body += b"".join(encode_record(ROps(0, log_ops[i:i + 1000], False)) for i in range(0, len(log_ops), 1000))
+            body += b"".join(encode_record(RPending(i, p)) for i, p in pending.items())
+        self._rewrite(body)
+        self._all_durable()
+
+    def _all_durable(self) -> None:
+        """Everything appended so far is reflected in what the file now holds."""
+        self._durable = self._appended
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters = []
+
+    def _rewrite(self, body: bytes) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._size = self._compacted = len(body)
+
+    # -- appending and group commit --
+
+    def new_id(self) -> int:
+        i = self._next_id
+        self._next_id += 1
+        return i
+
+    def append(self, rec: Record) -> None:
+        """Queue a record (durable once `commit()` returns). Only while authoritative: otherwise
+        the file says `invalid` and nothing appended would change that."""
+        if not self.authoritative or self.path is None:
+            return
+        self._buf.append(encode_record(rec))
+        self._appended += 1
+
+    async def commit(self) -> None:
+        """Return once every record appended so far is on disk (group commit)."""
+        target = self._appended
+        if self._durable >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="journal-flush")
+        await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the rest of this tick append its records: one fsync for all
+        while self._buf:
+            data, upto = b"".join(self._buf), self._appended
+            self._buf.clear()
+            try:
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                # The change is applied locally but its record may be lost: trust nothing, say so.
+                log.error("journal %s: cannot write (%s): the next resync compares checksums", self.path, exc)
+                self.failed = str(exc)
+                self.authoritative = False
+                self._buf.clear()
+                upto = self._appended
+            self._durable = upto
+            keep = []
+            for target, fut in self._waiters:
+                if target <= upto:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    keep.append((target, fut))
+            self._waiters = keep
+            if self.authoritative and self._size > max(COMPACT_MIN, 4 * self._compacted):
+                self.compact()
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0:
+            assert self.path is not None
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        os.fdatasync(self._fd)
+        self._size += len(data)
+
+    def compact(self) -> None:
+        """Rewrite the file as one snapshot of the current state (same meaning, fewer bytes)."""
+        if self.path is None or self.kind != "alone":
+            return
+        st = self.state
+        rec = RState("alone", self.sync, self.generation, self.boot, block=self.block, at=time.time(),
+                     suspects=sorted(st.suspects), reason=self.reason)
+        body = [encode_record(rec)]
+        body += [encode_record(marks_record(mk)) for mk in st.marks.values()]
+        body += [encode_record(ROps(0, st.log[i:i + 1000], False)) for i in range(0, len(st.log), 1000)]
+        body += [encode_record(RPending(i, p)) for i, p in st.pending.items()]
+        # Records still queued are already reflected in the in-memory state, hence in the snapshot.
+        self._buf.clear()
+        self._rewrite(b"".join(body))
+        self._all_durable()
+
+    def flush_sync(self) -> None:
+        """Write what is queued now (shutdown)."""
+        if self._buf and self.path is not None:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            try:
+                self._write(data)
+            except OSError as exc:
+                log.error("journal %s: cannot write at shutdown: %s", self.path, exc)
+            self._durable = self._appended
+
+    def close(self) -> None:
+        self.flush_sync()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+

@@ -1,0 +1,139 @@
+"""Write protection of the secondary's replicated directories: a read-only bind mount over each.
+
+The receiver agent opens its directory descriptor (O_PATH) first, then bind-mounts the directory
+onto itself and remounts that bind read-only. Applications resolving the directory by path now
+reach the read-only mount and get EROFS for every change; the receiver's descriptor still refers
+to the original (read-write) mount, and so does everything it opens beneath it, including the
+/proc/self/fd magic links it uses: replicated operations keep landing. (Checked on Linux 6.x; see
+docs/replication.md, "Read-only secondary".)
+
+The protection is undone when the receiver stops (lazily, MNT_DETACH: a process whose working
+directory is inside does not block it), so become_primary finds a writable directory. A marker
+file in the state directory records that the mount is ours, so a service restarted after a crash
+of the agent removes a protection left behind, and never a mount it did not make.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_RELATIME = 1 << 21
+MNT_DETACH = 2
+# statvfs f_flag bits that a bind remount must carry over (or they would be cleared on the bind).
+_CARRIED = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC,
+            os.ST_NOATIME: MS_NOATIME, os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
+
+
+def marker_path(state_dir: Path, module: str, directory: Path) -> Path:
+    safe = str(directory).strip("/").replace("/", "_") or "root"
+    return Path(state_dir) / f"{module}.{safe}.readonly"
+
+
+def _mount(source: bytes | None, target: bytes, flags: int) -> None:
+    if _libc.mount(source, target, None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target.decode(errors='replace')}: {os.strerror(err)}")
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda mo: bytes([int(mo.group(1), 8)]), field)
+
+
+def _top_mount(directory: Path) -> tuple[bool, bool] | None:
+    """(read-only, self-bind) of the topmost mount exactly at `directory`, None if there is none.
+    Self-bind: same device as the mount it sits on (a bind of a directory of that file system)."""
+    target = os.fsencode(os.path.realpath(directory))
+    try:
+        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
+    except OSError:
+        return None
+    by_id: dict[bytes, list[bytes]] = {}
+    here: list[list[bytes]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        by_id[fields[0]] = fields
+        if _unescape(fields[4]) == target:
+            here.append(fields)
+    parents = {f[1] for f in here}
+    tops = [f for f in here if f[0] not in parents]  # nothing else is mounted on top of it
+    if not tops:
+        return None
+    top = tops[-1]
+    parent = by_id.get(top[1])
+    readonly = b"ro" in top[5].split(b",")
+    return readonly, parent is not None and parent[2] == top[2]
+
+
+def is_protected(directory: Path) -> bool:
+    top = _top_mount(directory)
+    return top is not None and top[0] and top[1]
+
+
+def protect(directory: Path, marker: Path) -> None:
+    """Bind-mount `directory` onto itself read-only. Descriptors opened before stay writable."""
+    unprotect(directory, marker)  # never stack a second one over a leftover
+    target = os.fsencode(directory)
+    flags = os.statvfs(directory).f_flag
+    carried = 0
+    for st_flag, ms_flag in _CARRIED.items():
+        if flags & st_flag:
+            carried |= ms_flag
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{directory}\n")  # before the mount: a crash in between leaves no unknown mount
+    _mount(target, target, MS_BIND)
+    try:
+        _mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | carried)
+    except OSError:
+        _umount(target)
+        marker.unlink(missing_ok=True)
+        raise
+    log.info("%s is read-only for applications (replicated writes go through the receiver)", directory)
+
+
+def _umount(target: bytes) -> None:
+    if _libc.umount2(target, MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target.decode(errors='replace')}: {os.strerror(err)}")
+
+
+def unprotect(directory: Path, marker: Path) -> bool:
+    """Remove our read-only bind mount of `directory` if there is one (the marker says we made it);
+    True if one was removed."""
+    if not marker.exists():
+        return False
+    removed = False
+    for _ in range(8):  # leftovers of repeated crashes may be stacked
+        if not is_protected(directory):
+            break
+        try:
+            _umount(os.fsencode(directory))
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                break
+            raise
+        removed = True
+    marker.unlink(missing_ok=True)
+    if removed:
+        log.info("%s is writable again", directory)
+    return removed

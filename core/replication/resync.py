@@ -1,0 +1,1275 @@
+"""Resynchronisation: the primary brings the secondary's tree up to date while the application runs.
+
+Primary side: `MirrorReplicator` is what the FUSE layer hands changes to. It is in one of three
+modes: `alone` (no peer: changes go to the journal, write-ahead, see journal.py), `resync` (a peer is
+connected and being brought up to date), `live` (synchronous replication). Secondary side:
+`ResyncApplier` applies the resync messages in stream order and answers the requests.
+
+A resync, on every (re)connection:
+
+1. Query: the secondary reports the lineage id its tree holds (journal.py). If it is the base of
+   this node's trusted journal, a *journal resync* sends what the journal says; otherwise a
+   *checksum resync* compares the trees.
+2. Begin: the secondary durably forgets its lineage before anything else is applied (acknowledged
+   before we go on): a resync interrupted from here on leaves it "not up to date" for good, and the
+   next one compares checksums. Until this acknowledgement the journal on disk still describes
+   exactly what the peer misses, so it stays write-ahead until then.
+3. Namespace (phase A). New namespace changes of the application wait at a gate (only those; data
+   writes go on and are marked). Journal resync: the journal's namespace log is replayed in order
+   (creates, unlinks, renames, links...; a replayed operation that fails there makes its paths
+   suspects); then every suspect subtree, or the whole tree for a checksum resync, is reconciled:
+   the secondary lists it (type, mode, owner, size, mtime, inode, symlink target, xattr digest,
+   content digest of small files), the primary compares with its own listing and sends removals,
+   creations, hard links, and marks: `cmp` for files on both sides (compare block checksums),
+   `data` for new or different small files, `meta` for differing attributes.
+4. Data (phase B). The gate opens. For each marked path: `cmp` blocks are compared by xxh3-128
+   digests at two levels (64 KiB blocks, then the 4 KiB blocks of those that differ), only
+   differing blocks are sent; `data` blocks are sent as they are (zeros skipped where the replica is
+   known to have a hole); then the size and times; then the metadata. Bandwidth-capped.
+5. Done: the secondary syncs its file system and holds a new lineage id; the primary starts the
+   session in its journal and goes live.
+
+Why no write is lost while the application writes during the resync (phase B). Invariant: for
+every path and block, the replica equals the primary unless the block is marked (`data`/`cmp`), or
+the path's metadata unless `meta`. The FUSE layer applies a change and hands it over with no await
+in between, and the resync reads a block from the primary, sends it and clears its mark with no
+await in between either: both orders are the stream order the secondary applies.
+- A write touching only marked blocks is not sent (the marks stay: the resync will read the blocks
+  after the write). A write touching any unmarked block is sent as usual (the replica gets the same
+  bytes) and turns the `cmp` marks of the blocks it touches into `data` marks: the replica's digest
+  of those blocks may predate it, so they are resent rather than compared.
+- Hence a block still `cmp`-marked was touched by no operation sent since it was marked: the
+  secondary's digest of it, whenever taken, is its current content, and comparing it with the
+  primary's current content at the moment the mark is cleared is exact.
+- Namespace changes (phase B) are sent as usual; marks follow renames exactly as the secondary's
+  entries do. A truncate is sent too; the blocks past the new size become `data`.
+- A file's size and `data` marks past its end are settled in one step at the end of the file.
+So when no mark is left, the replica equals the primary, and `RsDone` is sent in stream order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from . import messages as m
+from .apply import Applier, open_regular, proc_path, syncfs
+from .exclude import Excluder
+from .journal import (
+    INF,
+    NS_TYPES,
+    Journal,
+    Mark,
+    RangeSet,
+    RMarks,
+    ROps,
+    RPending,
+    RSettle,
+    RSuspect,
+    State,
+    marks_record,
+    replay_form,
+)
+from .paths import PathError, open_beneath
+from .replicator import PENDING
+from .sender import Sender
+
+log = logging.getLogger(__name__)
+
+COARSE = 16  # journal blocks per first-level compared block (64 KiB with 4 KiB blocks)
+SMALL_FILE = 64 * 1024  # files up to this size are compared by one digest in the listing
+REGION = m.MAX_DIGESTS  # fine blocks per region: one coarse and one fine digest request each
+STEP = 256  # fine blocks read and compared in one atomic step (1 MiB with 4 KiB blocks)
+ENTRIES_BYTES = 192 * 1024  # RsEntries payload bound (frames stay below MAX_FRAME)
+
+_hids = itertools.count(1 << 61)  # resync handle ids: above FUSE handles, apart from snapshot's
+
+
+class LinkLost(Exception):
+    pass
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0] if b"/" in path else b""
+
+
+def _op_paths(op: m.Op) -> list[bytes]:
+    out = []
+    for name in ("path", "old", "new"):
+        v = getattr(op, name, None)
+        if isinstance(v, bytes):
+            out.append(v)
+    return out
+
+
+# ---- listing and hashing (both sides) ------------------------------------------------------------
+
+_KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+
+
+def xattr_digest(target: bytes | str, follow: bool) -> int:
+    try:
+        names = sorted(os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow))
+    except OSError:
+        return 0
+    if not names:
+        return 0
+    h = xxhash.xxh3_64()
+    for name in names:
+        try:
+            value = os.getxattr(target, name, follow_symlinks=follow)
+        except OSError:
+            continue
+        h.update(len(name).to_bytes(4, "big") + name + len(value).to_bytes(4, "big") + value)
+    return h.intdigest() or 1
+
+
+def _small_digest(dfd: int, name: bytes | str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return digest(os.pread(fd, SMALL_FILE + 1, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _entry(dfd: int, name: bytes, path: bytes, st: os.stat_result, digests: bool) -> m.RsEntry | None:
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
+        return None  # device nodes are never replicated
+    xattrs = 0
+    if kind != "l":
+        xattrs = xattr_digest(b"/proc/self/fd/%d/%s" % (dfd, name) if name else b"/proc/self/fd/%d" % dfd,
+                              follow=not name)
+    dig = _small_digest(dfd, name) if kind == "f" and digests and st.st_size <= SMALL_FILE and name else None
+    return m.RsEntry(path, kind, stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid,
+                     st.st_size if kind == "f" else 0, st.st_mtime_ns, st.st_ino, st.st_nlink,
+                     os.readlink(name, dir_fd=dfd) if kind == "l" else None, xattrs, dig)
+
+
+def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
+              digests: bool = True) -> tuple[bool, list[m.RsEntry]]:
+    """(parent found, entries of the subtree at `path`, parents before children, names sorted).
+    Never follows a symlink; device nodes and excluded entries are left out."""
+    exclude = exclude or Excluder()
+    entries: list[m.RsEntry] = []
+    if path:
+        try:
+            pdir = open_beneath(root_fd, _parent(path), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False, []
+        name = path.rpartition(b"/")[2]
+        try:
+            st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
+        except OSError:
+            os.close(pdir)
+            return True, []
+        e = _entry(pdir, name, path, st, digests)
+        if e is None:
+            os.close(pdir)
+            return True, []
+        entries.append(e)
+        if e.kind != "d":
+            os.close(pdir)
+            return True, entries
+        try:
+            top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pdir)
+        except OSError:
+            os.close(pdir)
+            return True, entries
+        os.close(pdir)
+    else:
+        top = open_beneath(root_fd, b"", os.O_RDONLY | os.O_DIRECTORY)
+        e = _entry(top, b"", b"", os.fstat(top), digests)
+        assert e is not None
+        entries.append(e)
+    stack: list[tuple[int, bytes]] = [(top, path)]
+    while stack:
+        dfd, dpath = stack.pop()
+        try:
+            names = sorted(map(os.fsencode, os.listdir(dfd)), reverse=True)
+            subdirs = []
+            for name in reversed(names):
+                child = dpath + b"/" + name if dpath else name
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if exclude.excluded(child, is_dir):
+                    continue
+                e = _entry(dfd, name, child, st, digests)
+                if e is None:
+                    continue
+                entries.append(e)
+                if is_dir:
+                    subdirs.append((name, child))
+            for name, child in reversed(subdirs):
+                try:
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                except OSError:
+                    continue
+                stack.append((sub, child))
+        finally:
+            os.close(dfd)
+    return True, entries
+
+
+def block_digests(fd: int, block: int, ranges: list[tuple[int, int]], limit: int = m.MAX_DIGESTS) -> bytes:
+    """Digests of the blocks of `ranges` (block indices) up to the end of the file, concatenated."""
+    out = bytearray()
+    chunk = max(block, 1 << 20) // block * block
+    count = 0
+    for s, e in ranges:
+        b = s
+        while b < e and count < limit:
+            n = min(e - b, chunk // block, limit - count)
+            data = os.pread(fd, n * block, b * block)
+            if not data:
+                return bytes(out)
+            view = memoryview(data)
+            for i in range(0, len(data), block):
+                out += digest(view[i:i + block])
+                count += 1
+            view.release()
+            if len(data) < n * block:
+                return bytes(out)
+            b += n
+    return bytes(out)
+
+
+# ---- secondary side ------------------------------------------------------------------------------
+
+class ResyncApplier(Applier):
+    """The receiver's Applier, plus the resync requests and the lineage of the tree it writes."""
+
+    def __init__(self, root_fd: int, journal: Journal | None = None, generation: int | None = None,
+                 on_event: Callable[..., None] | None = None, directory: str = "") -> None:
+        super().__init__(root_fd)
+        self.journal = journal
+        self.generation = generation
+        self.on_event = on_event
+        self.directory = directory
+        self.replies: list[m.Message] = []
+        self.lenient = False
+        self.failed: list[bytes] = []
+        self.in_resync = False  # this stream started with RsBegin: what follows is the lineage's
+        self._dispatch.update({
+            m.RsQuery: self._rs_query, m.RsBegin: self._rs_begin, m.RsReplay: self._rs_replay,
+            m.RsList: self._rs_list, m.RsHash: self._rs_hash, m.RsXattrs: self._rs_xattrs,
+            m.RsDone: self._rs_done,
+        })
+
+    def _emit(self, event: str, **detail: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, dict(detail, directory=self.directory))
+            except Exception:
+                log.exception("resync event callback failed")
+
+    def apply(self, op: m.Op) -> None:
+        if not self.in_resync and self.journal is not None and self.journal.kind != "invalid" \
+                and not isinstance(op, (m.Noop, m.RsQuery, m.RsBegin)):
+            # Changes from a stream that did not start with a resync: the lineage no longer holds.
+            self.journal.target_invalidate("changes applied outside a resync")
+        if self.lenient and isinstance(op, NS_TYPES):
+            try:
+                super().apply(op)
+            except PathError:
+                raise
+            except OSError as exc:
+                log.info("replayed %s failed on the replica (%s): compared afterwards", type(op).__name__, exc)
+                if len(self.failed) < 60000:
+                    self.failed.extend(_op_paths(op))
+            return
+        super().apply(op)
+
+    def _rs_query(self, op: m.RsQuery) -> None:
+        j = self.journal
+        sync = j.lineage() if j is not None else None
+        self.replies.append(m.RsState(op.req, sync, self.generation, (j.reason if j else "no journal")[:200]))
+
+    def _rs_begin(self, op: m.RsBegin) -> None:
+        if self.journal is not None:
+            self.journal.target_invalidate(f"{op.mode} resync in progress")
+        self.in_resync = True
+        self._emit("resync_started", mode=op.mode)
+
+    def _rs_replay(self, op: m.RsReplay) -> None:
+        if not op.end:
+            self.lenient, self.failed = True, []
+            return
+        self.lenient = False
+        failed = sorted(set(self.failed))
+        self.failed = []
+        total = 0
+        keep = []
+        for p in failed:  # bounded by the frame: beyond, the whole tree is compared
+            total += len(p) + 8
+            if total > ENTRIES_BYTES:
+                keep = [b""]
+                break
+            keep.append(p)
+        self.replies.append(m.RsReplayed(op.req, keep))
+
+    def _rs_list(self, op: m.RsList) -> None:
+        found, entries = list_tree(self.root, op.path, Excluder(list(op.exclude)))
+        batch: list[m.RsEntry] = []
+        size = 0
+        for e in entries:
+            w = len(e.path) + len(e.target or b"") + 96
+            if batch and (size + w > ENTRIES_BYTES or len(batch) >= 8192):
+                self.replies.append(m.RsEntries(op.req, found, batch, last=False))
+                batch, size = [], 0
+            batch.append(e)
+            size += w
+        self.replies.append(m.RsEntries(op.req, found, batch, last=True))
+
+    def _rs_hash(self, op: m.RsHash) -> None:
+        try:
+            fd = open_regular(self.root, op.path, os.O_RDONLY)
+        except (OSError, PathError):
+            self.replies.append(m.RsDigests(op.req, -1))
+            return
+        try:
+            flat = list(op.ranges)
+            ranges = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+            self.replies.append(m.RsDigests(op.req, os.fstat(fd).st_size, block_digests(fd, op.block, ranges)))
+        finally:
+            os.close(fd)
+
+    def _rs_xattrs(self, op: m.RsXattrs) -> None:
+        pfd = open_beneath(self.root, op.path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            target = proc_path(pfd)
+            keep = set(op.keep)
+            for name in os.listxattr(target):
+                if os.fsencode(name) not in keep:
+                    try:
+                        os.removexattr(target, name)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENODATA, errno.EPERM, errno.EOPNOTSUPP):
+                            raise
+        finally:
+            os.close(pfd)
+
+    def _rs_done(self, op: m.RsDone) -> None:
+        fd = open_beneath(self.root, b"", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            syncfs(fd)  # the new lineage is recorded only once the tree it names is durable
+        finally:
+            os.close(fd)
+        if self.journal is not None:
+            self.journal.target_done(op.sync, op.generation if op.generation is not None else self.generation)
+        self._emit("resync_done", lineage=op.sync.hex())
+
+
+# ---- primary side --------------------------------------------------------------------------------
+
+class TokenBucket:
+    """Bytes per second with a small burst; None: no cap."""
+
+    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(256 * 1024, (rate or 0) * 0.1)
+        self.tokens = self.burst
+        self.at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        self.tokens -= n
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
+@dataclass
+class Progress:
+    mode: str
+    started: float = field(default_factory=time.time)
+    phase: str = "query"
+    bytes_total: int = 0  # bytes to send or compare (marked blocks within the files)
+    bytes_done: int = 0
+    bytes_sent: int = 0  # file data actually sent
+    digests_received: int = 0
+    files_total: int = 0
+    files_done: int = 0
+    namespace_ops: int = 0
+    entries_listed: int = 0
+    cap: float | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = max(time.time() - self.started, 1e-6)
+        rate = self.bytes_done / elapsed
+        left = max(self.bytes_total - self.bytes_done, 0)
+        return {
+            "mode": self.mode, "phase": self.phase, "started_at": self.started, "elapsed": round(elapsed, 3),
+            "bytes_total": self.bytes_total, "bytes_done": self.bytes_done, "bytes_sent": self.bytes_sent,
+            "files_total": self.files_total, "files_done": self.files_done, "namespace_ops": self.namespace_ops,
+            "entries_listed": self.entries_listed, "rate_bytes_per_s": round(rate),
+            "eta_seconds": round(left / rate, 1) if rate > 0 and self.phase == "data" else None,
+            "bandwidth_cap_bytes_per_s": self.cap,
+        }
+
+
+class MirrorReplicator:
+    """The primary's replicator: journal (alone), resync, then synchronous replication (live).
+    See the module docstring; the FUSE layer's contract is in replicator.py."""
+
+    active = True
+
+    def __init__(self, journal: Journal, exclude: Excluder | None = None, *, block: int | None = None,
+                 bandwidth: float | None = None, generation: int | None = None,
+                 on_event: Callable[..., None] | None = None) -> None:
+        self.journal = journal
+        self.exclude = exclude or Excluder()
+        self.block = block or journal.block
+        self.bucket = TokenBucket(bandwidth)
+        self.generation = generation
+        self.on_event = on_event
+        self.epoch = 0
+        self.sender: Sender | None = None
+        self.mode = "alone"
+        self.phase = ""
+        self.root = -1
+        self.progress: Progress | None = None
+        self.last_resync: dict[str, Any] | None = None
+        self._hids: dict[int, bytes | None] = {}
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._tokens: set[int] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._req = itertools.count(1)
+        self._waiting: dict[int, tuple[list[m.Message], asyncio.Future[list[m.Message]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.lost_event = asyncio.Event()
+
+    # ---- plumbing ----
+
+    def bind(self, root_fd: int) -> None:
+        """The directory descriptor the FUSE layer uses (duplicated: ours outlives the mount's)."""
+        self.root = os.dup(root_fd)
+
+    @property
+    def state(self) -> State:
+        return self.journal.state
+
+    @property
+    def journaling(self) -> bool:
+        """Tell me before each change (see replicator.py): while alone with a journal worth keeping,
+        and during a resync until the data phase (for the namespace gate and the marks)."""
+        if self.mode == "alone":
+            return self.journal.authoritative
+        return self.mode == "resync" and self.phase not in ("data", "done")
+
+    @property
+    def _disk(self) -> bool:
+        return self.journal.authoritative and self.mode != "live"
+
+    def _emit(self, event: str, **detail: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, **detail)
+            except Exception:
+                log.exception("replication event callback failed")
+
+    def status(self) -> dict[str, Any]:
+        s = self.sender
+        return {
+            "connected": s is not None, "mode": self.mode, "dirty": self.mode != "live",
+            "bytes_sent": s.stats.bytes_sent if s else 0, "inflight": s.inflight_bytes if s else 0,
+            "lag": s.lag_seconds() if s else None,
+            "resync": self.progress.snapshot() if self.progress is not None and self.mode == "resync" else None,
+            "last_resync": self.last_resync, "journal": self.journal.describe(),
+        }
+
+    # ---- intents (write-ahead) ----
+
+    async def intend_write(self, path: bytes, off: int, length: int, extends: bool = False) -> None:
+        b = self.block
+        s, e = off // b, (INF if extends else _ceil(off + length, b))
+        if self.state.add_data(path, s, e) and self._disk:
+            self.journal.append(RMarks(path, [s, e]))
+        if self._disk:
+            await self.journal.commit()  # also when already marked: that mark may not be durable yet
+
+    async def intend_meta(self, path: bytes, size: int | None = None) -> None:
+        new = self.state.add_meta(path)
+        data: list[int] = []
+        if size is not None and self.state.add_data(path, size // self.block, INF):
+            data = [size // self.block, INF]
+            new = True
+        if new and self._disk:
+            self.journal.append(RMarks(path, data, meta=True))
+        if self._disk:
+            await self.journal.commit()
+
+    async def intend_ns(self, *paths: bytes) -> None:
+        while not self._gate.is_set():  # a resync is replaying the namespace: wait for it
+            await self._gate.wait()
+        if not self.journaling:
+            return
+        tok = self.journal.new_id()
+        self.state.pending[tok] = list(paths)
+        self._tokens.add(tok)
+        self._idle.clear()
+        PENDING.set(tok)
+        if self._disk:
+            self.journal.append(RPending(tok, list(paths)))
+            await self.journal.commit()
+
+    def settle(self, tok: int) -> None:
+        """The change of intent `tok` did not happen (or was not replicated)."""
+        if self.state.pending.pop(tok, None) is not None and self._disk:
+            self.journal.append(RSettle(tok))
+        self._token_done(tok)
+
+    def _token_done(self, tok: int) -> None:
+        self._tokens.discard(tok)
+        if not self._tokens:
+            self._idle.set()
+
+    # ---- the FUSE layer's changes ----
+
+    async def submit(self, *ops: m.Op) -> None:
+        tok = PENDING.get()
+        if tok is not None:
+            PENDING.set(None)
+        if self.mode == "live" or (self.mode == "resync" and self.phase in ("data", "done")):
+            if tok is not None:
+                self.state.pending.pop(tok, None)
+                self._token_done(tok)
+            send = self._route(ops) if self.mode == "resync" else self._track(ops)
+            sender = self.sender
+            if sender is not None and (not send or await sender.submit(*send)):
+                return
+            await self._after_loss(ops)
+            return
+        self._track_hids(ops)
+        if self.mode == "resync" or self.journal.authoritative:
+            if self._journal_ops(ops, tok) and self._disk:
+                await self.journal.commit()
+        elif tok is not None:
+            self._token_done(tok)
+
+    def _track_hids(self, ops: tuple[m.Op, ...] | list[m.Op]) -> None:
+        for op in ops:
+            self._track_hid(op)
+
+    def _track_hid(self, op: m.Op) -> None:
+        hids = self._hids
+        if isinstance(op, m.Open):
+            hids[op.hid] = op.path
+        elif isinstance(op, m.Create):
+            if op.hid is not None:
+                hids[op.hid] = op.path
+        elif isinstance(op, m.Close):
+            hids.pop(op.hid, None)
+        elif isinstance(op, m.Rename) and hids:
+            a, b = op.old, op.new
+            for h, p in hids.items():
+                if p is None:
+                    continue
+                if p == a or p.startswith(a + b"/"):
+                    hids[h] = b + p[len(a):]
+                elif op.flags & 2 and (p == b or p.startswith(b + b"/")):
+                    hids[h] = a + p[len(b):]
+                elif p == b or p.startswith(b + b"/"):
+                    hids[h] = None  # replaced: the open file has no name any more
+        elif isinstance(op, (m.Unlink, m.Rmdir, m.Remove)) and hids:
+            for h, p in hids.items():
+                if p is not None and (p == op.path or p.startswith(op.path + b"/")):
+                    hids[h] = None
+
+    def _track(self, ops: tuple[m.Op, ...]) -> tuple[m.Op, ...]:
+        self._track_hids(ops)
+        return ops
+
+    def _path_of(self, op: m.Op) -> bytes | None:
+        hid = getattr(op, "hid", None)
+        if hid is not None and hid in self._hids:
+            return self._hids[hid]
+        return getattr(op, "path", None)
+
+    def _journal_ops(self, ops: tuple[m.Op, ...], tok: int | None) -> bool:
+        """Record `ops` (applied locally) in the journal; True if something new must be made
+        durable before the call returns (a change that came without its intent)."""
+        st, b = self.state, self.block
+        need = False
+        ns: list[m.Op] = []
+        for op in ops:
+            if isinstance(op, NS_TYPES):
+                st.apply_ns(op)
+                rf = replay_form(op)
+                if rf is not None:
+                    ns.append(rf)
+                continue
+            path = self._path_of(op)
+            if path is None:
+                continue
+            changed = False
+            if isinstance(op, m.Write):
+                changed = st.add_data(path, op.off // b, _ceil(op.off + len(op.data), b))
+            elif isinstance(op, m.Fallocate):
+                changed = st.add_data(path, op.off // b, _ceil(op.off + op.length, b))
+            elif isinstance(op, m.SetAttr):
+                changed = st.add_meta(path)
+                if op.size is not None:
+                    changed |= st.add_data(path, op.size // b, INF)
+            elif isinstance(op, (m.SetXattr, m.RemoveXattr)):
+                changed = st.add_meta(path)
+            if changed:
+                need = True
+                self.journal.append(marks_record(st.marks[path]))
+        if tok is not None:
+            self.state.pending.pop(tok, None)
+            self.journal.append(ROps(tok, ns))
+            self._token_done(tok)
+        elif ns:
+            self.journal.append(ROps(0, ns))
+            need = True
+        return need
+
+    def _route(self, ops: tuple[m.Op, ...]) -> list[m.Op]:
+        """Data phase: which of `ops` go to the secondary now (module docstring, the invariant)."""
+        st, b = self.state, self.block
+        out: list[m.Op] = []
+        for op in ops:
+            self._track_hid(op)
+            if isinstance(op, (m.Write, m.Fallocate)):
+                path = self._path_of(op)
+                mk = st.marks.get(path) if path is not None else None
+                if mk is not None:
+                    length = len(op.data) if isinstance(op, m.Write) else op.length
+                    s, e = op.off // b, _ceil(op.off + length, b)
+                    mk.version += 1
+                    if mk.covered(s, e):
+                        continue  # the resync reads these blocks later, this write included
+                    for a, z in mk.cmp.within(s, e):
+                        mk.data.add(a, z)
+                    mk.cmp.remove(s, e)
+                    mk.fresh.remove(s, e)
+            elif isinstance(op, m.SetAttr) and op.size is not None:
+                path = self._path_of(op)
+                mk = st.marks.get(path) if path is not None else None
+                if mk is not None:
+                    k = op.size // b
+                    for a, z in mk.cmp.within(k, INF):
+                        mk.data.add(a, z)
+                    mk.cmp.remove(k, INF)
+                    mk.fresh.add(_ceil(op.size, b), INF)
+                    mk.version += 1
+            elif isinstance(op, NS_TYPES):
+                st.apply_ns(op, log_it=False)
+            out.append(op)
+        return out
+
+    async def _after_loss(self, ops: tuple[m.Op, ...]) -> None:
+        """`ops` were applied here but the link was lost before the peer had them."""
+        if self.mode != "alone" or not self.journal.authoritative:
+            return
+        self._record_unacked(ops)
+        await self.journal.commit()
+
+    def _unacked_state(self, ops: list[m.Op] | tuple[m.Op, ...]) -> State:
+        """What operations the peer may or may not have applied leave uncertain: their data blocks
+        and metadata are marked, their namespace paths become suspects (compared at the resync)."""
+        tmp, b = State(), self.block
+        for op in ops:
+            if isinstance(op, NS_TYPES):
+                for p in _op_paths(op):
+                    tmp.add_suspect(p)
+                continue
+            path = self._path_of(op)
+            if path is None:
+                continue
+            if isinstance(op, m.Write):
+                tmp.add_data(path, op.off // b, _ceil(op.off + len(op.data), b))
+            elif isinstance(op, m.Fallocate):
+                tmp.add_data(path, op.off // b, _ceil(op.off + op.length, b))
+            elif isinstance(op, m.SetAttr):
+                tmp.add_meta(path)
+                if op.size is not None:
+                    tmp.add_data(path, op.size // b, INF)
+            elif isinstance(op, (m.SetXattr, m.RemoveXattr)):
+                tmp.add_meta(path)
+        return tmp
+
+    def _record_unacked(self, ops: list[m.Op] | tuple[m.Op, ...]) -> None:
+        tmp = self._unacked_state(ops)
+        st = self.state
+        for mk in tmp.marks.values():
+            cur = st.mark(mk.path)
+            cur.data.update(mk.data)
+            cur.meta |= mk.meta
+            self.journal.append(marks_record(cur))
+        for p in tmp.suspects:
+            if st.add_suspect(p):
+                self.journal.append(RSuspect(p))
+
+    # ---- the link ----
+
+    def attach(self, sender: Sender) -> None:
+        sender.on_lost = self._lost
+        sender.on_reply = self._on_reply
+        self.sender = sender
+        self.epoch += 1  # the new peer holds none of our handles open
+        self.lost_event.clear()
+        self.mode, self.phase = "resync", "query"
+        self._task = asyncio.create_task(self._resync(sender), name="resync")
+
+    def detach(self) -> Sender | None:
+        sender, self.sender = self.sender, None
+        self.epoch += 1
+        return sender
+
+    def _lost(self, reason: str, unacked: list[m.Op]) -> None:
+        if self.sender is None:
+            return
+        self.sender = None
+        self.epoch += 1
+        if self.mode == "live":
+            tmp = self._unacked_state(unacked)
+            self.journal.alone_from_session(tmp.marks.values(), tmp.suspects)
+            if self.journal.authoritative:
+                asyncio.get_running_loop().create_task(self.journal.commit())
+        elif self.mode == "resync":
+            self._abort_resync()
+        self.mode, self.phase = "alone", ""
+        self.lost_event.set()
+        self._emit("lost", reason=reason)
+
+    def _abort_resync(self) -> None:
+        for _, fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(LinkLost())
+        self._waiting.clear()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._gate.set()
+        if self.progress is not None:
+            self.last_resync = dict(self.progress.snapshot(), result="interrupted")
+
+    def _on_reply(self, msg: m.Message) -> None:
+        entry = self._waiting.get(msg.req)  # type: ignore[union-attr]
+        if entry is None:
+            raise m.ProtocolError(f"unexpected {type(msg).__name__} for request {msg.req}")  # type: ignore[union-attr]
+        got, fut = entry
+        got.append(msg)
+        if not isinstance(msg, m.RsEntries) or msg.last:
+            del self._waiting[msg.req]  # type: ignore[union-attr]
+            if not fut.done():
+                fut.set_result(got)
+
+    def _send(self, *ops: m.Op) -> None:
+        sender = self.sender
+        if sender is None:
+            raise LinkLost()
+        for op in ops:
+            if sender.send(op) == 0:
+                raise LinkLost()
+
+    def _ask(self, make: Callable[[int], m.Op]) -> asyncio.Future[list[m.Message]]:
+        req = next(self._req)
+        fut: asyncio.Future[list[m.Message]] = asyncio.get_running_loop().create_future()
+        self._waiting[req] = ([], fut)
+        self._send(make(req))
+        return fut
+
+    async def _room(self) -> None:
+        sender = self.sender
+        if sender is None or not await sender.room():
+            raise LinkLost()
+
+    async def _barrier(self) -> None:
+        sender = self.sender
+        if sender is None or not await sender.barrier():
+            raise LinkLost()
+
+    # ---- the resync ----
+
+    async def _resync(self, sender: Sender) -> None:
+        try:
+            await self._run_resync()
+        except (LinkLost, asyncio.CancelledError):
+            pass
+        except Exception as exc:  # a bug or a local I/O error: drop the link, the next try starts over
+            log.exception("resync failed")
+            if self.sender is sender:
+                sender._lose(f"resync failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._gate.set()
+
+    async def _run_resync(self) -> None:
+        [reply] = await self._ask(lambda req: m.RsQuery(0, req))
+        assert isinstance(reply, m.RsState)
+        j = self.journal
+        same = j.trusted and reply.sync is not None and reply.sync == j.sync
+        mode = "journal" if same else "checksum"
+        why = ("journal trusted, secondary at its base lineage" if same else
+               f"journal: {j.reason if not j.trusted else 'trusted'}; secondary: "
+               f"{'lineage ' + reply.sync.hex()[:8] if reply.sync else reply.detail or 'no lineage'}")
+        if reply.generation is not None and j.generation is not None and reply.generation != j.generation:
+            log.warning("resync: secondary at generation %x, journal based on %x (lineage %s)",
+                        reply.generation, j.generation, "matches" if same else "differs")
+        self.progress = prog = Progress(mode, cap=self.bucket.rate)
+        log.info("resync (%s): %s", mode, why)
+        self._emit("resync_started", mode=mode, reason=why)
+        new_sync = os.urandom(16)
+        self.phase = "begin"
+        self._send(m.RsBegin(0, mode, new_sync))
+        await self._barrier()
+        # The secondary forgot its lineage: the journal on disk describes nothing useful any more;
+        # its in-memory state is this resync's work list.
+        j.invalidate(f"{mode} resync in progress", keep_state=(mode == "journal"))
+        prog.phase = self.phase = "replay"
+        self._gate.clear()
+        await self._idle.wait()  # namespace changes already past the gate finish first
+        st = self.state
+        st.settle_pending()
+        if mode == "journal":
+            log_ops, st.log = st.log, []
+            prog.namespace_ops = len(log_ops)
+            fut: asyncio.Future[list[m.Message]] | None = None
+            self._send(m.RsReplay(0, 0))
+            for i, op in enumerate(log_ops):
+                self._send(op)
+                if i % 256 == 255:
+                    await self._room()
+            fut = self._ask(lambda req: m.RsReplay(0, req, end=True))
+            [done] = await fut
+            assert isinstance(done, m.RsReplayed)
+            for p in done.failed:
+                st.add_suspect(p)
+        else:
+            st.log = []
+            st.suspects = {b""}
+        prog.phase = self.phase = "reconcile"
+        await self._reconcile_all()
+        await self._estimate()
+        prog.phase = self.phase = "data"
+        self._gate.set()
+        await self._drain()
+        prog.phase = self.phase = "done"
+        self._send(m.RsDone(0, new_sync, self.generation))
+        await self._barrier()
+        j.start_session(new_sync, self.generation)
+        self.mode, self.phase = "live", ""
+        snap = prog.snapshot()
+        self.last_resync = dict(snap, result="done", finished_at=time.time())
+        log.info("resync (%s) done in %.2f s: %d bytes sent, %d files", mode, snap["elapsed"], prog.bytes_sent,
+                 prog.files_done)
+        self._emit("resync_done", mode=mode, seconds=snap["elapsed"], bytes_sent=prog.bytes_sent,
+                   files=prog.files_done)
+
+    # -- phase A: namespace --
+
+    async def _reconcile_all(self) -> None:
+        st = self.state
+        done: list[bytes] = []
+        while st.suspects:
+            tops = sorted(st.suspects)
+            st.suspects = set()
+            for p in tops:
+                if any(p == d or p.startswith(d + b"/") or not d for d in done):
+                    continue
+                done.append(await self._reconcile(p))
+
+    async def _reconcile(self, path: bytes) -> bytes:
+        """Make the secondary's subtree at `path` match ours in structure; mark what to compare.
+        Returns the path actually reconciled (a parent when `path`'s is missing on either side)."""
+        excl = list(self.exclude.patterns)
+        while True:
+            replies = await self._ask(lambda req, p=path: m.RsList(0, req, p, excl))
+            found = all(r.found for r in replies)  # type: ignore[union-attr]
+            theirs = [e for r in replies for e in r.entries]  # type: ignore[union-attr]
+            ours_found, ours = await asyncio.to_thread(list_tree, self.root, path, self.exclude, True)
+            if (found and ours_found) or not path:
+                break
+            path = _parent(path)
+        if self.progress is not None:
+            self.progress.entries_listed += len(theirs) + len(ours)
+        ops = self._compare_trees(path, theirs, ours)
+        for i, op in enumerate(ops):
+            self._send(op)
+            if i % 256 == 255:
+                await self._room()
+        return path
+
+    def _compare_trees(self, top: bytes, theirs: list[m.RsEntry], ours: list[m.RsEntry]) -> list[m.Op]:
+        st, b = self.state, self.block
+        tmap = {e.path: e for e in theirs if not self.exclude.excluded(e.path, e.kind == "d") or not e.path}
+        omap = {e.path: e for e in ours}
+        ops: list[m.Op] = []
+        removed: list[bytes] = []
+
+        def gone(p: bytes) -> bool:
+            return any(p == r or p.startswith(r + b"/") for r in removed)
+
+        for p in sorted(tmap):
+            if not p or gone(p):
+                continue
+            t, o = tmap[p], omap.get(p)
+            if o is None or o.kind != t.kind or (t.kind == "l" and t.target != o.target):
+                ops.append(m.Remove(0, p))
+                removed.append(p)
+                st._drop(p, True)
+        groups: dict[int, list[bytes]] = {}
+        for o in ours:
+            if o.kind == "f" and o.nlink > 1:
+                groups.setdefault(o.ino, []).append(o.path)
+        carrier = {p: g[0] for g in groups.values() for p in g[1:]}
+        created: set[bytes] = set()
+        for o in ours:
+            p = o.path
+            t = None if gone(p) else tmap.get(p)
+            if p in carrier:
+                c = carrier[p]
+                tc = None if gone(c) or c in created else tmap.get(c)
+                if t is not None and tc is not None and t.ino == tc.ino:
+                    continue  # already one file on the secondary: its data is synchronised through c
+                if t is not None:
+                    ops.append(m.Remove(0, p))
+                ops.append(m.Link(0, c, p))
+                st._drop(p, False)
+                continue
+            if t is None:
+                created.add(p)
+                if o.kind == "f":
+                    ops.append(m.Create(0, p, o.mode, o.uid, o.gid))
+                    mk = st.mark(p)
+                    mk.data.add(0, INF)
+                    mk.fresh.add(0, INF)
+                    mk.meta = True
+                elif o.kind == "d":
+                    ops.append(m.Mkdir(0, p, o.mode, o.uid, o.gid))
+                    if o.xattrs:
+                        st.add_meta(p)
+                elif o.kind == "l":
+                    ops.append(m.Symlink(0, p, o.target or b"", o.uid, o.gid))
+                else:
+                    ops.append(m.Mknod(0, p, o.mode, 0, o.uid, o.gid))
+                    if o.xattrs:
+                        st.add_meta(p)
+                continue
+            if (o.kind != "l" and o.mode != t.mode) or o.uid != t.uid or o.gid != t.gid or o.xattrs != t.xattrs:
+                st.add_meta(p)
+            if o.kind != "f":
+                continue
+            if o.digest is not None and t.digest is not None:
+                if o.digest != t.digest or o.size != t.size:
+                    st.add_data(p, 0, INF)
+                elif o.mtime_ns != t.mtime_ns:
+                    st.add_meta(p)
+                continue
+            mk = st.mark(p)
+            mk.cmp.add(0, _ceil(o.size, b))
+            if t.size > o.size:
+                mk.data.add(_ceil(o.size, b), INF)  # the replica's extra tail goes, whatever happens
+        return ops
+
+    async def _estimate(self) -> None:
+        prog = self.progress
+        assert prog is not None
+        total = 0
+        marks = list(self.state.marks.values())
+        for i, mk in enumerate(marks):
+            if mk.data or mk.cmp:
+                try:
+                    size = os.stat(mk.path, dir_fd=self.root, follow_symlinks=False).st_size if mk.path else 0
+                except OSError:
+                    size = 0
+                nb = _ceil(size, self.block)
+                total += (mk.data.count(nb) + mk.cmp.count(nb)) * self.block
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)
+        prog.bytes_total, prog.files_total = total, len(marks)
+
+    # -- phase B: data --
+
+    async def _drain(self) -> None:
+        st = self.state
+        while st.marks:
+            mk = next(iter(st.marks.values()))
+            await self._sync_mark(mk)
+            if st.marks.get(mk.path) is mk and mk.empty:
+                del st.marks[mk.path]
+            if self.progress is not None:
+                self.progress.files_done += 1
+
+    def _lstat(self, path: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(path or b".", dir_fd=self.root, follow_symlinks=False)
+        except OSError:
+            return None
+
+    async def _sync_mark(self, mk: Mark) -> None:
+        st = self._lstat(mk.path)
+        if st is not None and stat.S_ISREG(st.st_mode) and (mk.data or mk.cmp):
+            await self._sync_file(mk)
+        else:
+            mk.data.clear()
+            mk.cmp.clear()
+        if mk.alive and mk.meta:
+            await self._room()
+            self._send_meta(mk)
+        if not mk.alive:
+            mk.data.clear()
+            mk.cmp.clear()
+            mk.meta = False
+
+    def _send_meta(self, mk: Mark) -> None:
+        mk.meta = False
+        st = self._lstat(mk.path)
+        if st is None:
+            return
+        p = mk.path
+        if stat.S_ISLNK(st.st_mode):
+            self._send(m.SetAttr(0, p, uid=st.st_uid, gid=st.st_gid))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid))
+        else:
+            self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                                 atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+        target = b"/proc/self/fd/%d/%s" % (self.root, p) if p else b"/proc/self/fd/%d" % self.root
+        follow = not p
+        try:
+            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+        except OSError:
+            names = []
+        ops: list[m.Op] = [m.RsXattrs(0, p, names)]
+        for name in names:
+            try:
+                value = os.getxattr(target, name, follow_symlinks=follow)
+            except OSError:
+                continue
+            if len(value) <= 65536:
+                ops.append(m.SetXattr(0, p, name, value))
+        self._send(*ops)
+
+    async def _sync_file(self, mk: Mark) -> None:
+        b = self.block
+        try:
+            fd = os.open(mk.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.root)
+        except OSError:
+            mk.data.clear()
+            mk.cmp.clear()
+            return
+        hid = next(_hids)
+        opened = False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                mk.data.clear()
+                mk.cmp.clear()
+                return
+            self._send(m.Open(0, hid, mk.path))
+            opened = True
+            # A tail marked to the end whose content on the replica is unknown: cut the replica
+            # there first, then the blocks beyond that are zeros need not be sent (holes stay holes).
+            tail = self._tail(mk.data)
+            if tail is not None and not mk.fresh.covers(tail, INF):
+                self._send(m.SetAttr(0, mk.path, hid=hid, size=tail * b))
+                mk.cmp.remove(tail, INF)
+                mk.fresh.add(tail, INF)
+            while mk.alive:
+                nb = _ceil(os.fstat(fd).st_size, b)
+                start = self._first_marked(mk, 0, nb)
+                if start is None:
+                    # Everything below the end is synchronised: settle the size and whatever is
+                    # marked past it in one step (see the module docstring).
+                    mk.data.clear()
+                    mk.cmp.clear()
+                    mk.fresh.clear()
+                    self._send(m.SetAttr(0, mk.path, hid=hid, size=os.fstat(fd).st_size))
+                    break
+                lo = start // COARSE * COARSE
+                hi = min(lo + REGION, nb)
+                if mk.cmp.overlaps(lo, hi):
+                    await self._compare_region(fd, mk, lo, hi)
+                await self._send_region(fd, mk, hid, lo, hi)
+        finally:
+            try:
+                if opened and self.sender is not None:
+                    if mk.alive:
+                        st = os.fstat(fd)
+                        self._send(m.Close(0, hid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+                    else:
+                        self._send(m.Close(0, hid))
+            except LinkLost:
+                pass
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _tail(rs: RangeSet) -> int | None:
+        r = rs.ranges()
+        return r[-1][0] if r and r[-1][1] >= INF else None
+
+    @staticmethod
+    def _first_marked(mk: Mark, lo: int, hi: int) -> int | None:
+        firsts = [p[0][0] for p in (mk.data.within(lo, hi), mk.cmp.within(lo, hi)) if p]
+        return min(firsts) if firsts else None
+
+    async def _compare_region(self, fd: int, mk: Mark, lo: int, hi: int) -> None:
+        b, cb = self.block, self.block * COARSE
+        prog = self.progress
+        coarse = [c for c in range(lo // COARSE, _ceil(hi, COARSE)) if mk.cmp.overlaps(c * COARSE, (c + 1) * COARSE)]
+        if not coarse:
+            return
+        ranges = RangeSet()
+        for c in coarse:
+            ranges.add(c, c + 1)
+        flat = ranges.flat()
+        [rep] = await self._ask(lambda req: m.RsHash(0, req, mk.path, cb, flat))
+        assert isinstance(rep, m.RsDigests)
+        theirs = self._digest_map(ranges, rep)
+        fine = RangeSet()
+        for i in range(0, len(coarse), STEP // COARSE):
+            if not mk.alive:
+                return
+            for c in coarse[i:i + STEP // COARSE]:  # atomic: read, compare, clear
+                fs, fe = c * COARSE, (c + 1) * COARSE
+                parts = mk.cmp.within(fs, fe)
+                if not parts:
+                    continue
+                t = theirs.get(c)
+                if t is not None and parts == [(fs, fe)] and digest(os.pread(fd, cb, c * cb)) == t:
+                    mk.cmp.remove(fs, fe)
+                    if prog is not None:
+                        prog.bytes_done += cb
+                elif t is None:  # nothing there on the replica: send what we have
+                    for a, z in parts:
+                        mk.data.add(a, z)
+                    mk.cmp.remove(fs, fe)
+                else:
+                    for a, z in parts:
+                        fine.add(a, z)
+            await asyncio.sleep(0)
+        if prog is not None:
+            prog.digests_received += len(rep.digests)
+        if not fine:
+            return
+        flat = fine.flat()
+        [rep] = await self._ask(lambda req: m.RsHash(0, req, mk.path, b, flat))
+        assert isinstance(rep, m.RsDigests)
+        theirs = self._digest_map(fine, rep)
+        if prog is not None:
+            prog.digests_received += len(rep.digests)
+        blocks = [x for s, e in fine.ranges() for x in range(s, e)]
+        for i in range(0, len(blocks), STEP):
+            if not mk.alive:
+                return
+            for x in blocks[i:i + STEP]:  # atomic: read, compare, clear or convert
+                if not mk.cmp.covers(x, x + 1):
+                    continue
+                mk.cmp.remove(x, x + 1)
+                t = theirs.get(x)
+                if t is None or digest(os.pread(fd, b, x * b)) != t:
+                    mk.data.add(x, x + 1)
+                elif prog is not None:
+                    prog.bytes_done += b
+            await asyncio.sleep(0)
+
+    @staticmethod
+    def _digest_map(ranges: RangeSet, rep: m.RsDigests) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        if rep.size < 0:
+            return out
+        d, k = rep.digests, 0
+        for s, e in ranges.ranges():
+            for x in range(s, e):
+                if (k + 1) * m.DIGEST_SIZE > len(d):
+                    return out
+                out[x] = d[k * m.DIGEST_SIZE:(k + 1) * m.DIGEST_SIZE]
+                k += 1
+        return out
+
+    async def _send_region(self, fd: int, mk: Mark, hid: int, lo: int, hi: int) -> None:
+        b = self.block
+        chunk = max(1, m.MAX_CHUNK // b)
+        prog = self.progress
+        while mk.alive:
+            nb = min(hi, _ceil(os.fstat(fd).st_size, b))
+            parts = mk.data.within(lo, nb)
+            if not parts:
+                return
+            a, z = parts[0]
+            z = min(z, a + chunk)
+            await self.bucket.take((z - a) * b)
+            await self._room()
+            if not mk.alive:
+                return
+            # atomic from here: read the blocks as they are now, send them, clear their marks
+            parts = mk.data.within(a, z)
+            if not parts:
+                continue
+            a, z = parts[0]
+            data = os.pread(fd, (z - a) * b, a * b)
+            if data and not (mk.fresh.covers(a, z) and data.count(0) == len(data)):
+                self._send(m.Write(0, hid, a * b, data))
+                if prog is not None:
+                    prog.bytes_sent += len(data)
+            mk.data.remove(a, z)
+            mk.fresh.remove(a, z)
+            if prog is not None:
+                prog.bytes_done += (z - a) * b
+            lo = z
+
+    # ---- shutdown ----
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """After the unmount: end the stream cleanly (a live session is closed cleanly in the
+        journal when every operation was acknowledged and the tree is synced) and flush."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        sender = self.sender
+        if sender is not None:
+            if self.mode == "live":
+                try:
+                    async with asyncio.timeout(timeout):
+                        ok = await sender.barrier()
+                except TimeoutError:
+                    ok = False
+                if ok and self.sender is sender:
+                    try:
+                        syncfs(self.root)
+                        self.journal.close_session()
+                    except OSError as exc:
+                        log.error("cannot record the clean end of the session: %s", exc)
+            self.detach()
+            await sender.close()
+        self.journal.close()
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
+
