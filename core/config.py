@@ -145,7 +145,7 @@ class CheckerBase(Strict):
 class ProcessChecker(CheckerBase):
     type: Literal["process"] = Field(description="Watch a process.")
     process_name: str | None = Field(None, description="Exact process name (comm).")
-    pid_file: Path | None = None
+    pid_file: Path | None = Field(None, description="File holding the pid of the process to watch.")
     cmdline_regex: str | None = Field(None, description="Regular expression searched in the command line.")
 
     @model_validator(mode="after")
@@ -170,7 +170,7 @@ class TcpChecker(CheckerBase):
 class HttpChecker(CheckerBase):
     type: Literal["http"] = Field(description="GET a URL.")
     url: str = Field(pattern=r"^https?://", description="URL to GET.")
-    expect_status: int = Field(200, ge=100, le=599)
+    expect_status: int = Field(200, ge=100, le=599, description="HTTP status the answer must have.")
     body_regex: str | None = Field(None, description="The body must match this regular expression.")
     verify_tls: bool = Field(True, description="Check the server certificate for https URLs.")
 
@@ -224,6 +224,24 @@ class ReplicationConfig(Strict):
     timeout: float = Field(
         10.0, gt=0, description="Seconds without an acknowledgement before the primary continues alone."
     )
+    journal_block: int = Field(
+        4096, ge=512, le=1 << 20,
+        description="Bytes per journal block while the primary is alone: a write marks the blocks it touches "
+                    "and the resync resends them whole (4096 matches page-sized writes; larger blocks mean a "
+                    "smaller journal but more bytes resent for scattered small writes). A power of two.",
+    )
+    resync_bandwidth: float | None = Field(
+        None, gt=0,
+        description="Cap on the resync's file data, in MB/s (token bucket); none: as fast as the link goes. "
+                    "Synchronous replication of the application's own writes is never capped.",
+    )
+
+    @field_validator("journal_block")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value} is not a power of two")
+        return value
 
     @field_validator("directories")
     @classmethod

@@ -58,7 +58,7 @@ HEADER = """# Configuration reference
 
 One YAML file describes the whole cluster; the same file goes on both nodes. Every key can be
 overridden by an environment variable `SAFEKIT_<SECTION>__<KEY>` (for example
-`SAFEKIT_HEARTBEAT__TIMEOUT=5`). `safekit-cloud config check -c FILE` validates a file and prints
+`SAFEKIT_HEARTBEAT__TIMEOUT=5`). `safekit-cloud -c FILE config check` validates a file and prints
 the effective configuration; every problem is reported at once with its YAML path and line.
 
 The `vip` section belongs to its provider: besides `provider` and `address` it takes the provider's

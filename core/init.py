@@ -107,7 +107,7 @@ def _header(spec: InitSpec) -> str:
     return """\
 # safekit-cloud cluster file (written by `safekit-cloud init`).
 # Reference of every key: docs/configuration.md. Validate after editing:
-#   safekit-cloud config check -c THIS_FILE
+#   safekit-cloud -c THIS_FILE config check
 # Install this file, the cluster key and the API token at the same paths on both nodes, then run
 # `safekit-cloud run` on each (under systemd in production: docs/operations.md).
 # Any key can be overridden by an environment variable SAFEKIT_<SECTION>__<KEY>.

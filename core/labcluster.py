@@ -292,6 +292,15 @@ class LabCluster:
             except ProcessLookupError:
                 pass
 
+    def app_spawn(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process where the node's application runs: its network namespace and, with
+        replication, its daemon's mount namespace (so it writes through the replicated mount)."""
+        assert self.lab is not None
+        if self.replicate:
+            daemon = self.daemons[node]
+            argv = ["nsenter", f"--mount=/proc/{daemon.pid}/ns/mnt", "--", *argv]
+        return self.lab.spawn(node, argv, **kwargs)
+
     # ---- asking the daemons (through the real CLI) ----------------------------------------------
 
     def cli(self, node: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

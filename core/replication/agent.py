@@ -4,10 +4,15 @@ Why a process: pyfuse3 allows one mount per process, and FUSE traffic must not s
 event loop (heartbeats have deadlines). The service starts agents and talks to them through pipes:
 the key arrives on stdin (never on the command line), events leave on stdout as JSON lines:
   {"event": "ready"} once mounted / listening, {"event": "connected"}, {"event": "lost", "reason"},
+  {"event": "resync_started", "mode"}, {"event": "resync_done", ...} (the primary: per directory; the
+  secondary's receiver: with "directory"), {"event": "disconnected", "directory", "reason"},
   {"event": "status", ...} every second, {"event": "stopped"} at the end; the secondary's "ready" and
   "status" list the directories it made read-only for applications ("protected", see protect.py),
   and {"event": "warning", "reason"} says when it could not.
 SIGTERM stops cleanly (unmount, close the stream).
+
+The primary keeps (re)connecting to the secondary's receiver whenever it is not connected (every
+`--retry` seconds, at once after a loss); each connection starts with a resync (resync.py).
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import messages as m
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
+from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount
-from .primary import DirtyMarker, LinkReplicator
 from .protect import marker_path as protect_marker
 from .protect import protect, unprotect
 from .receiver import Receiver
+from .resync import MirrorReplicator
 from .sender import Sender
 
 log = logging.getLogger(__name__)
@@ -39,48 +46,66 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def marker_path(state_dir: Path, module: str, directory: Path) -> Path:
-    safe = str(directory).strip("/").replace("/", "_") or "root"
-    return state_dir / f"{module}.{safe}.dirty"
-
-
 async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event) -> None:
     directory = Path(args.directory)
-    marker = DirtyMarker(marker_path(Path(args.state_dir), args.module, directory))
-    repl = LinkReplicator(marker, on_lost=lambda reason: emit("lost", reason=reason))
-    mount = FuseMount(directory, lambda fd: ReplicatedFS(fd, repl, Excluder(args.exclude)))
+    name = os.fsencode(directory)
+    excluder = Excluder(args.exclude)
+    journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
+    journal.become_source(args.generation)
+    log.info("journal of %s: %s", directory, journal.describe())
+    bandwidth = args.resync_bandwidth * 1e6 if args.resync_bandwidth else None
+
+    def on_event(event: str, **fields: Any) -> None:
+        emit(event, **fields)
+        emit("status", **repl.status())  # the service's view changes with these events: at once
+
+    repl = MirrorReplicator(journal, excluder, block=args.journal_block, bandwidth=bandwidth,
+                            generation=args.generation, on_event=on_event)
+
+    def make_fs(fd: int) -> ReplicatedFS:
+        repl.bind(fd)
+        return ReplicatedFS(fd, repl, excluder)
+
+    mount = FuseMount(directory, make_fs)
     await mount.start()
-    emit("ready", dirty=marker.dirty)
-    if marker.dirty:
-        # Changes the peer never got: streaming now would build on a stale replica.
-        emit("lost", reason="replica out of date: resync required before replicating")
-    else:
-        host, _, port = args.peer.rpartition(":")
-        try:
-            sender = await Sender.connect(host.strip("[]"), int(port), key, args.module,
-                                          os.fsencode(directory), protocol=args.protocol,
-                                          timeout=args.timeout)
-        except (OSError, TimeoutError, ValueError) as exc:
-            emit("lost", reason=f"cannot connect to {args.peer}: {exc}")
-        else:
-            repl.attach(sender)
-            emit("connected", peer=args.peer)
+    emit("ready", dirty=True, journal=journal.describe())
+    connector = asyncio.create_task(_connect_loop(args, key, name, repl), name="repl-connect")
     try:
         while not stop.is_set():
-            sender = repl.sender
-            emit("status", connected=sender is not None, dirty=marker.dirty,
-                 bytes_sent=sender.stats.bytes_sent if sender else 0,
-                 inflight=sender.inflight_bytes if sender else 0,
-                 lag=sender.lag_seconds() if sender else None, ops_alone=marker.ops)
+            emit("status", **repl.status())
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
                 pass
     finally:
+        connector.cancel()
+        await asyncio.gather(connector, return_exceptions=True)
         await mount.stop()
-        sender = repl.detach()
-        if sender is not None:
-            await sender.close()
+        await repl.close(args.timeout)
+
+
+async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl: MirrorReplicator) -> None:
+    """Connect whenever not connected: at once after a loss, then every `--retry` seconds. A failed
+    first attempt is reported as "lost" once; a broken link is reported by the replicator."""
+    host, _, port = args.peer.rpartition(":")
+    announced = False
+    while True:
+        if repl.sender is None:
+            try:
+                sender = await Sender.connect(host.strip("[]"), int(port), key, args.module, name,
+                                              protocol=args.protocol, timeout=args.timeout)
+            except (OSError, TimeoutError, ValueError, m.ProtocolError) as exc:
+                if not announced:
+                    emit("lost", reason=f"cannot connect to {args.peer}: {exc}")
+                    announced = True
+            else:
+                repl.attach(sender)
+                emit("connected", peer=args.peer)
+                announced = True
+        try:
+            await asyncio.wait_for(repl.lost_event.wait(), args.retry)
+        except TimeoutError:
+            pass
 
 
 async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Event) -> None:
@@ -88,7 +113,8 @@ async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Even
     for item in args.directory_list:  # "NAME" or "NAME=LOCAL": receive NAME's stream into LOCAL
         name, _, local = item.partition("=")
         pairs[os.fsencode(name)] = local or name
-    receiver = Receiver(args.module, pairs, key, on_event=lambda e, d: emit(e, **d))
+    receiver = Receiver(args.module, pairs, key, on_event=lambda e, d: emit(e, **d), state_dir=Path(args.state_dir),
+                        generation=args.generation, fullsync=args.fullsync, idle_timeout=2 * args.timeout)
     host, _, port = args.listen.rpartition(":")
     locals_ = [Path(local) for local in pairs.values()]
     markers = {d: protect_marker(Path(args.state_dir), args.module, d) for d in locals_}
@@ -133,6 +159,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peer", help="primary: host:port of the secondary's receiver")
     ap.add_argument("--listen", help="secondary: host:port to listen on")
     ap.add_argument("--directory-list", action="append", default=[], help="secondary: DIR or DIR=LOCAL_DIR, repeated")
+    ap.add_argument("--journal-block", type=int, default=DEFAULT_BLOCK, help="primary: journal granularity (bytes)")
+    ap.add_argument("--resync-bandwidth", type=float, default=None, help="primary: resync cap in MB/s")
+    ap.add_argument("--generation", type=lambda v: int(v, 0), default=None,
+                    help="the engine's data generation (primary: the one shared when replication stopped)")
+    ap.add_argument("--fullsync", action="store_true", help="secondary: forget the lineage (compare everything)")
+    ap.add_argument("--retry", type=float, default=0.5, help="primary: seconds between connection attempts")
     ap.add_argument("--no-protect", dest="protect", action="store_false",
                     help="secondary: leave the directories writable for applications (no read-only bind mount)")
     return ap.parse_args(argv)

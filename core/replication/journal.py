@@ -324,7 +324,9 @@ class State:
             paths[:] = [_moved(p, old, new) if _under(p, old) else p for p in paths]
 
     def apply_ns(self, op: m.Op, log_it: bool = True) -> None:
-        """The effect of a namespace operation on marks (and, when journaling, on the replay log)."""
+        """The effect of a namespace operation on marks. Journaled (`log_it`): it goes to the replay
+        log and what it creates is marked (the replay creates it empty). Sent live (`log_it` False,
+        the resync's data phase): marks only move or go; the secondary gets the entry as it is."""
         if isinstance(op, m.Rename):
             if op.flags & 2:  # RENAME_EXCHANGE: swap through a name no real path can take
                 tmp = b"\0exchange"
@@ -341,11 +343,12 @@ class State:
                 self.suspects = {s for s in self.suspects if not _under(s, op.path)}
         elif isinstance(op, m.Create):
             self._drop(op.path, False)
-            mk = self.mark(op.path)
-            mk.data.add(0, INF)
-            mk.fresh.add(0, INF)  # the replayed create leaves an empty file there
-            mk.meta = True
-        elif isinstance(op, (m.Mkdir, m.Symlink, m.Mknod)):
+            if log_it:
+                mk = self.mark(op.path)
+                mk.data.add(0, INF)
+                mk.fresh.add(0, INF)  # the replayed create leaves an empty file there
+                mk.meta = True
+        elif isinstance(op, (m.Mkdir, m.Symlink, m.Mknod)) and log_it:
             self.mark(op.path).meta = True
         if log_it:
             if len(self.log) >= MAX_LOG:

@@ -325,6 +325,13 @@ class RsDone(_Msg, tag="rsdone"):
     generation: U63 | None = None
 
 
+class RsBye(_Msg, tag="rsbye"):
+    """The primary stops cleanly: every operation it applied came before this one (a swap, a planned
+    stop). A stream that ends without it after a resync leaves the secondary not up to date."""
+
+    seq: U63
+
+
 class RsEntry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     path: Path
     kind: Annotated[str, Meta(min_length=1, max_length=1)]  # f d l p s
@@ -387,7 +394,7 @@ class Error(_Msg, tag="error"):
 Op = (
     Noop | Open | Close | Write | Create | Mkdir | Mknod | Symlink | Link | Unlink | Rmdir | Remove
     | Rename | SetAttr | SetXattr | RemoveXattr | Fallocate | Fsync
-    | RsQuery | RsBegin | RsReplay | RsList | RsHash | RsXattrs | RsDone
+    | RsQuery | RsBegin | RsReplay | RsList | RsHash | RsXattrs | RsDone | RsBye
 )
 Message = (Hello | Challenge | Proof | Welcome | Ack | Error | ManifestRequest | ManifestPart | ManifestEnd
            | RsState | RsReplayed | RsEntries | RsDigests | Op)

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 FSNAME = "safekit"
 
 
+def _notify_closing(fd: int) -> None:
+    """pyfuse3.asyncio's notify_closing, minus its race: a read future whose descriptor already
+    became readable (result set, task not yet resumed) must not get an exception set too
+    (InvalidStateError out of pyfuse3.terminate())."""
+    for fut in list(pyfuse3.asyncio._read_futures.get(fd, ())):
+        if not fut.done():
+            fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
+
+
 def mounted_fuse_at(directory: Path) -> bool:
     """True if a FUSE file system of ours is mounted exactly at `directory` (from mountinfo)."""
     target = os.fsencode(os.path.realpath(directory))
@@ -62,6 +71,7 @@ class FuseMount:
         self._root_fd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fs = self.make_fs(self._root_fd)
         pyfuse3.asyncio.enable()
+        pyfuse3.asyncio.notify_closing = _notify_closing  # type: ignore[assignment]
         options = set(pyfuse3.default_options) | {"allow_other", f"fsname={FSNAME}", "subtype=safekit"}
         pyfuse3.init(self.fs, str(self.directory), options)
         self._task = asyncio.create_task(pyfuse3.main(min_tasks=1, max_tasks=self.max_tasks), name="fuse-main")

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import messages as m
-from .apply import Applier
+from .apply import syncfs
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
+from .journal import Journal, journal_path
+from .paths import open_beneath
+from .resync import ResyncApplier
 from .verify import serve_manifest
 
 log = logging.getLogger(__name__)
@@ -50,10 +53,21 @@ def raise_fd_limit() -> None:
 
 class Receiver:
     def __init__(self, module: str, directories: Mapping[bytes, str | os.PathLike[str]], key: bytes,
-                 on_event: EventCallback | None = None) -> None:
+                 on_event: EventCallback | None = None, state_dir: Path | str | None = None,
+                 generation: int | None = None, fullsync: bool = False, idle_timeout: float | None = None) -> None:
         """`directories` maps the name a primary announces (its absolute path, as bytes) to the local
-        directory receiving it (the same path in production; another one in tests)."""
+        directory receiving it (the same path in production; another one in tests).
+        `state_dir`: where each directory's lineage is kept (journal.py; None: no lineage, every
+        resync compares checksums). `generation`: the engine's data generation of this node, reported
+        to the primary. `fullsync`: forget the lineages (the next resync compares everything).
+        `idle_timeout`: drop a stream silent for that long (the primary sends a Noop when idle)."""
         self.module = module
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.generation = generation
+        self.fullsync = fullsync
+        self.idle_timeout = idle_timeout
+        self.journals: dict[bytes, Journal] = {}
+        self._stopping = False
         self.key = key
         self.on_event = on_event
         self._dirs = {name: Path(path) for name, path in directories.items()}
@@ -68,10 +82,15 @@ class Receiver:
         raise_fd_limit()
         for name, path in self._dirs.items():
             self._root_fds[name] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self.state_dir is not None:
+                j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
+                if self.fullsync:
+                    j.target_invalidate("full resync requested")
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=READ_CHUNK)
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         for task in list(self._conn_tasks):
@@ -80,12 +99,28 @@ class Receiver:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        for name, j in self.journals.items():
+            if j.kind == "target" and name in self._root_fds:
+                try:  # a clean stop: the lineage holds even after a power loss from now on
+                    fd = open_beneath(self._root_fds[name], b"", os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        syncfs(fd)
+                    finally:
+                        os.close(fd)
+                    j.target_clean()
+                except OSError as exc:
+                    log.error("cannot record the clean stop of %r: %s", name, exc)
         for fd in self._root_fds.values():
             os.close(fd)
         self._root_fds.clear()
 
     def status(self) -> dict[str, object]:
-        return {s.directory: vars(s).copy() for s in self.stats.values()}
+        out = {}
+        for name, s in self.stats.items():
+            out[s.directory] = vars(s).copy()
+            if name in self.journals:
+                out[s.directory]["lineage"] = self.journals[name].describe()
+        return out
 
     def _emit(self, event: str, **detail: object) -> None:
         if self.on_event is not None:
@@ -129,7 +164,8 @@ class Receiver:
         self._active[hello.directory] = (task, writer)
         stats = self.stats[hello.directory]
         stats.peer, stats.connected, stats.since, stats.last_error = peer, True, time.time(), ""
-        applier = Applier(self._root_fds[hello.directory])
+        applier = ResyncApplier(self._root_fds[hello.directory], self.journals.get(hello.directory), self.generation,
+                                lambda e, d: self._emit(e, **d), stats.directory)
         log.info("replication stream for %s from %s (protocol %s)", stats.directory, peer, hello.protocol)
         self._emit("connected", directory=stats.directory, peer=peer)
         try:
@@ -141,11 +177,18 @@ class Receiver:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("replication stream for %s from %s dropped: %s", stats.directory, peer, reason)
             self._refuse(writer, reason, decoder)
+        except asyncio.CancelledError:
+            reason = "replaced by a new stream"
+            raise
         finally:
             applier.close()
             stats.connected = False
             if self._active.get(hello.directory, (None,))[0] is task:
                 del self._active[hello.directory]
+            if applier.in_sync and not applier.bye and not self._stopping:
+                # The stream was up to date and ended without the primary's clean goodbye: this
+                # replica may miss changes from now on; it is no longer up to date.
+                self._emit("lost", directory=stats.directory, reason=reason)
         stats.last_error = reason
         self._emit("disconnected", directory=stats.directory, reason=reason)
 
@@ -158,13 +201,19 @@ class Receiver:
             await asyncio.gather(old[0], return_exceptions=True)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    decoder: FrameDecoder, backlog: list[m.Message], applier: Applier,
+                    decoder: FrameDecoder, backlog: list[m.Message], applier: ResyncApplier,
                     stats: StreamStats, ack_on_receipt: bool) -> None:
         expected = 1
         batch = backlog
         while True:
             if not batch:
-                data = await reader.read(READ_CHUNK)
+                if self.idle_timeout:
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                    except TimeoutError:
+                        raise ConnectionError(f"nothing received for {self.idle_timeout:g} s") from None
+                else:
+                    data = await reader.read(READ_CHUNK)
                 if not data:
                     return
                 stats.bytes += len(data)
@@ -180,6 +229,10 @@ class Receiver:
                     raise m.ProtocolError(f"sequence {msg.seq} where {expected} was expected")
                 applier.apply(msg)
                 expected += 1
+                if applier.replies:  # answers to resync requests, before the Ack that covers them
+                    for reply in applier.replies:
+                        writer.write(decoder.frame(reply))
+                    applier.replies.clear()
             stats.ops += len(batch)
             stats.last_seq = expected - 1
             writer.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))

@@ -278,10 +278,12 @@ class ResyncApplier(Applier):
         self.lenient = False
         self.failed: list[bytes] = []
         self.in_resync = False  # this stream started with RsBegin: what follows is the lineage's
+        self.in_sync = False  # RsDone applied: the replica is up to date while the stream lasts
+        self.bye = False  # RsBye: the primary stopped cleanly
         self._dispatch.update({
             m.RsQuery: self._rs_query, m.RsBegin: self._rs_begin, m.RsReplay: self._rs_replay,
             m.RsList: self._rs_list, m.RsHash: self._rs_hash, m.RsXattrs: self._rs_xattrs,
-            m.RsDone: self._rs_done,
+            m.RsDone: self._rs_done, m.RsBye: self._rs_bye,
         })
 
     def _emit(self, event: str, **detail: Any) -> None:
@@ -293,7 +295,7 @@ class ResyncApplier(Applier):
 
     def apply(self, op: m.Op) -> None:
         if not self.in_resync and self.journal is not None and self.journal.kind != "invalid" \
-                and not isinstance(op, (m.Noop, m.RsQuery, m.RsBegin)):
+                and not isinstance(op, (m.Noop, m.RsQuery, m.RsBegin, m.RsBye)):
             # Changes from a stream that did not start with a resync: the lineage no longer holds.
             self.journal.target_invalidate("changes applied outside a resync")
         if self.lenient and isinstance(op, NS_TYPES):
@@ -385,7 +387,11 @@ class ResyncApplier(Applier):
             os.close(fd)
         if self.journal is not None:
             self.journal.target_done(op.sync, op.generation if op.generation is not None else self.generation)
+        self.in_sync = True
         self._emit("resync_done", lineage=op.sync.hex())
+
+    def _rs_bye(self, op: m.RsBye) -> None:
+        self.bye = True
 
 
 # ---- primary side --------------------------------------------------------------------------------
@@ -470,6 +476,7 @@ class MirrorReplicator:
         self._req = itertools.count(1)
         self._waiting: dict[int, tuple[list[m.Message], asyncio.Future[list[m.Message]]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._known_paths: set[bytes] = set()  # paths the replayed log touched (hard link search)
         self.lost_event = asyncio.Event()
 
     # ---- plumbing ----
@@ -744,6 +751,7 @@ class MirrorReplicator:
         self.epoch += 1  # the new peer holds none of our handles open
         self.lost_event.clear()
         self.mode, self.phase = "resync", "query"
+        self.progress = None  # until the secondary answered and the mode is known
         self._task = asyncio.create_task(self._resync(sender), name="resync")
 
     def detach(self) -> Sender | None:
@@ -858,6 +866,7 @@ class MirrorReplicator:
         if mode == "journal":
             log_ops, st.log = st.log, []
             prog.namespace_ops = len(log_ops)
+            self._known_paths = {p for op in log_ops for p in _op_paths(op)}
             fut: asyncio.Future[list[m.Message]] | None = None
             self._send(m.RsReplay(0, 0))
             for i, op in enumerate(log_ops):
@@ -876,6 +885,9 @@ class MirrorReplicator:
         await self._reconcile_all()
         await self._estimate()
         prog.phase = self.phase = "data"
+        # Handles opened or created since the connection had their Open journaled, not sent: a new
+        # epoch makes the FUSE layer send an Open before their next operation.
+        self.epoch += 1
         self._gate.set()
         await self._drain()
         prog.phase = self.phase = "done"
@@ -917,14 +929,38 @@ class MirrorReplicator:
             path = _parent(path)
         if self.progress is not None:
             self.progress.entries_listed += len(theirs) + len(ours)
-        ops = self._compare_trees(path, theirs, ours)
+        ops = self._compare_trees(path, theirs, ours, self._other_names(path, ours))
         for i, op in enumerate(ops):
             self._send(op)
             if i % 256 == 255:
                 await self._room()
         return path
 
-    def _compare_trees(self, top: bytes, theirs: list[m.RsEntry], ours: list[m.RsEntry]) -> list[m.Op]:
+    def _other_names(self, top: bytes, ours: list[m.RsEntry]) -> dict[bytes, bytes]:
+        """Files of the subtree with more names than it holds: another name outside it, among the
+        paths the journal knows (a link made just before a crash is a suspect on its own)."""
+        counts: dict[int, int] = {}
+        for o in ours:
+            if o.kind == "f" and o.nlink > 1:
+                counts[o.ino] = counts.get(o.ino, 0) + 1
+        lonely = {o.ino: o.path for o in ours if o.kind == "f" and o.nlink > counts.get(o.ino, 0) and o.ino in counts}
+        if not lonely:
+            return {}
+        out: dict[bytes, bytes] = {}
+        suspects = self.state.suspects
+        for cand in sorted(set(self.state.marks) | self._known_paths):
+            if not cand or cand == top or cand.startswith(top + b"/") or not top \
+                    or any(cand == s or cand.startswith(s + b"/") for s in suspects):
+                continue
+            st = self._lstat(cand)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_ino in lonely:
+                out[lonely.pop(st.st_ino)] = cand
+                if not lonely:
+                    break
+        return out
+
+    def _compare_trees(self, top: bytes, theirs: list[m.RsEntry], ours: list[m.RsEntry],
+                       outside: dict[bytes, bytes] | None = None) -> list[m.Op]:
         st, b = self.state, self.block
         tmap = {e.path: e for e in theirs if not self.exclude.excluded(e.path, e.kind == "d") or not e.path}
         omap = {e.path: e for e in ours}
@@ -947,6 +983,9 @@ class MirrorReplicator:
             if o.kind == "f" and o.nlink > 1:
                 groups.setdefault(o.ino, []).append(o.path)
         carrier = {p: g[0] for g in groups.values() for p in g[1:]}
+        for first, other in (outside or {}).items():  # linked to a name outside this subtree
+            for p in groups.get(next(o.ino for o in ours if o.path == first), []):
+                carrier[p] = other
         created: set[bytes] = set()
         for o in ours:
             p = o.path
@@ -1096,10 +1135,16 @@ class MirrorReplicator:
             # A tail marked to the end whose content on the replica is unknown: cut the replica
             # there first, then the blocks beyond that are zeros need not be sent (holes stay holes).
             tail = self._tail(mk.data)
-            if tail is not None and not mk.fresh.covers(tail, INF):
-                self._send(m.SetAttr(0, mk.path, hid=hid, size=tail * b))
-                mk.cmp.remove(tail, INF)
-                mk.fresh.add(tail, INF)
+            if tail is not None:
+                if not mk.fresh.covers(tail, INF):
+                    self._send(m.SetAttr(0, mk.path, hid=hid, size=tail * b))
+                    mk.cmp.remove(tail, INF)
+                    mk.fresh.add(tail, INF)
+                # Past our end of file there is nothing on either side now (the replica's file is
+                # no longer than the tail's start): the tail stops here, later appends go live.
+                end = max(tail, _ceil(os.fstat(fd).st_size, b))
+                mk.data.remove(end, INF)
+                mk.cmp.remove(end, INF)
             while mk.alive:
                 nb = _ceil(os.fstat(fd).st_size, b)
                 start = self._first_marked(mk, 0, nb)
@@ -1262,8 +1307,13 @@ class MirrorReplicator:
                     ok = False
                 if ok and self.sender is sender:
                     try:
-                        syncfs(self.root)
+                        dfd = open_beneath(self.root, b"", os.O_RDONLY | os.O_DIRECTORY)
+                        try:
+                            syncfs(dfd)  # "closed cleanly" must also hold after a power loss
+                        finally:
+                            os.close(dfd)
                         self.journal.close_session()
+                        sender.send(m.RsBye(0))
                     except OSError as exc:
                         log.error("cannot record the clean end of the session: %s", exc)
             self.detach()

@@ -43,6 +43,7 @@ class _Agent:
     events: list[dict[str, Any]] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
     failed: str = ""
+    synced: bool = False  # primary agent: its resync completed and the link held since
 
 
 class ReplicationService:
@@ -66,6 +67,7 @@ class ReplicationService:
         self.role = "stopped"
         self._agents: list[_Agent] = []
         self._lost_reasons: list[str] = []
+        self._synced_dirs: set[str] = set()  # secondary: directories resynchronised, link held since
         # Primary: descriptors of the replicated directories opened before the mounts, so verify
         # reads the real files beneath the FUSE layer (never through it).
         self._local_fds: dict[Path, int] = {}
@@ -74,9 +76,11 @@ class ReplicationService:
 
     # ---- roles ----
 
-    async def become_primary(self) -> None:
+    async def become_primary(self, base_generation: int | None = None) -> None:
         """Mount over every replicated directory and stream to the peer (journal if it is away).
-        Returns once every mount is in place: the application may start."""
+        Returns once every mount is in place: the application may start.
+        `base_generation` (optional): the data generation both nodes shared when replication last
+        held; recorded with a new journal and compared (as a diagnostic) with the secondary's."""
         await self._stop_agents()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._unprotect_all()  # a crashed secondary's read-only bind must not be under our mount
@@ -85,20 +89,53 @@ class ReplicationService:
             argv = ["--role", "primary", "--directory", str(directory),
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
             argv += [f"--exclude={p}" for p in self.config.exclude]
+            argv += self._resync_argv(base_generation)
             await self._spawn(str(directory), argv)
         self.role = "primary"
 
-    async def become_secondary(self) -> None:
-        """Receive for every replicated directory (the application must not run here)."""
+    async def become_secondary(self, generation: int | None = None, fullsync: bool = False) -> None:
+        """Receive for every replicated directory (the application must not run here).
+        `generation` (optional): this node's data generation, reported to the primary.
+        `fullsync`: forget what this node's trees are known to hold, so the next resync compares
+        every block (`second --fullsync`)."""
         await self._stop_agents()
         argv = ["--role", "secondary", "--listen", f"{self._bracket(self.listen_address)}:{self.config.port}"]
         argv += [f"--directory-list={d}={self.receive_into.get(Path(d), d)}" for d in self.config.directories]
+        argv += self._resync_argv(generation) + (["--fullsync"] if fullsync else [])
         await self._spawn("receiver", argv)
         self.role = "secondary"
 
     async def stop(self) -> None:
         await self._stop_agents()
         self.role = "stopped"
+
+    def _resync_argv(self, generation: int | None) -> list[str]:
+        argv = [f"--journal-block={getattr(self.config, 'journal_block', 4096)}"]
+        bandwidth = getattr(self.config, "resync_bandwidth", None)
+        if bandwidth:
+            argv.append(f"--resync-bandwidth={bandwidth}")
+        if generation is not None:
+            argv.append(f"--generation={generation}")
+        return argv
+
+    @staticmethod
+    def _resync_progress(statuses: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The resyncs running now, summed over the directories (None: none)."""
+        runs = [s["resync"] for s in statuses if s.get("resync")]
+        if not runs:
+            return None
+        out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in runs) for k in (
+            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops")}
+        etas = [r.get("eta_seconds") for r in runs]
+        out.update(
+            directories=len(runs), modes=sorted({r.get("mode") for r in runs}),
+            phases=sorted({r.get("phase") for r in runs}),
+            started_at=min(r.get("started_at") or 0 for r in runs),
+            rate_bytes_per_s=sum(r.get("rate_bytes_per_s") or 0 for r in runs),
+            eta_seconds=None if any(e is None for e in etas) else max(etas),
+            bandwidth_cap_bytes_per_s=runs[0].get("bandwidth_cap_bytes_per_s"),
+        )
+        return out
 
     def status(self) -> dict[str, Any]:
         agents = {a.name: dict(a.status, alive=a.proc.returncode is None, failed=a.failed) for a in self._agents}
@@ -110,7 +147,10 @@ class ReplicationService:
             "bytes_sent": sum(s.get("bytes_sent", 0) for s in primary),
             "inflight_bytes": sum(s.get("inflight", 0) for s in primary),
             "lag_seconds": max((s.get("lag") or 0.0 for s in primary), default=0.0),
-            "resync": None,  # resync is not implemented yet: a dirty replica needs a full copy
+            # Progress of the resyncs running now (bytes to send or compare, done, sent, files, ETA).
+            "resync": self._resync_progress(primary),
+            "synced": (all(a.synced for a in self._agents) if self.role == "primary" and self._agents
+                       else self.role == "secondary" and self._all_synced_dirs()),
             "agents": agents,
             "last_lost": self._lost_reasons[-1] if self._lost_reasons else "",
             "last_verify": self._last_verify,
@@ -227,12 +267,35 @@ class ReplicationService:
         elif kind == "failed":
             agent.failed = event.get("reason", "failed")
             agent.ready.set()
+        elif kind == "resync_started":
+            self._set_synced(agent, event, False)
         elif kind == "resync_done":
-            if self.on_resync_done is not None:
-                self.on_resync_done()
+            # Reported once every directory of the module is resynchronised (on either side).
+            if self._set_synced(agent, event, True) and self.on_resync_done is not None:
+                try:
+                    self.on_resync_done()
+                except Exception:
+                    log.exception("on_resync_done callback failed")
         elif kind == "lost":
             agent.status["connected"] = False
+            self._set_synced(agent, event, False)
             self._link_lost(f"{agent.name}: {event.get('reason', '')}")
+
+    def _set_synced(self, agent: _Agent, event: dict[str, Any], synced: bool) -> bool:
+        """Record a directory's resync state; True if every directory is now synced."""
+        if agent.name == "receiver":
+            directory = str(event.get("directory", ""))
+            if synced:
+                self._synced_dirs.add(directory)
+            else:
+                self._synced_dirs.discard(directory)
+            return self._all_synced_dirs()
+        agent.synced = synced
+        mine = [a for a in self._agents if a.name != "receiver"]
+        return synced and len(mine) == len(self.config.directories) and all(a.synced for a in mine)
+
+    def _all_synced_dirs(self) -> bool:
+        return all(str(d) in self._synced_dirs for d in self.config.directories)
 
     def _link_lost(self, reason: str) -> None:
         self._lost_reasons.append(reason)
@@ -244,6 +307,7 @@ class ReplicationService:
                 log.exception("on_link_lost callback failed")
 
     async def _stop_agents(self) -> None:
+        self._synced_dirs.clear()
         agents, previous = self._agents, self.role
         self.role = "stopping"
         for agent in agents:

@@ -1,0 +1,234 @@
+"""The journal on its own: block ranges, marks following the namespace, the record file (torn tails,
+compaction, group commit) and the lineage rules that decide journal vs checksum resync."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safekit_cloud.core.replication import journal as jn
+from safekit_cloud.core.replication import messages as m
+from safekit_cloud.core.replication.journal import INF, Journal, RangeSet, State
+
+SYNC = b"s" * 16
+
+
+# ---- RangeSet ----
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(1, 12)), max_size=40))
+def test_rangeset_matches_a_plain_set(ops: list[tuple[bool, int, int]]) -> None:
+    rs, ref = RangeSet(), set()
+    for add, s, n in ops:
+        if add:
+            assert rs.add(s, s + n) == bool(set(range(s, s + n)) - ref)
+            ref |= set(range(s, s + n))
+        else:
+            rs.remove(s, s + n)
+            ref -= set(range(s, s + n))
+        assert {x for a, b in rs.ranges() for x in range(a, b)} == ref
+        pairs = rs.ranges()
+        assert all(b < c for (_, b), (c, _) in zip(pairs, pairs[1:]))  # disjoint and coalesced
+        for s2 in range(0, 75, 7):
+            assert rs.covers(s2, s2 + 3) == (set(range(s2, s2 + 3)) <= ref)
+            assert rs.overlaps(s2, s2 + 3) == bool(set(range(s2, s2 + 3)) & ref)
+        assert rs.count(40) == len({x for x in ref if x < 40})
+
+
+def test_rangeset_coarsens_but_never_loses_a_block() -> None:
+    rs = RangeSet()
+    blocks = random.Random(1).sample(range(1_000_000), 20_000)
+    for b in blocks:
+        rs.add(b, b + 1)
+    assert len(rs) <= jn.MAX_RANGES
+    assert all(rs.covers(b, b + 1) for b in blocks)
+
+
+def test_mark_covered_by_data_and_cmp_together() -> None:
+    mk = jn.Mark(b"f")
+    mk.data.add(0, 4)
+    mk.cmp.add(4, 8)
+    assert mk.covered(0, 8) and mk.covered(2, 6)
+    assert not mk.covered(6, 9)
+
+
+# ---- marks follow the namespace ----
+
+def test_marks_follow_renames_exchanges_and_removals() -> None:
+    s = State()
+    s.add_data(b"d/a", 0, 2)
+    s.add_data(b"d/b", 5, 6)
+    s.add_data(b"x", 1, 2)
+    s.apply_ns(m.Rename(0, b"d", b"e"))
+    assert set(s.marks) == {b"e/a", b"e/b", b"x"} and s.marks[b"e/a"].path == b"e/a"
+    s.apply_ns(m.Rename(0, b"e/a", b"x"))  # replaces x: x's own marks are void
+    assert s.marks[b"x"].data.ranges() == [(0, 2)]
+    s.add_data(b"y", 7, 8)
+    s.apply_ns(m.Rename(0, b"x", b"y", flags=2))  # RENAME_EXCHANGE
+    assert s.marks[b"y"].data.ranges() == [(0, 2)] and s.marks[b"x"].data.ranges() == [(7, 8)]
+    s.apply_ns(m.Unlink(0, b"x"))
+    s.apply_ns(m.Remove(0, b"e"))
+    assert set(s.marks) == {b"y"}
+    s.apply_ns(m.Create(0, b"n", 0o100644, 0, 0, hid=3))
+    assert s.marks[b"n"].data.covers(0, INF) and s.marks[b"n"].fresh.covers(0, INF) and s.marks[b"n"].meta
+    assert [type(op) for op in s.log] == [m.Rename, m.Rename, m.Rename, m.Unlink, m.Remove, m.Create]
+    assert s.log[-1].hid is None and s.log[-1].uid == 0  # replay form: structure only
+
+
+def test_suspects_merge_and_move() -> None:
+    s = State()
+    assert s.add_suspect(b"a/b")
+    assert not s.add_suspect(b"a/b/c")
+    assert s.add_suspect(b"a")
+    assert s.suspects == {b"a"}
+    s.apply_ns(m.Rename(0, b"a", b"z"))
+    assert s.suspects == {b"z"}
+    s.pending[7] = [b"z/q", b"w"]
+    s.apply_ns(m.Rename(0, b"w", b"v"))
+    s.settle_pending()
+    assert s.suspects == {b"z", b"v"} and not s.pending
+
+
+# ---- the file ----
+
+def _alone(path: Path) -> Journal:
+    j = Journal(path)
+    j._reset(jn.RState("alone", SYNC, 5, jn.boot_id()))
+    return j
+
+
+def _same(a: State, b: State) -> None:
+    assert {p: (mk.data, mk.fresh, mk.meta) for p, mk in a.marks.items()} == \
+        {p: (mk.data, mk.fresh, mk.meta) for p, mk in b.marks.items()}
+    assert a.suspects == b.suspects and a.log == b.log and a.pending == b.pending
+
+
+def test_records_survive_reload_and_a_torn_tail_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = _alone(path)
+    j.state.add_data(b"f", 0, 3)
+    j.append(jn.RMarks(b"f", [0, 3]))
+    j.state.apply_ns(m.Rename(0, b"f", b"g"))
+    j.append(jn.ROps(0, [m.Rename(0, b"f", b"g")]))
+    j.state.pending[4] = [b"p"]
+    j.append(jn.RPending(4, [b"p"]))
+    asyncio.run(j.commit())
+    j.close()
+    with open(path, "ab") as f:
+        f.write(jn.encode_record(jn.RMarks(b"torn", [9, 10]))[:-3])  # a crash mid-append
+    k = Journal.load(path)
+    assert k.kind == "alone" and k.sync == SYNC and k.generation == 5 and k.torn > 0
+    _same(j.state, k.state)
+    assert k.trusted and k.lineage() is None  # changes recorded: not the base state any more
+
+
+def test_compaction_keeps_the_meaning(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = _alone(path)
+    rng = random.Random(3)
+    for i in range(300):
+        p = b"d%d/f%d" % (i % 5, i % 17)
+        j.state.add_data(p, rng.randrange(1000), rng.randrange(1000, 2000))
+        j.append(jn.marks_record(j.state.marks[p]))
+        if i % 7 == 0:
+            op = m.Rename(0, b"d%d" % (i % 5), b"d%d" % ((i + 1) % 5))
+            j.state.apply_ns(op)
+            j.append(jn.ROps(0, [op]))
+        if i % 11 == 0:
+            op = m.Unlink(0, p)
+            j.state.apply_ns(op)
+            j.append(jn.ROps(0, [op]))
+    asyncio.run(j.commit())
+    before = Journal.load(path)
+    j.compact()
+    j.close()
+    after = Journal.load(path)
+    _same(before.state, after.state)
+    _same(j.state, after.state)
+    assert path.stat().st_size < before._size
+
+
+def test_group_commit_shares_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = _alone(tmp_path / "j")
+    calls = []
+    real = j._write
+    monkeypatch.setattr(j, "_write", lambda data: (calls.append(len(data)), real(data)))
+
+    async def writer(i: int) -> None:
+        for k in range(10):
+            j.append(jn.RMarks(b"f%d" % i, [k, k + 1]))
+            await j.commit()
+
+    async def main() -> None:
+        await asyncio.gather(*(writer(i) for i in range(50)))
+
+    asyncio.run(main())
+    assert len(calls) <= 2 * 10 + 2  # 500 records: about one fsync per round, not per record
+    assert len(Journal.load(tmp_path / "j").state.marks) == 50
+
+
+# ---- lineage: what a node reports, what a primary starts from ----
+
+def test_lineage_rules(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = Journal.load(path)
+    assert j.kind == "invalid" and j.lineage() is None  # no file: nothing known
+    j.target_done(SYNC, 9)
+    assert Journal.load(path).lineage() == SYNC  # same boot: the page cache survived
+    j._reset(jn.RState("target", SYNC, 9, "another-boot"))
+    assert Journal.load(path).lineage() is None  # rebooted without a clean stop
+    j.target_clean()
+    assert Journal.load(path).lineage() == SYNC
+    j.start_session(SYNC, 9)
+    assert Journal.load(path).lineage() is None  # crash while replicating: in-flight ops unknown
+    j.close_session()
+    assert Journal.load(path).lineage() == SYNC
+
+
+def test_become_source(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = Journal.load(path)
+    j.start_session(SYNC, 1)
+    k = Journal.load(path)
+    k.become_source(2)
+    assert k.kind == "invalid" and not k.trusted  # the session did not end cleanly
+    j.close_session()
+    k = Journal.load(path)
+    k.become_source(2)
+    assert k.trusted and k.sync == SYNC and k.state.empty
+    # A trusted journal goes on; intents left unsettled by a crash become suspects.
+    k.state.add_data(b"f", 0, 1)
+    k.append(jn.RMarks(b"f", [0, 1]))
+    k.state.pending[3] = [b"a", b"b"]
+    k.append(jn.RPending(3, [b"a", b"b"]))
+    k.flush_sync()
+    again = Journal.load(path)
+    again.become_source()
+    assert again.trusted and again.state.suspects == {b"a", b"b"} and b"f" in again.state.marks
+    assert Journal.load(path).state.suspects == {b"a", b"b"}
+
+
+def test_alone_from_session_is_one_record(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = Journal.load(path)
+    j.start_session(SYNC, 1)
+    mk = jn.Mark(b"f")
+    mk.data.add(3, 4)
+    j.alone_from_session([mk], [b"d/x"])
+    asyncio.run(j.commit())
+    k = Journal.load(path)
+    assert k.trusted and k.state.marks[b"f"].data.ranges() == [(3, 4)] and k.state.suspects == {b"d/x"}
+
+
+def test_block_size_change_rescales_marks(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = _alone(path)
+    j.state.add_data(b"f", 3, 5)  # bytes 12288..20480 at 4 KiB
+    j.append(jn.RMarks(b"f", [3, 5]))
+    j.flush_sync()
+    k = Journal.load(path, block=65536)
+    assert k.state.marks[b"f"].data.ranges() == [(0, 1)]
