@@ -466,11 +466,29 @@ def _module_text(m: ModuleOut) -> str:
         f"  data {m.data}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
         f"  restarts {m.restarts}/{m.restart_limit}, generation {m.generation}",
     ]
+    if m.replication:
+        lines.append("  " + _esc(_replication_text(m.replication)))
     if m.waiting_for:
         lines.append(f"  [yellow]waiting for: {_esc(m.waiting_for)}[/]")
     if m.busy:
         lines.append(f"  busy: {_esc(m.busy)}")
     return "\n".join(lines)
+
+
+def _replication_text(r: dict[str, Any]) -> str:
+    """One line on the replication of a module: role, link, what is in flight, resync progress."""
+    text = f"replication {r.get('role', '?')}"
+    if r.get("role") == "primary":
+        text += ", connected" if r.get("connected") else ", not connected (journaling)"
+        text += f", {r.get('bytes_sent', 0) / 1e6:.1f} MB sent"
+        if r.get("lag_seconds"):
+            text += f", lag {r['lag_seconds']:.2f} s"
+    resync = r.get("resync")
+    if isinstance(resync, dict):
+        done, total = resync.get("bytes_done") or 0, resync.get("bytes_total") or 0
+        eta = resync.get("eta_seconds")
+        text += f"; resync {done / 1e6:.1f}/{total / 1e6:.1f} MB" + (f", ETA {eta:.0f} s" if eta else "")
+    return text
 
 
 def _checkers_table(m: ModuleOut) -> Any:

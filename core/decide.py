@@ -360,6 +360,11 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored on the secondary")
     if peer_serving(peer):
+        if uptodate and local.has_replication and peer.generation != local.persisted.generation:
+            # The primary writes under a generation we never adopted (it went ALONE: link lost while
+            # heartbeats held): our copy misses its changes until the next resync completes.
+            return stay(local, f"{peer.name} writes without replicating to this node: not up to date "
+                        "until resynchronised", persisted=replace(local.persisted, data=DataStatus.STALE))
         if local.intent == Intent.HANDOVER:
             return stay(local, f"{peer.name} took over", intent=Intent.NONE)
         if local.intent == Intent.WANT_PRIMARY and (peer.state != S.PRIM or not uptodate):

@@ -122,9 +122,10 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
         cluster.power_on("n1")
         cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
         show_states(cluster)
-        resync = (cluster.status("n2") or {}).get("modules", [{}])[0].get("replication") or {}
-        if resync.get("resync"):
-            console.print(f"    resync: {resync['resync']}")
+        replication = (cluster.status("n2") or {}).get("modules", [{}])[0].get("replication") or {}
+        resync = replication.get("resync") or replication.get("last_resync")
+        if resync:
+            console.print(f"    resync: {resync}")
         step("swap: handing the primary role back to n1")
         swapped = time.time()
         result = cluster.cli("n2", "swap")
@@ -138,6 +139,10 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
         before2, after2 = probe.last_visit_before(swapped), probe.first_visit_after(swapped)
         data_kept = data_kept and before2 is not None and after2 is not None and after2 > before2
         console.print(f"    last visit on n2: #{before2}, first on n1: #{after2}")
+        step("safekit-cloud verify: comparing the two replicas online (content and metadata)")
+        checked = cluster.cli("n1", "verify", timeout=120)
+        identical = checked.returncode == 0
+        console.print("    " + (checked.stdout.strip() or checked.stderr.strip()).replace("\n", "\n    "))
     finally:
         probe.stop()
     samples = probe.samples()
@@ -148,10 +153,11 @@ def _scenario(cluster: LabCluster, interval: float, timeout: float) -> int:
     table.add_row("failover (n1 powered off -> served by n2)", _fmt(failover))
     table.add_row("swap (n2 -> n1)", _fmt(swap))
     table.add_row("replicated data", "every acknowledged visit kept" if data_kept else "[red]visits lost[/]")
+    table.add_row("replicas compared (verify)", "identical" if identical else "[red]different[/]")
     table.add_row("final state", "n1 PRIM, n2 SECOND")
     console.print()
     console.print(table)
-    return 0 if failover is not None and swap is not None and data_kept else 1
+    return 0 if failover is not None and swap is not None and data_kept and identical else 1
 
 
 def _fmt(seconds: float | None) -> str:

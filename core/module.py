@@ -350,10 +350,13 @@ class ModuleRuntime:
         if self.replication is None:
             return True
         try:
+            generation = self.persisted.generation.current or None
             if kind == A.REPLICATE_AS_PRIMARY:
-                await self.replication.become_primary()
+                await self.replication.become_primary(base_generation=generation)
             elif kind == A.REPLICATE_AS_SECONDARY:
-                await self.replication.become_secondary()
+                # After `second` (or a split brain resolved against us) nothing we hold is trusted.
+                await self.replication.become_secondary(generation=generation,
+                                                        fullsync=self.persisted.discard_local_data)
             else:
                 await self.replication.stop()
         except (OSError, RuntimeError) as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     mount = FuseMount(directory, make_fs)
     await mount.start()
     emit("ready", dirty=True, journal=journal.describe())
-    connector = asyncio.create_task(_connect_loop(args, key, name, repl), name="repl-connect")
+    connector = asyncio.create_task(_connect_loop(args, key, name, repl, stop), name="repl-connect")
     try:
         while not stop.is_set():
             emit("status", **repl.status())
@@ -78,18 +79,23 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
             except TimeoutError:
                 pass
     finally:
-        connector.cancel()
-        await asyncio.gather(connector, return_exceptions=True)
+        # Not cancelled while it connects (a cancel racing open_connection's result can leave the
+        # task stuck on Python 3.11): it sees `stop` and returns; cancelled only if it lingers.
+        stop.set()
+        _, pending = await asyncio.wait([connector], timeout=2.0)
+        for task in pending:
+            task.cancel()
         await mount.stop()
         await repl.close(args.timeout)
 
 
-async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl: MirrorReplicator) -> None:
+async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl: MirrorReplicator,
+                        stop: asyncio.Event) -> None:
     """Connect whenever not connected: at once after a loss, then every `--retry` seconds. A failed
     first attempt is reported as "lost" once; a broken link is reported by the replicator."""
     host, _, port = args.peer.rpartition(":")
     announced = False
-    while True:
+    while not stop.is_set():
         if repl.sender is None:
             try:
                 sender = await Sender.connect(host.strip("[]"), int(port), key, args.module, name,
@@ -99,13 +105,16 @@ async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl:
                     emit("lost", reason=f"cannot connect to {args.peer}: {exc}")
                     announced = True
             else:
+                if stop.is_set():
+                    await sender.close()
+                    return
                 repl.attach(sender)
                 emit("connected", peer=args.peer)
                 announced = True
-        try:
-            await asyncio.wait_for(repl.lost_event.wait(), args.retry)
-        except TimeoutError:
-            pass
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(repl.lost_event.wait())]
+        await asyncio.wait(waits, timeout=args.retry, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
 
 
 async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Event) -> None:
@@ -192,6 +201,7 @@ async def amain(argv: list[str]) -> int:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to stderr
     logging.basicConfig(level=os.environ.get("SAFEKIT_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(asyncio.run(amain(sys.argv[1:])))

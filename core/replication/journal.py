@@ -33,8 +33,8 @@ namespace change's paths (`pend`, settled by the `ops` record carrying the opera
 or by `settle` if it failed). After a crash, a pending namespace change that never settled is a
 *suspect* path: resync compares it (and its subtree) by checksum. So a journal is trusted after a
 crash of the node too, and "the record is on disk before the call returns" holds a fortiori.
-Durability is group-committed: all records appended during one event-loop tick share one fdatasync
-(run in a thread, so requests keep arriving and form the next group while it runs).
+Durability is group-committed: all records appended during one event-loop tick share one fdatasync,
+written into space allocated ahead (so the fdatasync has no file size to update).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ FORMAT = 1
 MAX_RANGES = 4096  # per file and kind; above, the marks are coarsened (over-marking is safe)
 MAX_LOG = 200_000  # namespace operations kept for replay; above, the journal gives up (checksum resync)
 COMPACT_MIN = 4 << 20  # rewrite the file when it passes this and 4x its last compacted size
+# The file is allocated ahead in steps of this: a commit then writes into allocated space and its
+# fdatasync has no file size to update (measured here: ~120 us instead of ~200-330 us). Zeros after
+# the last record end the reading like a torn tail does.
+PREALLOC = 4 << 20
 
 _HEAD = struct.Struct(">II")
 
@@ -209,7 +213,7 @@ class Mark:
     fresh: blocks known to be holes on the replica (a zero block there need not be sent);
     meta:  mode, owner, times and xattrs to resend."""
 
-    __slots__ = ("alive", "cmp", "data", "fresh", "meta", "path", "version")
+    __slots__ = ("alive", "cmp", "data", "fresh", "meta", "path")
 
     def __init__(self, path: bytes) -> None:
         self.path = path
@@ -218,7 +222,6 @@ class Mark:
         self.fresh = RangeSet()
         self.meta = False
         self.alive = True
-        self.version = 0  # bumped by every live change of the file while a resync reads it
 
     def __repr__(self) -> str:
         return f"Mark({self.path!r}, data={self.data}, cmp={self.cmp}, fresh={self.fresh}, meta={self.meta})"
@@ -473,7 +476,8 @@ class Journal:
         self._durable = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._size = 0
+        self._size = 0  # end of the last record written (appends go there)
+        self._alloc = 0  # bytes allocated in the file
         self._compacted = 0
         self._next_id = 1
         self.failed = ""
@@ -504,6 +508,7 @@ class Journal:
             # Marks are in units of the block size they were recorded with.
             j._rescale(block)
         j._size = j._compacted = len(data) - j.torn
+        j._alloc = len(data)
         return j
 
     def _rescale(self, block: int) -> None:
@@ -681,6 +686,7 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, body)
+            self._alloc = self._preallocate(fd, len(body), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -692,7 +698,7 @@ class Journal:
             os.close(dfd)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         self._size = self._compacted = len(body)
 
     # -- appending and group commit --
@@ -727,14 +733,28 @@ class Journal:
             data, upto = b"".join(self._buf), self._appended
             self._buf.clear()
             try:
-                await asyncio.to_thread(self._write, data)
+                # Inline, not in a thread: the thread hop measured ~160 us per commit on this VM,
+                # more than the fdatasync itself (~120 us). Requests that arrive meanwhile wait in
+                # the kernel and form the next group.
+                self._write(data)
             except OSError as exc:
-                # The change is applied locally but its record may be lost: trust nothing, say so.
+                # The change goes on locally but its record may be lost: trust nothing, on disk too
+                # (a restart must not find an "alone" journal with records missing).
                 log.error("journal %s: cannot write (%s): the next resync compares checksums", self.path, exc)
-                self.failed = str(exc)
-                self.authoritative = False
                 self._buf.clear()
                 upto = self._appended
+                state = self.state
+                try:
+                    self.invalidate(f"journal write failed: {exc}")
+                except OSError:
+                    try:
+                        if self.path is not None:
+                            self.path.unlink(missing_ok=True)  # missing: untrusted as well
+                    except OSError as exc2:
+                        log.error("journal %s: cannot invalidate it either: %s", self.path, exc2)
+                self.state = state
+                self.failed = str(exc)
+                self.authoritative = False
             self._durable = upto
             keep = []
             for target, fut in self._waiters:
@@ -747,16 +767,31 @@ class Journal:
             if self.authoritative and self._size > max(COMPACT_MIN, 4 * self._compacted):
                 self.compact()
 
+    @staticmethod
+    def _preallocate(fd: int, end: int, alloc: int) -> int:
+        """Make sure [0, end) plus room ahead is allocated; returns the new allocated size."""
+        if end <= alloc:
+            return alloc
+        want = (end // PREALLOC + 1) * PREALLOC
+        try:
+            os.posix_fallocate(fd, 0, want)
+        except OSError:
+            return alloc  # not supported here: plain appends
+        return want
+
     def _write(self, data: bytes) -> None:
         if self._fd < 0:
             assert self.path is not None
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._alloc = self._preallocate(self._fd, self._size + len(data), self._alloc)
         view = memoryview(data)
+        off = self._size
         while view:
-            n = os.write(self._fd, view)
+            n = os.pwrite(self._fd, view, off)
             view = view[n:]
+            off += n
         os.fdatasync(self._fd)
-        self._size += len(data)
+        self._size = off
 
     def compact(self) -> None:
         """Rewrite the file as one snapshot of the current state (same meaning, fewer bytes)."""

@@ -327,7 +327,7 @@ class RsDone(_Msg, tag="rsdone"):
 
 class RsBye(_Msg, tag="rsbye"):
     """The primary stops cleanly: every operation it applied came before this one (a swap, a planned
-    stop). A stream that ends without it after a resync leaves the secondary not up to date."""
+    stop). The receiver reports whether a stream ended with it ("disconnected", clean)."""
 
     seq: U63
 

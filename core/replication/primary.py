@@ -1,4 +1,8 @@
-"""The primary's replicator: the sender while the link is up, the dirty marker once it is lost.
+"""Superseded in production by resync.MirrorReplicator (journal, resync, reconnection): the agents
+no longer use this module. Kept as the minimal replicator of the in-process test harness
+(tests/replication/harness.py), which exercises the stream without resynchronisation.
+
+The primary's replicator: the sender while the link is up, the dirty marker once it is lost.
 
 When the link breaks, the calls in flight complete (the sender resolves them within its timeout),
 every unacknowledged operation and every later one marks the directory dirty, durably, before the

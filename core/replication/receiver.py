@@ -185,12 +185,13 @@ class Receiver:
             stats.connected = False
             if self._active.get(hello.directory, (None,))[0] is task:
                 del self._active[hello.directory]
-            if applier.in_sync and not applier.bye and not self._stopping:
-                # The stream was up to date and ended without the primary's clean goodbye: this
-                # replica may miss changes from now on; it is no longer up to date.
-                self._emit("lost", directory=stats.directory, reason=reason)
-        stats.last_error = reason
-        self._emit("disconnected", directory=stats.directory, reason=reason)
+            stats.last_error = reason
+            # Not a "lost": the replica still holds every acknowledged change (a crashed primary
+            # leaves it fit to take over); it falls behind only if the primary carries on alone,
+            # which the engine learns from the primary's heartbeats (new generation, ALONE).
+            # `in_sync`: it was up to date; `clean`: the primary said goodbye (a stop, a swap).
+            self._emit("disconnected", directory=stats.directory, reason=reason, in_sync=applier.in_sync,
+                       clean=applier.bye, stopping=self._stopping)
 
     async def _replace(self, directory: bytes) -> None:
         old = self._active.pop(directory, None)

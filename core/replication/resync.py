@@ -439,7 +439,8 @@ class Progress:
             "mode": self.mode, "phase": self.phase, "started_at": self.started, "elapsed": round(elapsed, 3),
             "bytes_total": self.bytes_total, "bytes_done": self.bytes_done, "bytes_sent": self.bytes_sent,
             "files_total": self.files_total, "files_done": self.files_done, "namespace_ops": self.namespace_ops,
-            "entries_listed": self.entries_listed, "rate_bytes_per_s": round(rate),
+            "entries_listed": self.entries_listed, "digests_received": self.digests_received,
+            "rate_bytes_per_s": round(rate),
             "eta_seconds": round(left / rate, 1) if rate > 0 and self.phase == "data" else None,
             "bandwidth_cap_bytes_per_s": self.cap,
         }
@@ -677,7 +678,6 @@ class MirrorReplicator:
                 if mk is not None:
                     length = len(op.data) if isinstance(op, m.Write) else op.length
                     s, e = op.off // b, _ceil(op.off + length, b)
-                    mk.version += 1
                     if mk.covered(s, e):
                         continue  # the resync reads these blocks later, this write included
                     for a, z in mk.cmp.within(s, e):
@@ -693,7 +693,6 @@ class MirrorReplicator:
                         mk.data.add(a, z)
                     mk.cmp.remove(k, INF)
                     mk.fresh.add(_ceil(op.size, b), INF)
-                    mk.version += 1
             elif isinstance(op, NS_TYPES):
                 st.apply_ns(op, log_it=False)
             out.append(op)
@@ -1145,6 +1144,7 @@ class MirrorReplicator:
                 end = max(tail, _ceil(os.fstat(fd).st_size, b))
                 mk.data.remove(end, INF)
                 mk.cmp.remove(end, INF)
+            ahead: dict[int, tuple[list[int], RangeSet, asyncio.Future[list[m.Message]]]] = {}
             while mk.alive:
                 nb = _ceil(os.fstat(fd).st_size, b)
                 start = self._first_marked(mk, 0, nb)
@@ -1156,10 +1156,16 @@ class MirrorReplicator:
                     mk.fresh.clear()
                     self._send(m.SetAttr(0, mk.path, hid=hid, size=os.fstat(fd).st_size))
                     break
-                lo = start // COARSE * COARSE
+                lo = start // REGION * REGION
                 hi = min(lo + REGION, nb)
-                if mk.cmp.overlaps(lo, hi):
-                    await self._compare_region(fd, mk, lo, hi)
+                asked = ahead.pop(lo, None)
+                if asked is None and mk.cmp.overlaps(lo, hi):
+                    asked = self._ask_coarse(mk, lo, hi)
+                if hi < nb and hi not in ahead and mk.cmp.overlaps(hi, min(hi + REGION, nb)):
+                    # The secondary hashes the next region while we compare this one.
+                    ahead[hi] = self._ask_coarse(mk, hi, min(hi + REGION, nb))
+                if asked is not None:
+                    await self._compare_region(fd, mk, asked)
                 await self._send_region(fd, mk, hid, lo, hi)
         finally:
             try:
@@ -1184,18 +1190,24 @@ class MirrorReplicator:
         firsts = [p[0][0] for p in (mk.data.within(lo, hi), mk.cmp.within(lo, hi)) if p]
         return min(firsts) if firsts else None
 
-    async def _compare_region(self, fd: int, mk: Mark, lo: int, hi: int) -> None:
-        b, cb = self.block, self.block * COARSE
-        prog = self.progress
+    def _ask_coarse(self, mk: Mark, lo: int, hi: int) -> tuple[list[int], RangeSet, asyncio.Future[list[m.Message]]]:
+        """Ask the digests of the first-level blocks of [lo, hi) still to compare."""
         coarse = [c for c in range(lo // COARSE, _ceil(hi, COARSE)) if mk.cmp.overlaps(c * COARSE, (c + 1) * COARSE)]
-        if not coarse:
-            return
         ranges = RangeSet()
         for c in coarse:
             ranges.add(c, c + 1)
         flat = ranges.flat()
-        [rep] = await self._ask(lambda req: m.RsHash(0, req, mk.path, cb, flat))
+        return coarse, ranges, self._ask(lambda req: m.RsHash(0, req, mk.path, self.block * COARSE, flat))
+
+    async def _compare_region(self, fd: int, mk: Mark,
+                              asked: tuple[list[int], RangeSet, asyncio.Future[list[m.Message]]]) -> None:
+        b, cb = self.block, self.block * COARSE
+        prog = self.progress
+        coarse, ranges, fut = asked
+        [rep] = await fut
         assert isinstance(rep, m.RsDigests)
+        if not coarse:
+            return
         theirs = self._digest_map(ranges, rep)
         fine = RangeSet()
         for i in range(0, len(coarse), STEP // COARSE):
@@ -1268,6 +1280,19 @@ class MirrorReplicator:
             if not parts:
                 return
             a, z = parts[0]
+            if mk.fresh.covers(a, a + 1):
+                # A hole here on the replica: skip our holes too without reading them (sparse files).
+                try:
+                    data_at = os.lseek(fd, a * b, os.SEEK_DATA) // b
+                except OSError:  # ENXIO: no data past this offset
+                    data_at = nb
+                hole_end = min(data_at, z)
+                if hole_end > a and mk.fresh.covers(a, hole_end):
+                    mk.data.remove(a, hole_end)
+                    if prog is not None:
+                        prog.bytes_done += (hole_end - a) * b
+                    lo = hole_end
+                    continue
             z = min(z, a + chunk)
             await self.bucket.take((z - a) * b)
             await self._room()

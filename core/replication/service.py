@@ -137,6 +137,20 @@ class ReplicationService:
         )
         return out
 
+    @staticmethod
+    def _last_resync(statuses: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The latest resync of each directory (finished or interrupted), summed."""
+        runs = [s["last_resync"] for s in statuses if s.get("last_resync")]
+        if not runs:
+            return None
+        out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in runs) for k in (
+            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops")}
+        out.update(directories=len(runs), modes=sorted({r.get("mode") for r in runs}),
+                   results=sorted({r.get("result") for r in runs}),
+                   seconds=max(r.get("elapsed") or 0 for r in runs),
+                   finished_at=max((r.get("finished_at") or 0 for r in runs), default=0) or None)
+        return out
+
     def status(self) -> dict[str, Any]:
         agents = {a.name: dict(a.status, alive=a.proc.returncode is None, failed=a.failed) for a in self._agents}
         primary = [a.status for a in self._agents if self.role == "primary"]
@@ -149,6 +163,8 @@ class ReplicationService:
             "lag_seconds": max((s.get("lag") or 0.0 for s in primary), default=0.0),
             # Progress of the resyncs running now (bytes to send or compare, done, sent, files, ETA).
             "resync": self._resync_progress(primary),
+            # The latest resync of each directory once over ("results": done / interrupted).
+            "last_resync": self._last_resync(primary),
             "synced": (all(a.synced for a in self._agents) if self.role == "primary" and self._agents
                        else self.role == "secondary" and self._all_synced_dirs()),
             "agents": agents,
@@ -267,8 +283,8 @@ class ReplicationService:
         elif kind == "failed":
             agent.failed = event.get("reason", "failed")
             agent.ready.set()
-        elif kind == "resync_started":
-            self._set_synced(agent, event, False)
+        elif kind in ("resync_started", "disconnected"):
+            self._set_synced(agent, event, False)  # (a secondary's stream ended: see receiver.py)
         elif kind == "resync_done":
             # Reported once every directory of the module is resynchronised (on either side).
             if self._set_synced(agent, event, True) and self.on_resync_done is not None:

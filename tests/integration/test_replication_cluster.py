@@ -84,8 +84,9 @@ def test_every_fsynced_write_survives_a_crash_of_the_primary(cluster: LabCluster
 
 def changed_bytes(status: dict[str, Any]) -> int:
     replication = status["modules"][0]["replication"] or {}
-    resync = replication.get("resync") or {}
-    return int(resync.get("bytes_sent") or resync.get("sent_bytes") or 0)
+    resync = replication.get("last_resync")
+    assert resync, f"no finished resync reported: {replication}"
+    return int(resync["bytes_sent"])
 
 
 def test_failback_resyncs_only_what_changed_and_replicas_end_identical(cluster: LabCluster) -> None:

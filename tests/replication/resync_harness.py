@@ -5,7 +5,6 @@ and the primary's agent can be "crashed" (its journal left as the disk has it)."
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -158,6 +157,3 @@ class ResyncMirror:
 
         return self.fs_thread.call(get())
 
-
-async def _noop() -> None:
-    await asyncio.sleep(0)

@@ -247,7 +247,7 @@ def test_interrupted_resync_leaves_the_target_not_up_to_date(mirror: ResyncMirro
     kinds = [e for e, _ in mirror.rx_events]
     assert "resync_started" in kinds[kinds.index("resync_done") + 1:]  # the second one started...
     assert kinds.count("resync_done") == 1  # ...and never finished
-    assert "lost" not in kinds  # (it was not in sync: nothing more to report; its own stop is not a loss)
+    assert mirror.rx_events[-1][0] == "disconnected" and not mirror.rx_events[-1][1]["in_sync"]
     assert mirror.lineage_s().kind == "invalid" and mirror.lineage_s().lineage() is None
     # The next primary start compares checksums (the target no longer claims any lineage).
     mirror.start_primary()
@@ -267,10 +267,11 @@ def test_secondary_restarted_cleanly_needs_nothing(mirror: ResyncMirror) -> None
     mirror.wait_mode("live")
     last = mirror.status()["last_resync"]
     assert last["mode"] == "journal" and last["bytes_sent"] == 0 and sender.stats.bytes_sent < 2_000
-    # A clean stop of the primary says goodbye: the secondary stays up to date (no "lost").
+    # A clean stop of the primary says goodbye (a swap, a planned stop): the receiver says so.
     mirror.stop_primary()
     time.sleep(0.2)
-    assert "lost" not in [e for e, _ in mirror.rx_events]
+    event, detail = mirror.rx_events[-1]
+    assert event == "disconnected" and detail["clean"] and detail["in_sync"], mirror.rx_events[-1]
     assert mirror.lineage_s().lineage() is not None
     assert_same(mirror)
 
@@ -329,7 +330,7 @@ def test_service_resync_with_agents(tmp_path: Path) -> None:
             await secondary.stop()
 
     try:
-        first, st = asyncio.run(scenario())
+        _, st = asyncio.run(scenario())
     finally:
         force_unmount(data)
     agent = next(iter(st["agents"].values()))
@@ -337,4 +338,6 @@ def test_service_resync_with_agents(tmp_path: Path) -> None:
     assert agent["last_resync"]["bytes_sent"] <= 300_000 + 8_192
     assert agent["last_resync"]["bandwidth_cap_bytes_per_s"] == 200e6
     assert st["resync"] is None and st["connected"]
+    assert st["last_resync"]["modes"] == ["journal"] and st["last_resync"]["results"] == ["done"]
+    assert 300_000 <= st["last_resync"]["bytes_sent"] <= 300_000 + 8_192
     assert describe_tree(data) == describe_tree(replica)

@@ -1349,3 +1349,20 @@ def test_second_on_the_newest_node_lets_the_older_one_serve() -> None:
     pair.start("n1")
     pair.elapse()
     assert pair.states() == (S.ALONE, S.SECOND), pair.trace()
+
+
+def test_secondary_of_a_primary_writing_under_a_new_generation_becomes_stale_and_never_takes_over() -> None:
+    """Replication link lost while heartbeats hold: the primary went ALONE with a new generation."""
+    newer = Generation(G0.current + 1, (G0.current,))
+    second = local_view(S.SECOND)
+    decision = decide(second, peer_view(state=S.ALONE, generation=newer), E.PEER_CHANGED)
+    assert decision.next_state == S.SECOND and decision.persisted is not None
+    assert decision.persisted.data == DataStatus.STALE
+    stale = replace(second, persisted=decision.persisted)
+    lost = decide(stale, LOST, E.PEER_LOST)
+    assert not lost.next_state.is_primary and lost.waiting_for == "stale"
+    # once resynchronised (and the generation adopted) it is up to date again, and no longer marked
+    synced = decide(stale, peer_view(state=S.ALONE, generation=newer), E.RESYNC_DONE)
+    assert synced.persisted is not None and synced.persisted.data == DataStatus.UPTODATE
+    adopted = replace(stale, persisted=replace(synced.persisted, generation=newer))
+    assert decide(adopted, peer_view(state=S.ALONE, generation=newer), E.PEER_CHANGED).persisted is None
