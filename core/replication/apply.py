@@ -256,11 +256,13 @@ def _own_and_mode(parent: int, name: bytes, uid: int, gid: int, mode: int) -> No
 def _set_times_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     if atime_ns is None and mtime_ns is None:
         return
-    if atime_ns is None or mtime_ns is None:
-        st = os.fstat(fd)
-        atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-        mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-    os.utime(fd, ns=(atime_ns, mtime_ns))
+    st = os.fstat(fd)
+    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+    if (atime_ns, mtime_ns) != (st.st_atime_ns, st.st_mtime_ns):
+        # Only when they differ: utime dirties the inode (ctime), which costs an fsync that had
+        # nothing else to write a journal commit.
+        os.utime(fd, ns=(atime_ns, mtime_ns))
 
 
 def _setattr_fd(fd: int, op: m.SetAttr, path: str | None = None) -> None:

@@ -26,7 +26,7 @@ from . import messages as m
 from .apply import renameat2
 from .exclude import Excluder
 from .inodes import Inodes, fuse_ino, join
-from .replicator import PENDING, NullReplicator, Replicator
+from .replicator import PENDING, NullReplicator, Replicator, Started
 from .snapshot import tree_ops
 
 log = logging.getLogger(__name__)
@@ -484,12 +484,19 @@ class ReplicatedFS(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         f = self._files[fh]
-        (os.fdatasync if datasync else os.fsync)(f.fd)
         pre = self._open_op(f, fh)
-        if pre is not None:
-            st = os.fstat(f.fd)
-            await self.repl.submit(*pre, m.Fsync(0, fh, datasync=datasync, atime_ns=st.st_atime_ns,
-                                                 mtime_ns=st.st_mtime_ns))
+        if pre is None:
+            (os.fdatasync if datasync else os.fsync)(f.fd)
+            return
+        # The peer's fsync runs while ours does: the Fsync is on the wire (every earlier write is
+        # ahead of it) before we block in our own, and the call returns only once both are durable.
+        st = os.fstat(f.fd)
+        peer = Started(self.repl.submit(*pre, m.Fsync(0, fh, datasync=datasync, atime_ns=st.st_atime_ns,
+                                                      mtime_ns=st.st_mtime_ns)))
+        try:
+            (os.fdatasync if datasync else os.fsync)(f.fd)
+        finally:
+            await peer
 
     async def release(self, fh: int) -> None:
         f = self._files.pop(fh)

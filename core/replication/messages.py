@@ -436,9 +436,9 @@ def split_write(op: Write) -> list[Write]:
     data = op.data
     if len(data) <= MAX_CHUNK:
         return [op]
-    view = memoryview(data)
+    view = memoryview(data)  # slices share the caller's buffer: the frame encoder copies them once
     return [
-        Write(seq=0, hid=op.hid, off=op.off + i, data=bytes(view[i:i + MAX_CHUNK]), sync=op.sync)
+        Write(seq=0, hid=op.hid, off=op.off + i, data=view[i:i + MAX_CHUNK], sync=op.sync)  # type: ignore[arg-type]
         for i in range(0, len(data), MAX_CHUNK)
     ]
 

@@ -209,8 +209,9 @@ class Receiver:
         while True:
             if not batch:
                 if self.idle_timeout:
-                    try:
-                        data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                    try:  # a timer, not wait_for's extra task per read
+                        async with asyncio.timeout(self.idle_timeout):
+                            data = await reader.read(READ_CHUNK)
                     except TimeoutError:
                         raise ConnectionError(f"nothing received for {self.idle_timeout:g} s") from None
                 else:

@@ -9,7 +9,8 @@ so operations reach the secondary in the order they happened here, whatever runs
 from __future__ import annotations
 
 import contextvars
-from typing import Protocol
+from collections.abc import Generator
+from typing import Any, Protocol
 
 from .messages import Op
 
@@ -40,6 +41,43 @@ class Replicator(Protocol):
     #   intend_ns(*paths)                          a namespace change (may wait while a resync
     #                                              replays the namespace); then settle(token) if the
     #                                              handler ends without submitting
+
+
+class Started:
+    """A coroutine already run up to its first suspension point; awaiting it runs the rest.
+
+    `Started(repl.submit(op))` enqueues `op` at once (the submit contract), so the caller can do
+    something else before it waits: the FUSE layer sends an Fsync to the peer, then fsyncs locally
+    while the peer does the same, then waits for the peer. Await it exactly once."""
+
+    __slots__ = ("_coro", "_first", "_done", "_value")
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+        self._done = False
+        try:
+            self._first = coro.send(None)
+        except StopIteration as stop:
+            self._done, self._value, self._first = True, stop.value, None
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        if self._done:
+            return self._value
+        coro, fut = self._coro, self._first
+        self._first = None
+        while True:
+            try:
+                sent = yield fut
+            except BaseException as exc:  # noqa: BLE001 - cancellation and errors go to the coroutine
+                try:
+                    fut = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    fut = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 class NullReplicator:

@@ -57,6 +57,31 @@ class _Pending:
     sent: float
 
 
+class _AckProtocol(asyncio.Protocol):
+    """The connection's protocol once the sender runs: bytes go straight to the sender; write
+    flow control (pause/resume, what `writer.drain()` waits on) stays with the stream protocol."""
+
+    def __init__(self, sender: Sender, stream: asyncio.BaseProtocol) -> None:
+        self._sender, self._stream = sender, stream
+
+    def data_received(self, data: bytes) -> None:
+        self._sender._on_data(data)
+
+    def eof_received(self) -> bool:
+        self._sender._lose("receiver closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream.connection_lost(exc)  # wakes writers waiting in drain()
+        self._sender._lose(f"connection lost: {exc}" if exc else "receiver closed the connection")
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
+
+
 class Sender:
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder,
@@ -107,8 +132,18 @@ class Sender:
         return sender
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._read_acks(), name="repl-acks"),
-                       asyncio.create_task(self._watchdog(), name="repl-watchdog")]
+        """Acks are handled in the transport's data_received callback (no reader task: one event
+        loop turn and one future less per acknowledgement than a StreamReader loop)."""
+        self._tasks = [asyncio.create_task(self._watchdog(), name="repl-watchdog")]
+        transport = self._writer.transport
+        stream_proto = transport.get_protocol()
+        buffered = bytes(self._reader._buffer)  # arrived after the handshake, before this switch
+        self._reader._buffer.clear()
+        transport.set_protocol(_AckProtocol(self, stream_proto))
+        if buffered:
+            asyncio.get_running_loop().call_soon(self._on_data, buffered)
+        if self._reader.at_eof():
+            asyncio.get_running_loop().call_soon(self._lose, "receiver closed the connection")
 
     @property
     def connected(self) -> bool:
@@ -212,17 +247,13 @@ class Sender:
 
     # ---- acknowledgements ----
 
-    async def _read_acks(self) -> None:
+    def _on_data(self, data: bytes) -> None:
+        if self.lost_reason is not None:
+            return
+        self._last_rx = time.monotonic()
         try:
-            while True:
-                data = await self._reader.read(READ_CHUNK)
-                if not data:
-                    raise ConnectionError("receiver closed the connection")
-                self._last_rx = time.monotonic()
-                for msg in self._decoder.feed(data):
-                    self._on_message(msg)
-        except asyncio.CancelledError:
-            raise
+            for msg in self._decoder.feed(data):
+                self._on_message(msg)
         except (m.ProtocolError, ConnectionError, OSError) as exc:
             self._lose(str(exc))
 
