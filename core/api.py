@@ -114,8 +114,12 @@ async def command(request: web.Request) -> web.Response:
         return missing
     if verb not in COMMANDS:
         return json_error(404, f"unknown command {verb!r} (commands: {', '.join(COMMANDS)})")
-    log.info("api: %s %s requested", verb, module)
-    result = await controller.command(module, verb)
+    fullsync = request.query.get("fullsync", "") in ("1", "true", "yes")
+    if fullsync and verb != "second":
+        return json_error(400, "fullsync goes with the command second only")
+    log.info("api: %s %s requested%s", verb, module, " (fullsync)" if fullsync else "")
+    result = await (controller.command(module, verb, fullsync=True) if fullsync
+                    else controller.command(module, verb))
     return web.Response(body=msgspec.json.encode(result), content_type="application/json",
                         status=200 if result.ok else 409)
 

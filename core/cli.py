@@ -338,9 +338,9 @@ def _command(verb: str) -> click.Command:
     @click.command(verb, help=COMMAND_HELP[verb])
     @module_option
     @click.pass_obj
-    def command(g: Globals, module: str | None) -> None:
+    def command(g: Globals, module: str | None, fullsync: bool = False) -> None:
         name = pick_module(g.config(), module)
-        result = g.client().command(name, verb)
+        result = g.client().command(name, verb, fullsync=fullsync)
         if not result.ok:
             fail(f"{name}: {verb} refused: {result.message.removeprefix('refused: ')} (state {result.state})")
         click.echo(f"{name}: {result.message} (state {result.state})")
@@ -350,6 +350,8 @@ def _command(verb: str) -> click.Command:
 
 for _verb in COMMANDS:
     main.add_command(_command(_verb))
+click.option("--fullsync", is_flag=True,
+             help="Compare every block at the resync, whatever the journal says.")(main.commands["second"])
 
 
 @main.command()

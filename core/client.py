@@ -118,8 +118,9 @@ class DaemonClient:
     def status(self, timeout: float = DEFAULT_TIMEOUT) -> NodeOut:
         return decode_status(self.status_raw(timeout))
 
-    def command(self, module: str, verb: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
-        path = f"/api/v1/modules/{_q(module)}/{_q(verb)}"
+    def command(self, module: str, verb: str, timeout: float = COMMAND_TIMEOUT,
+                fullsync: bool = False) -> CommandResult:
+        path = f"/api/v1/modules/{_q(module)}/{_q(verb)}" + ("?fullsync=1" if fullsync else "")
         _, body = self._request("POST", path, accept=(200, 409), timeout=timeout)
         try:
             return msgspec.json.decode(body, type=CommandResult)

@@ -196,8 +196,8 @@ class Engine:
     def log_path(self, module: str) -> str:
         return str(self.modules[module].log_path)
 
-    async def command(self, module: str, verb: str) -> CommandResult:
-        return await self.modules[module].command(verb)
+    async def command(self, module: str, verb: str, fullsync: bool = False) -> CommandResult:
+        return await self.modules[module].command(verb, fullsync=fullsync)
 
     async def verify(self, module: str) -> dict[str, Any]:
         """Compare the module's two replicas (on the primary). Raises VerifyError when it cannot run."""

@@ -100,6 +100,7 @@ class ModuleRuntime:
                                     env=self._script_env(), log_file=self.log_path)
         self.checkers = CheckerSet(config.checkers, self._on_checker_failure, self._on_checker_recovered)
         self._checkers_running = False
+        self._fullsync_pending = False  # `second --fullsync`: compare every block at the next resync
 
     # ---- wiring ----------------------------------------------------------------------------------
 
@@ -136,9 +137,11 @@ class ModuleRuntime:
         """Heartbeat callback: the peer's view changed; re-evaluate soon."""
         self._wake.set()
 
-    async def command(self, verb: str) -> CommandResult:
+    async def command(self, verb: str, fullsync: bool = False) -> CommandResult:
         if verb == "forcestop":
             await self.scripts.abort()
+        if verb == "second" and fullsync:
+            self._fullsync_pending = True  # consumed when this node next starts receiving
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((Event(ADMIN_EVENTS[verb]), future))
         self._wake.set()
@@ -354,9 +357,10 @@ class ModuleRuntime:
             if kind == A.REPLICATE_AS_PRIMARY:
                 await self.replication.become_primary(base_generation=generation)
             elif kind == A.REPLICATE_AS_SECONDARY:
-                # After `second` (or a split brain resolved against us) nothing we hold is trusted.
-                await self.replication.become_secondary(generation=generation,
-                                                        fullsync=self.persisted.discard_local_data)
+                # Without --fullsync the replication layer still compares blocks unless its lineage
+                # proves this tree is exactly the journal's base (it never is after a split brain).
+                await self.replication.become_secondary(generation=generation, fullsync=self._fullsync_pending)
+                self._fullsync_pending = False
             else:
                 await self.replication.stop()
         except (OSError, RuntimeError) as exc:

@@ -52,8 +52,8 @@ class FakeController:
     def log_path(self, module: str) -> str:
         return str(self.log_dir / f"{module}.log")
 
-    async def command(self, module: str, verb: str) -> CommandResult:
-        self.commands.append((module, verb))
+    async def command(self, module: str, verb: str, fullsync: bool = False) -> CommandResult:
+        self.commands.append((module, verb + (" --fullsync" if fullsync else "")))
         await asyncio.sleep(0)
         if verb == "second" and self.states[module] == "STOP":
             return CommandResult(False, "the module is stopped: start it first", "STOP")
@@ -211,6 +211,20 @@ def test_commands(controller: FakeController) -> None:
                 assert "error" in await r.json()
     run(scenario())
     assert controller.commands == [("app", "second"), ("app", "start")]
+
+
+def test_second_with_fullsync_reaches_the_controller_and_other_verbs_refuse_it(controller: FakeController) -> None:
+    async def scenario() -> None:
+        async with served(controller) as url, aiohttp.ClientSession() as http:
+            async with http.post(url + "/api/v1/modules/app/start", headers=AUTH) as r:
+                assert r.status == 200
+            async with http.post(url + "/api/v1/modules/app/second?fullsync=1", headers=AUTH) as r:
+                assert r.status == 200
+            async with http.post(url + "/api/v1/modules/app/swap?fullsync=1", headers=AUTH) as r:
+                assert r.status == 400
+                assert "second" in (await r.json())["error"]
+    run(scenario())
+    assert controller.commands == [("app", "start"), ("app", "second --fullsync")]
 
 
 def test_unexpected_exception_is_a_one_line_500(controller: FakeController,
