@@ -7,10 +7,8 @@ process per replicated directory on the primary).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
-import select
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -32,77 +30,6 @@ def _notify_closing(fd: int) -> None:
     for fut in list(pyfuse3.asyncio._read_futures.get(fd, ())):
         if not fut.done():
             fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
-
-
-def _POLL_IN(fd: int) -> bool:
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(0))
-
-
-class _Readable:
-    """pyfuse3.asyncio's wait_readable without its epoll churn (facts.md: much of the ~90 us of
-    Python per FUSE request). pyfuse3's version registers the /dev/fuse descriptor with the event
-    loop before every request and unregisters it after (two epoll_ctl calls plus asyncio's
-    bookkeeping, per request). Here it stays registered while workers wait; a wake-up nobody
-    consumed yet is not repeated (the descriptor stays readable until the woken worker reads);
-    the registration is dropped only when the descriptor is readable and no worker waits."""
-
-    def __init__(self) -> None:
-        self.waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
-        self.woken: dict[int, asyncio.Future[None] | None] = {}
-        self.loops: dict[int, asyncio.AbstractEventLoop] = {}
-
-    def _ready(self, fd: int) -> None:
-        prev = self.woken.get(fd)
-        if prev is not None and not prev.cancelled():
-            return  # its worker has not run yet: it will read what made the descriptor readable
-        # The descriptor is blocking: waking a worker for a request another worker already took
-        # would block the whole loop in read(). Ask the kernel now, not the select of this turn.
-        if not _POLL_IN(fd):
-            return
-        q = self.waiters.get(fd)
-        while q:
-            fut = q.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                self.woken[fd] = fut
-                return
-        self._unregister(fd)
-
-    def _unregister(self, fd: int) -> None:
-        loop = self.loops.pop(fd, None)
-        if loop is not None:
-            loop.remove_reader(fd)
-        self.woken.pop(fd, None)
-
-    async def wait_readable(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self.waiters.setdefault(fd, collections.deque()).append(fut)
-        if fd not in self.loops:
-            loop.add_reader(fd, self._ready, fd)
-            self.loops[fd] = loop
-        try:
-            await fut
-        finally:
-            if self.woken.get(fd) is fut:
-                self.woken[fd] = None
-            elif not fut.done() or fut.cancelled():
-                q = self.waiters.get(fd)
-                if q is not None and fut in q:
-                    q.remove(fut)
-
-    def notify_closing(self, fd: int) -> None:
-        """The descriptor is about to be closed: fail its waiters, drop the registration."""
-        for fut in self.waiters.pop(fd, ()):
-            if not fut.done():
-                fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
-        self._unregister(fd)
-        _notify_closing(fd)
-
-
-_READABLE = _Readable()
 
 
 def mounted_fuse_at(directory: Path) -> bool:
@@ -144,8 +71,7 @@ class FuseMount:
         self._root_fd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fs = self.make_fs(self._root_fd)
         pyfuse3.asyncio.enable()
-        pyfuse3.asyncio.notify_closing = _READABLE.notify_closing  # type: ignore[assignment]
-        pyfuse3.asyncio.wait_readable = _READABLE.wait_readable  # type: ignore[assignment]
+        pyfuse3.asyncio.notify_closing = _notify_closing  # type: ignore[assignment]
         options = set(pyfuse3.default_options) | {"allow_other", f"fsname={FSNAME}", "subtype=safekit"}
         pyfuse3.init(self.fs, str(self.directory), options)
         self._task = asyncio.create_task(pyfuse3.main(min_tasks=1, max_tasks=self.max_tasks), name="fuse-main")

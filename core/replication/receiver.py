@@ -204,26 +204,85 @@ class Receiver:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     decoder: FrameDecoder, backlog: list[m.Message], applier: ResyncApplier,
                     stats: StreamStats, ack_on_receipt: bool) -> None:
-        expected = 1
-        batch = backlog
-        while True:
-            if not batch:
-                if self.idle_timeout:
-                    try:  # a timer, not wait_for's extra task per read
-                        async with asyncio.timeout(self.idle_timeout):
-                            data = await reader.read(READ_CHUNK)
-                    except TimeoutError:
-                        raise ConnectionError(f"nothing received for {self.idle_timeout:g} s") from None
-                else:
-                    data = await reader.read(READ_CHUNK)
-                if not data:
-                    return
-                stats.bytes += len(data)
-                batch = decoder.feed(data)
-                if not batch:
-                    continue
-            if ack_on_receipt:
-                writer.write(decoder.frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))
+        """Apply the stream until the peer closes it (returns) or it goes wrong (raises).
+        Frames are applied in the transport's data_received callback (_Apply): no reader task to
+        wake and no StreamReader buffer to copy through, per batch of frames read."""
+        loop = asyncio.get_running_loop()
+        transport = writer.transport
+        proto = _Apply(transport, transport.get_protocol(), decoder, applier, stats, ack_on_receipt, loop)
+        buffered = bytes(reader._buffer)  # arrived after the handshake, before the switch
+        reader._buffer.clear()
+        transport.set_protocol(proto)
+        if backlog:
+            proto.apply(backlog)
+        if buffered:
+            proto.data_received(buffered)
+        if reader.at_eof() and not proto.done.done():
+            proto.done.set_result(None)
+        while not proto.done.done():
+            if not self.idle_timeout:
+                await asyncio.wait([proto.done])
+                break
+            left = proto.last_rx + self.idle_timeout - loop.time()
+            if left <= 0:
+                transport.pause_reading()
+                raise ConnectionError(f"nothing received for {self.idle_timeout:g} s")
+            await asyncio.wait([proto.done], timeout=left)
+        proto.done.result()  # raises what went wrong
+
+    @staticmethod
+    def _refuse(writer: asyncio.StreamWriter, reason: str, decoder: FrameDecoder | None = None) -> None:
+        """Send a final Error (tagged when the connection is authenticated)."""
+        try:
+            writer.write(frame(m.Error(reason[:4000]), decoder.tx if decoder is not None else None))
+        except (ConnectionError, RuntimeError, ValueError):
+            pass
+
+
+class _Apply(asyncio.Protocol):
+    """The connection's protocol once the stream is authenticated: applies every complete frame
+    as it arrives, then acknowledges the batch (cumulative Ack). Write flow control: while the
+    acks and replies cannot be sent, reading stops. `done` ends with None (the peer closed the
+    stream) or the error that ended it (nothing is applied after it)."""
+
+    def __init__(self, transport: asyncio.BaseTransport, stream: asyncio.BaseProtocol, decoder: FrameDecoder,
+                 applier: ResyncApplier, stats: StreamStats, ack_on_receipt: bool,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._stream = stream
+        self._decoder, self._applier, self._stats = decoder, applier, stats
+        self._ack_on_receipt = ack_on_receipt
+        self._loop = loop
+        self.expected = 1
+        self.last_rx = loop.time()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        try:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+        except RuntimeError:
+            pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.last_rx = self._loop.time()
+        self._stats.bytes += len(data)
+        try:
+            batch = self._decoder.feed(data)
+            if batch:
+                self.apply(batch)
+        except (m.ProtocolError, OSError) as exc:
+            self._fail(exc)
+
+    def apply(self, batch: list[m.Message]) -> None:
+        transport, decoder, applier = self.transport, self._decoder, self._applier
+        expected = self.expected
+        try:
+            if self._ack_on_receipt:
+                transport.write(decoder.frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))  # type: ignore[attr-defined]
             for msg in batch:
                 if not isinstance(msg, m.OP_TYPES):
                     raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
@@ -233,19 +292,32 @@ class Receiver:
                 expected += 1
                 if applier.replies:  # answers to resync requests, before the Ack that covers them
                     for reply in applier.replies:
-                        writer.write(decoder.frame(reply))
+                        transport.write(decoder.frame(reply))  # type: ignore[attr-defined]
                     applier.replies.clear()
-            stats.ops += len(batch)
-            stats.last_seq = expected - 1
-            writer.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))
-            batch = []
-            if writer.transport.get_write_buffer_size() > 1 << 20:
-                await writer.drain()
+        finally:
+            self._stats.ops += expected - self.expected
+            self._stats.last_seq = expected - 1
+            self.expected = expected
+        transport.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))  # type: ignore[attr-defined]
 
-    @staticmethod
-    def _refuse(writer: asyncio.StreamWriter, reason: str, decoder: FrameDecoder | None = None) -> None:
-        """Send a final Error (tagged when the connection is authenticated)."""
-        try:
-            writer.write(frame(m.Error(reason[:4000]), decoder.tx if decoder is not None else None))
-        except (ConnectionError, RuntimeError, ValueError):
-            pass
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream.connection_lost(exc)
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+        self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
+        if not self.done.done():
+            self.transport.resume_reading()  # type: ignore[attr-defined]
