@@ -236,6 +236,8 @@ class ModuleRuntime:
 
     async def _carry_out(self, d: Decision, event: Event, peer: PeerView, outer: trace.Span | None) -> None:
         old = self.state
+        if old == S.PRIM and d.next_state == S.ALONE and not peer.reachable and self.replication is not None:
+            self.replication.peer_lost()  # writes waiting for the dead peer's acknowledgement go on now
         failover = old == S.SECOND and d.next_state.is_primary and not peer.reachable
         span_name = "failover" if failover else "transition" if d.next_state != old else "decision"
         line = (f"{event.kind.value}{'(' + event.detail + ')' if event.detail else ''}: {old.name} -> "

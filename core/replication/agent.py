@@ -67,6 +67,11 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
         repl.bind(fd)
         return ReplicatedFS(fd, repl, excluder)
 
+    def peer_gone() -> None:  # SIGUSR2 from the service: heartbeats say the peer is gone
+        if repl.sender is not None:
+            repl.sender.abandon("peer lost on every heartbeat network")
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, peer_gone)
     mount = FuseMount(directory, make_fs)
     await mount.start()
     emit("ready", dirty=True, journal=journal.describe())

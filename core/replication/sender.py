@@ -302,6 +302,11 @@ class Sender:
             elif not self._unacked and now - self._last_send > self.timeout / 2:
                 self.send(m.Noop(seq=0))
 
+    def abandon(self, reason: str) -> None:
+        """Give the link up now (the engine knows the peer is gone): waiting calls complete at once
+        and the replicator goes on alone, instead of waiting for the acknowledgement timeout."""
+        self._lose(reason)
+
     def _lose(self, reason: str) -> None:
         if self.lost_reason is not None:
             return

@@ -109,6 +109,15 @@ class ReplicationService:
         await self._stop_agents()
         self.role = "stopped"
 
+    def peer_lost(self) -> None:
+        """Heartbeats declared the peer lost: the primary gives the link up at once, so the
+        application's pending writes complete now rather than after the acknowledgement timeout."""
+        if self.role != "primary":
+            return
+        for agent in self._agents:
+            if agent.proc.returncode is None:
+                agent.proc.send_signal(signal.SIGUSR2)
+
     def _resync_argv(self, generation: int | None) -> list[str]:
         argv = [f"--journal-block={getattr(self.config, 'journal_block', 4096)}"]
         bandwidth = getattr(self.config, "resync_bandwidth", None)

@@ -144,3 +144,39 @@ def test_split_brain_is_detected_and_nothing_is_merged_silently(cluster: LabClus
     assert not (cluster.disk("n2") / "from-n2").exists()
     assert (cluster.disk("n2") / "from-n1").read_text() == "n1"
     assert verify(cluster, "n1").returncode == 0
+
+
+TICKER = r"""
+import os, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+end = time.time() + seconds
+with open(path, "wb") as f:
+    while time.time() < end:
+        f.write(b"x" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+        print(time.time(), flush=True)
+"""
+
+
+def test_writes_resume_when_heartbeats_lose_the_secondary_not_after_the_ack_timeout() -> None:
+    made = LabCluster(interval=0.1, timeout=0.5, replicate=True)
+    made.extra_module = {"replication": {"directories": [str(made.data_dir)], "timeout": 20}}
+    try:
+        made.build()
+        made.start_daemon("n1")
+        made.start_daemon("n2")
+        made.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=60)
+        writer = made.app_spawn("n1", [sys.executable, "-c", TICKER, str(made.data_dir / "ticks"), "6"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        made.power_off("n2")
+        out, _ = writer.communicate(timeout=60)
+        times = [float(t) for t in out.split()]
+        stall = max(b - a for a, b in zip(times, times[1:]))
+        # the writer waits for the dead secondary until heartbeats declare it lost (0.5 s), then goes
+        # on alone; without that it would wait for the 20 s acknowledgement timeout
+        assert stall < 5, f"writes stalled {stall:.2f} s"
+        made.wait_states({"n1": "ALONE"}, timeout=10)
+    finally:
+        made.close()
