@@ -172,6 +172,9 @@ def report(results: dict[str, tuple[list[float], list[float]]], args: argparse.N
             ok = ratio >= rg and rm >= ag
             goal = f">= {rg}x and >= {ag}: {'met' if ok else 'NOT met'}"
         lines.append(f"{name:16} {lm:10.0f} {rm:10.0f} {ratio:6.2f}   {goal}")
+    lines.append("runs (local / mirror):")
+    for name, (loc, rep) in results.items():
+        lines.append(f"  {name:16} {[round(x) for x in loc]} / {[round(x) for x in rep]}")
     return "\n".join(lines)
 
 

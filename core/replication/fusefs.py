@@ -92,6 +92,7 @@ class ReplicatedFS(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         self._dir_ino: dict[int, int] = {}
         self._next_dir = 1
+        self._next_fh = 1
 
     # ---- helpers ----
 
@@ -404,11 +405,20 @@ class ReplicatedFS(pyfuse3.Operations):
 
     # ---- files ----
 
-    def _register(self, fd: int, ino: int, flags: int) -> int:
+    def _new_fh(self) -> int:
+        # Handles are numbered, not the backing descriptors: create() names its handle to the peer
+        # before the local open gives a descriptor, and a number is never reused.
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _register(self, fd: int, ino: int, flags: int, fh: int | None = None) -> int:
+        if fh is None:
+            fh = self._new_fh()
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        self._files[fd] = _File(fd, ino, bool(flags & _SYNC), writable)
-        self._open_by_ino.setdefault(ino, set()).add(fd)
-        return fd
+        self._files[fh] = _File(fd, ino, bool(flags & _SYNC), writable)
+        self._open_by_ino.setdefault(ino, set()).add(fh)
+        return fh
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -431,22 +441,44 @@ class ReplicatedFS(pyfuse3.Operations):
         path = join(parent, name)
         uid, gid, _ = self._new_owner(ctx, parent)
         bflags = (flags & ~_STRIP) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self._replicated(path):
+        replicated = self._replicated(path)
+        if replicated:
             await self._intend_ns(path)
         if flags & os.O_EXCL:
             bflags |= os.O_EXCL
-        fd = os.open(path, bflags | (flags & os.O_TRUNC), 0o600, dir_fd=self.root)
+        fh = self._new_fh()
+        want = stat.S_IFREG | stat.S_IMODE(mode)
+        epoch = self.repl.epoch
+        peer: Started | None = None
+        if replicated:
+            # The peer creates while we do: enqueued first, our create right after with nothing
+            # in between (order kept); the call returns when both are done. If ours fails, the
+            # peer's copy of the path is made equal to ours again.
+            peer = Started(self.repl.submit(m.Create(0, path, want, uid, gid, hid=fh)))
         try:
-            st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode), fd)
+            fd = os.open(path, bflags | (flags & os.O_TRUNC), 0o600, dir_fd=self.root)
+            try:
+                st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode), fd)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError:
-            os.close(fd)
+            if peer is not None:
+                undo = Started(self.repl.submit(m.Close(0, fh), *self._resend(path)))
+                await peer
+                await undo
             raise
         attrs = self._learn(st, path)
-        fh = self._register(fd, attrs.st_ino, flags)
-        if self._replicated(path):
-            f = self._files[fh]
-            f.epoch = self.repl.epoch
-            await self.repl.submit(m.Create(0, path, st.st_mode, st.st_uid, st.st_gid, hid=fh))
+        self._register(fd, attrs.st_ino, flags, fh)
+        if peer is not None:
+            self._files[fh].epoch = epoch
+            fix = None
+            if (st.st_mode, st.st_uid, st.st_gid) != (want, uid, gid):
+                fix = Started(self.repl.submit(m.SetAttr(0, path, hid=fh, mode=st.st_mode, uid=st.st_uid,
+                                                         gid=st.st_gid)))
+            await peer
+            if fix is not None:
+                await fix
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=True), attrs
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -459,14 +491,45 @@ class ReplicatedFS(pyfuse3.Operations):
         f = self._files[fh]
         if getattr(self.repl, "journaling", False):
             await self._intend_write(f, off, len(buf))
+        pre = self._open_op(f, fh)
+        if pre is None:
+            try:
+                return os.pwrite(f.fd, buf, off)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        # The peer writes while we do: the Write is enqueued first and our pwrite follows with
+        # nothing in between (so operations keep their order), and the call returns only when
+        # both are done. A local write that fails or comes up short is undone on the peer.
+        peer = Started(self.repl.submit(*pre, m.Write(0, fh, off, buf, f.sync)))
+        err: OSError | None = None
         try:
             done = os.pwrite(f.fd, buf, off)
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        pre = self._open_op(f, fh)
-        if pre is not None and done:
-            await self.repl.submit(*pre, m.Write(0, fh, off, buf if done == len(buf) else buf[:done], f.sync))
+            done, err = 0, exc
+        fix = self._undo_write(f, fh, off, len(buf), done) if done != len(buf) else None
+        await peer
+        if fix is not None:
+            await fix
+        if err is not None:
+            raise pyfuse3.FUSEError(err.errno or errno.EIO)
         return done
+
+    def _undo_write(self, f: _File, fh: int, off: int, length: int, done: int) -> Started:
+        """The peer wrote [off, off+length) but we wrote only `done` bytes: send it our content of
+        the rest of that range, and our size if the write would have grown the file."""
+        ops: list[m.Op] = []
+        try:
+            size = os.fstat(f.fd).st_size
+            start, end = off + done, min(off + length, size)
+            if end > start:
+                data = os.pread(f.fd, end - start, start)
+                if data:
+                    ops.append(m.Write(0, fh, start, data, f.sync))
+            if size < off + length:
+                ops.append(m.SetAttr(0, self.inodes.path(f.ino) or b"", hid=fh, size=size))
+        except OSError:
+            log.exception("cannot undo a failed write on the peer")  # followed by a failed call anyway
+        return Started(self.repl.submit(*ops))
 
     async def _intend_write(self, f: _File, off: int, length: int) -> None:
         path = self.inodes.path(f.ino)

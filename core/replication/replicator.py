@@ -47,8 +47,9 @@ class Started:
     """A coroutine already run up to its first suspension point; awaiting it runs the rest.
 
     `Started(repl.submit(op))` enqueues `op` at once (the submit contract), so the caller can do
-    something else before it waits: the FUSE layer sends an Fsync to the peer, then fsyncs locally
-    while the peer does the same, then waits for the peer. Await it exactly once."""
+    something else before it waits: the FUSE layer sends a Write or an Fsync to the peer, then
+    writes or fsyncs locally while the peer does the same, then waits for the peer. Await it
+    exactly once."""
 
     __slots__ = ("_coro", "_first", "_done", "_value")
 
