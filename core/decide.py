@@ -17,24 +17,18 @@ from dataclasses import replace
 
 from .types import (
     Action,
+    ActionKind as A,
     CheckerAction,
     DataStatus,
     Decision,
     Event,
+    EventKind as E,
     GenerationOrder,
     Intent,
     LocalView,
+    ModuleState as S,
     PeerView,
     compare_generations,
-)
-from .types import (
-    ActionKind as A,
-)
-from .types import (
-    EventKind as E,
-)
-from .types import (
-    ModuleState as S,
 )
 
 # WAIT reasons that bar this node from becoming primary on its own; a peer that is primary may still

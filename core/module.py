@@ -32,23 +32,17 @@ from .status import CheckerOut, CommandResult, DecisionOut
 from .store import ModuleStore
 from .types import (
     Action,
+    ActionKind as A,
     CheckerAction,
     Decision,
     Event,
+    EventKind as E,
     Generation,
     Intent,
     LocalView,
+    ModuleState as S,
     PeerView,
     Persisted,
-)
-from .types import (
-    ActionKind as A,
-)
-from .types import (
-    EventKind as E,
-)
-from .types import (
-    ModuleState as S,
 )
 
 log = logging.getLogger(__name__)

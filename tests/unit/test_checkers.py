@@ -8,6 +8,7 @@ import functools
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,7 +111,8 @@ async def test_process_by_name():
 @async_test
 async def test_process_by_regex():
     marker = f"{time.time_ns()}"
-    with sleeper("sh", "-c", f"sleep 100; : marker-{marker}") as proc:
+    # one process, no children: a shell's forked child could carry the marker for a moment
+    with sleeper(sys.executable, "-c", "import time; time.sleep(100)", f"marker-{marker}") as proc:
         result = await checker(type="process", cmdline_regex=f"marker-{marker}$").check()
         assert result.ok and str(proc.pid) in result.reason
     gone = await checker(type="process", cmdline_regex=f"marker-{marker}$").check()
