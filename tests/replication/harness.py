@@ -4,12 +4,13 @@ loop in a thread, and the test drives the mount from its own thread (never from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,6 +101,26 @@ class Mirror:
                 finally:
                     self.fs_thread.close()
                     self.rx_thread.close()
+
+
+@contextlib.contextmanager
+def running_mirror(base: Path, make: Callable[..., Any], prepare: Callable[[Path, Path], None] | None = None,
+                   **kwargs: Any) -> Iterator[Any]:
+    """primary/, replica/ and state/ under `base`, a mirror made by `make(primary, replica, state,
+    **kwargs)`, closed and its mount forced away afterwards even when the test failed."""
+    dirs = [base / n for n in ("primary", "replica", "state")]
+    for d in dirs:
+        d.mkdir()
+    if prepare is not None:
+        prepare(dirs[0], dirs[1])
+    mir = make(dirs[0], dirs[1], dirs[2], **kwargs)
+    try:
+        yield mir
+    finally:
+        try:
+            mir.close()
+        finally:
+            force_unmount(dirs[0])
 
 
 def force_unmount(path: Path) -> None:

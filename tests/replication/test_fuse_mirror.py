@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from .harness import Mirror, describe_tree, force_unmount, fuse_available
+from .harness import Mirror, describe_tree, fuse_available, running_mirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
@@ -26,18 +25,8 @@ AT_FDCWD = -100
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("mirror")
-    dirs = [base / n for n in ("primary", "replica", "state")]
-    for d in dirs:
-        d.mkdir()
-    mir = Mirror(dirs[0], dirs[1], dirs[2], exclude=["tmp/", "*.tmp"])
-    try:
+    with running_mirror(tmp_path_factory.mktemp("mirror"), Mirror, exclude=["tmp/", "*.tmp"]) as mir:
         yield mir
-    finally:
-        try:
-            mir.close()
-        finally:
-            force_unmount(dirs[0])
 
 
 def _clear(root: Path) -> None:

@@ -7,26 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Mirror, describe_tree, force_unmount, fuse_available
+from .harness import Mirror, describe_tree, force_unmount, fuse_available, running_mirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
 
 @pytest.fixture
 def mirror(tmp_path: Path):
-    dirs = [tmp_path / n for n in ("primary", "replica", "state")]
-    for d in dirs:
-        d.mkdir()
-    (dirs[0] / "preexisting").write_bytes(b"old")  # the mount goes over data already there
-    shutil.copy2(dirs[0] / "preexisting", dirs[1] / "preexisting")
-    mir = Mirror(dirs[0], dirs[1], dirs[2], exclude=["tmp/", "*.tmp"])
-    try:
+    def preexisting(primary: Path, replica: Path) -> None:
+        (primary / "preexisting").write_bytes(b"old")  # the mount goes over data already there
+        shutil.copy2(primary / "preexisting", replica / "preexisting")
+
+    with running_mirror(tmp_path, Mirror, preexisting, exclude=["tmp/", "*.tmp"]) as mir:
         yield mir
-    finally:
-        try:
-            mir.close()
-        finally:
-            force_unmount(dirs[0])
 
 
 def test_smoke(mirror: Mirror) -> None:

@@ -17,7 +17,7 @@ from safekit_cloud.core.replication.journal import journal_path
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, NAME, describe_tree, force_unmount, fuse_available
+from .harness import KEY, NAME, describe_tree, force_unmount, fuse_available, running_mirror
 from .resync_harness import ResyncMirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
@@ -28,17 +28,8 @@ BIG = 24 * MiB
 
 @pytest.fixture
 def mirror(tmp_path: Path):
-    dirs = [tmp_path / n for n in ("primary", "replica", "state")]
-    for d in dirs:
-        d.mkdir()
-    mir = ResyncMirror(dirs[0], dirs[1], dirs[2], exclude=["*.tmp"], timeout=2.0)
-    try:
+    with running_mirror(tmp_path, ResyncMirror, exclude=["*.tmp"], timeout=2.0) as mir:
         yield mir
-    finally:
-        try:
-            mir.close()
-        finally:
-            force_unmount(dirs[0])
 
 
 def assert_same(mir: ResyncMirror) -> None:
