@@ -123,6 +123,15 @@ def running_mirror(base: Path, make: Callable[..., Any], prepare: Callable[[Path
             force_unmount(dirs[0])
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a receiver the test starts next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.fusefs import ReplicatedFS
 from safekit_cloud.core.replication.replicator import RecordingReplicator, Started

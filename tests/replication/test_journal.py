@@ -9,10 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from safekit_cloud.core.replication import journal as jn
-from safekit_cloud.core.replication import messages as m
+from hypothesis import given, settings, strategies as st
+from safekit_cloud.core.replication import journal as jn, messages as m
 from safekit_cloud.core.replication.journal import INF, Journal, RangeSet, State
 
 SYNC = b"s" * 16

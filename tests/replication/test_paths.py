@@ -5,8 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from safekit_cloud.core.replication import paths
 from safekit_cloud.core.replication.paths import PathError, components, open_beneath, parent_dir
 

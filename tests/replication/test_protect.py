@@ -15,7 +15,7 @@ from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication import protect as p
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, force_unmount, fuse_available
+from .harness import KEY, force_unmount, free_port, fuse_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root")
 
@@ -89,14 +89,6 @@ def test_unprotect_only_removes_our_own_mount(tmp_path: Path) -> None:
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.fuse
 @fuse
 def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
@@ -104,7 +96,7 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
     data.mkdir()
     replica.mkdir()
     (replica / "seed").write_bytes(b"seed")
-    cfg = ReplicationConfig(directories=[data], port=_free_port())
+    cfg = ReplicationConfig(directories=[data], port=free_port())
 
     async def scenario() -> dict[str, object]:
         out: dict[str, object] = {}

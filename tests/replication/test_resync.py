@@ -17,7 +17,7 @@ from safekit_cloud.core.replication.journal import journal_path
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, NAME, describe_tree, force_unmount, fuse_available, running_mirror
+from .harness import KEY, NAME, describe_tree, force_unmount, free_port, fuse_available, running_mirror
 from .resync_harness import ResyncMirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
@@ -267,14 +267,6 @@ def test_secondary_restarted_cleanly_needs_nothing(mirror: ResyncMirror) -> None
     assert_same(mirror)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_service_resync_with_agents(tmp_path: Path) -> None:
     """Through ReplicationService and agent processes: the primary reconnects by itself after the
     secondary comes back, resynchronises, and both services report on_resync_done."""
@@ -282,7 +274,7 @@ def test_service_resync_with_agents(tmp_path: Path) -> None:
     data.mkdir()
     replica.mkdir()
     (data / "base").write_bytes(os.urandom(2 * MiB))
-    cfg = ReplicationConfig(directories=[data], port=_free_port(), journal_block=4096, resync_bandwidth=200)
+    cfg = ReplicationConfig(directories=[data], port=free_port(), journal_block=4096, resync_bandwidth=200)
     done: dict[str, int] = {"primary": 0, "secondary": 0}
     lost: list[str] = []
 

@@ -13,17 +13,9 @@ from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, describe_tree, force_unmount, fuse_available
+from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _blocking(fn, *args):
@@ -35,7 +27,7 @@ def test_service_primary_and_secondary(tmp_path: Path) -> None:
     data, replica = tmp_path / "data", tmp_path / "replica"
     data.mkdir()
     replica.mkdir()
-    port = _free_port()
+    port = free_port()
     cfg = ReplicationConfig(directories=[data], exclude=["*.tmp"], port=port)
     lost: list[str] = []
 

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.apply import Applier
 from safekit_cloud.core.replication.auth import client_handshake

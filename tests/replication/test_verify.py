@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safekit_cloud.core.config import ReplicationConfig
-from safekit_cloud.core.replication import messages as m
-from safekit_cloud.core.replication import verify as v
+from safekit_cloud.core.replication import messages as m, verify as v
 from safekit_cloud.core.replication.auth import client_handshake
 from safekit_cloud.core.replication.framing import read_message
 from safekit_cloud.core.replication.receiver import Receiver
@@ -23,7 +21,7 @@ from safekit_cloud.core.replication.sender import Sender
 from safekit_cloud.core.replication.service import ReplicationService
 
 from .conftest import KEY, run
-from .harness import force_unmount, fuse_available
+from .harness import force_unmount, free_port, fuse_available
 
 NAME = b"/srv/app"
 
@@ -348,14 +346,6 @@ def test_keepalive_while_hashing_a_large_file(tmp_path: Path, monkeypatch: pytes
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.fuse
 @fuse
 def test_service_verify_end_to_end(tmp_path: Path) -> None:
@@ -364,7 +354,7 @@ def test_service_verify_end_to_end(tmp_path: Path) -> None:
     replica.mkdir()
     # Opened before the secondary protects its directory: the test's way behind the receiver's back.
     behind = os.open(replica, os.O_PATH | os.O_DIRECTORY)
-    cfg = ReplicationConfig(directories=[data], exclude=["*.tmp"], port=_free_port())
+    cfg = ReplicationConfig(directories=[data], exclude=["*.tmp"], port=free_port())
 
     def work() -> None:
         (data / "d").mkdir()

@@ -7,8 +7,7 @@ import struct
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.auth import AuthError, client_handshake, server_handshake
 from safekit_cloud.core.replication.framing import FrameDecoder, frame
