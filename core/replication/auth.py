@@ -4,8 +4,8 @@ The sender (client) opens with a fresh nonce; the receiver (server) answers with
 proves knowledge of the key first, then the client proves it. Both proofs bind the module, the
 directory and both nonces, so a proof cannot be replayed on another stream or connection.
 Once both proofs verified, each end derives one key per direction from the cluster key and that
-transcript (`frame_keys`) and every later frame carries a tag under it (framing.FrameMac): the
-stream's integrity is protected too, not only the handshake. The payload is not encrypted.
+transcript (`frame_keys`) and every later frame is sealed under it (framing.FrameCipher, AES-256-GCM):
+the stream is kept secret and its integrity protected, not only the handshake.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-PROTOCOL_VERSION = 2  # 2: frames carry an authentication tag after the handshake (framing.py)
+PROTOCOL_VERSION = 3  # 3: frames are encrypted and authenticated after the handshake (framing.py)
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.

@@ -1,6 +1,7 @@
-"""Integrity of the replication stream after the handshake: every frame carries an AES-GMAC tag under
-a per-connection, per-direction key; a man in the middle can neither alter, inject, drop, replay
-nor reflect frames without the connection being dropped."""
+"""Confidentiality and integrity of the replication stream after the handshake: every frame is sealed
+with AES-256-GCM under a per-connection, per-direction key; a man in the middle reads nothing of the
+data and can neither alter, inject, drop, replay nor reflect frames without the connection being
+dropped."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def _pair() -> tuple[FrameDecoder, FrameDecoder]:
     a.authenticate(rx_key=b2a, tx_key=a2b)
     b.authenticate(rx_key=a2b, tx_key=b2a)
     return a, b
+
+
+def test_sealed_frames_hide_the_data() -> None:
+    a, b = _pair()
+    secret = b"account 4711 balance 1000000 " * 40
+    sealed = bytes(a.frame(m.Write(1, 1, 0, secret)))
+    assert secret[:16] not in sealed and b"4711" not in sealed
+    assert bytes(frame(m.Write(1, 1, 0, secret))).count(secret[:16]) == 40  # unsealed: in clear
+    assert b.feed(sealed) == [m.Write(1, 1, 0, secret)]
 
 
 def test_tagged_frames_roundtrip() -> None:
@@ -98,8 +108,11 @@ def test_man_in_the_middle_cannot_alter_written_data(tmp_path: Path) -> None:
     replica = tmp_path / "replica"
     replica.mkdir()
 
-    def flip(data: bytes) -> bytes:  # turn one byte of the written data into "B"
-        return data.replace(b"AAAAAAAA", b"AAAABAAA", 1)
+    def flip(data: bytes) -> bytes:  # one bit of the (encrypted) written data, in the middle of it
+        if len(data) < 10_000:
+            return data
+        i = len(data) // 2
+        return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
 
     async def scenario() -> tuple[bool, str | None, dict[str, object]]:
         receiver = Receiver("mod", {NAME: replica}, KEY)

@@ -146,10 +146,12 @@ def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path]
 
 
 def _tagged_raw(dec: FrameDecoder, payload: bytes) -> bytes:
-    """An authenticated frame around arbitrary bytes (what a peer that knows the key could send)."""
+    """A sealed frame around arbitrary bytes (what a peer that knows the key could send)."""
     assert dec.tx is not None
-    head = struct.pack(">I", len(payload) + TAG_SIZE) + payload
-    return head + dec.tx.tag(head)
+    head = struct.pack(">I", len(payload) + TAG_SIZE)
+    out = bytearray(len(payload) + TAG_SIZE)
+    dec.tx.seal_into(head, payload, out)
+    return head + bytes(out)
 
 
 async def _authenticated_raw(port: int, payload: Callable[[FrameDecoder], bytes]) -> list[m.Message]:
