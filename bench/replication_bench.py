@@ -16,17 +16,30 @@ Workloads:
 - pgbench (with --pgbench): PostgreSQL 15 TPS, initdb in the directory as user postgres,
   `pgbench -i -s 5`, then `-c 4 -j 2 -T 15` (once per side: it is long).
 
+GlusterFS side by side (issue 3: every figure ahead of GlusterFS replica 2, measured in the same run):
+with `--gluster`, on by default when GlusterFS is installed (scripts/bench-setup.sh), the same
+workloads also run on a GlusterFS replica 2 volume of this machine (bench/gluster.py: a private
+glusterd, both bricks on 127.0.0.2 under `--dir`, FUSE mount, GlusterFS's default options), in the same
+alternation (local, mirror, gluster in every run). Printed: a gluster column, a line per workload
+saying whether the mirror is ahead of GlusterFS, and the CPU seconds used per run by each side's
+processes (/proc/PID/stat utime+stime: the mirror's two agents; glusterd, the two bricks, the
+self-heal daemon and the FUSE client). `--no-gluster` leaves it out; without GlusterFS installed the
+bench says so and runs without that column.
+
     .venv/bin/python bench/replication_bench.py [--mib 1024] [--iops 2000] [--files 10000] [--runs 3]
+                                                [--pgbench] [--gluster | --no-gluster] [--gluster-set KEY=VALUE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -34,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,9 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication.service import ReplicationService
 
+from bench import gluster
+
 # (ratio goal vs local, absolute goal): docs/replication.md, issue 3, facts.md
 GOALS = {"seq MB/s": (0.5, 450), "4k fsync iops": (0.3, 1800), "small files/s": (0.25, 750),
          "small nofsync/s": (None, None), "pgbench tps": (None, None)}
+LEVEL = 0.05  # mirror vs GlusterFS within +-5 %: "level" (run-to-run noise here is larger still)
+# GlusterFS options printed with the report: the ones that decide what a write or fsync waits for.
+GLUSTER_SHOWN = ("performance.write-behind", "performance.flush-behind", "performance.strict-o-direct",
+                 "cluster.eager-lock", "cluster.ensure-durability", "cluster.quorum-type")
 
 
 def small_files(root: Path, n: int, sync: bool = True) -> float:
@@ -99,23 +119,28 @@ def pgbench(root: Path) -> float:
     data.mkdir()
     os.chown(root, pw.pw_uid, pw.pw_gid)
     os.chown(data, pw.pw_uid, pw.pw_gid)
-    sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
-    os.chown(sock, pw.pw_uid, pw.pw_gid)
     port = str(_free_port())
 
     def as_pg(*cmd: str) -> str:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True,
-                              text=True, cwd="/").stdout
+        p = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=False, capture_output=True,
+                           text=True, cwd="/")
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:2])} in {root}: {p.stderr.strip() or p.stdout.strip()}")
+        return p.stdout
 
-    as_pg("initdb", "-D", str(data), "--no-instructions", "-A", "trust")
-    as_pg("pg_ctl", "-D", str(data), "-w", "-l", str(sock / "log"), "-o",
-          f"-k {sock} -p {port} -c listen_addresses=''", "start")
+    sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
     try:
-        as_pg("pgbench", "-h", str(sock), "-p", port, "-i", "-s", "5", "-q", "postgres")
-        out = as_pg("pgbench", "-h", str(sock), "-p", port, "-c", "4", "-j", "2", "-T", "15", "postgres")
-        tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        as_pg("initdb", "-D", str(data), "--no-instructions", "-A", "trust")
+        as_pg("pg_ctl", "-D", str(data), "-w", "-l", str(sock / "log"), "-o",
+              f"-k {sock} -p {port} -c listen_addresses=''", "start")
+        try:
+            as_pg("pgbench", "-h", str(sock), "-p", port, "-i", "-s", "5", "-q", "postgres")
+            out = as_pg("pgbench", "-h", str(sock), "-p", port, "-c", "4", "-j", "2", "-T", "15", "postgres")
+            tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        finally:
+            as_pg("pg_ctl", "-D", str(data), "-w", "-m", "fast", "stop")
     finally:
-        as_pg("pg_ctl", "-D", str(data), "-w", "-m", "fast", "stop")
         shutil.rmtree(sock, ignore_errors=True)
     shutil.rmtree(data)
     return tps
@@ -139,43 +164,150 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[Callable[[Path], floa
     return w
 
 
-def run_all(local: Path, mirror: Path, args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
-    # Warm-up: write and delete the sequential data set once on each side, and a short pass of the rest.
-    sequential(local, args.mib)
-    sequential(mirror, args.mib)
-    fsync_iops(local, 200)
-    fsync_iops(mirror, 200)
-    out: dict[str, tuple[list[float], list[float]]] = {}
-    for name, (fn, runs) in workloads(args).items():
-        loc, rep = [], []
-        for _ in range(runs):  # alternated, so drifting noise hits both sides alike
-            loc.append(fn(local))
-            rep.append(fn(mirror))
-        out[name] = (loc, rep)
-        print(f"  {name}: local {[round(x) for x in loc]} mirror {[round(x) for x in rep]}", flush=True)
+@dataclass
+class Side:
+    name: str
+    root: Path
+    pids: Callable[[], list[int]] = list  # the processes that serve this side (CPU accounting)
+
+
+@dataclass
+class Figures:
+    rates: dict[str, list[float]] = field(default_factory=dict)  # side -> one figure per run
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # side -> CPU seconds of its pids per run
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of `pids` (their threads included; children not), from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def agent_pids() -> list[int]:
+    """This process's replication agents (the mirror's FUSE primary and its receiver)."""
+    me, out = str(os.getpid()), []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1]
+                cmd = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if ppid == me and b"safekit_cloud.core.replication.agent" in cmd:
+                out.append(int(entry.name))
     return out
 
 
-def report(results: dict[str, tuple[list[float], list[float]]], args: argparse.Namespace) -> str:
-    lines = [f"replication_bench {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, protocol {args.protocol}, "
-             f"seq {args.mib} MiB, {args.iops} x 4k fsync, {args.files} files, medians of {args.runs}+ runs "
-             f"(4k fsync: {max(args.runs, 5)}; pgbench: 1), after a warm-up pass; {os.cpu_count()} cores, "
-             "both nodes and the workload on this machine",
-             f"{'workload':16} {'local':>10} {'mirror':>10} {'ratio':>6}   goal"]
-    for name, (loc, rep) in results.items():
-        lm, rm = statistics.median(loc), statistics.median(rep)
-        ratio = rm / lm
-        rg, ag = GOALS[name]
-        if rg is None:
-            goal = "-"
-        else:
-            ok = ratio >= rg and rm >= ag
-            goal = f">= {rg}x and >= {ag}: {'met' if ok else 'NOT met'}"
-        lines.append(f"{name:16} {lm:10.0f} {rm:10.0f} {ratio:6.2f}   {goal}")
-    lines.append("runs (local / mirror):")
-    for name, (loc, rep) in results.items():
-        lines.append(f"  {name:16} {[round(x) for x in loc]} / {[round(x) for x in rep]}")
+def measure(fn: Callable[[Path], float], side: Side) -> tuple[float, float]:
+    pids = side.pids()
+    before = cpu_seconds(pids)
+    rate = fn(side.root)
+    return rate, max(0.0, cpu_seconds(pids) - before)
+
+
+def run_all(sides: list[Side], args: argparse.Namespace) -> dict[str, Figures]:
+    counted = ", ".join(f"{s.name} {len(s.pids())}" for s in sides if s.name != "local")
+    print(f"  processes counted for CPU time: {counted}", flush=True)
+    # Warm-up: write and delete the sequential data set once on each side, and a short pass of the rest.
+    for side in sides:
+        sequential(side.root, args.mib)
+        fsync_iops(side.root, 200)
+    out: dict[str, Figures] = {}
+    for name, (fn, runs) in workloads(args).items():
+        fig = Figures({s.name: [] for s in sides}, {s.name: [] for s in sides})
+        for _ in range(runs):  # alternated, so drifting noise hits every side alike
+            for side in sides:
+                rate, cpu = measure(fn, side)
+                fig.rates[side.name].append(rate)
+                fig.cpu[side.name].append(cpu)
+        out[name] = fig
+        print(f"  {name}: " + " ".join(f"{k} {[round(x) for x in v]}" for k, v in fig.rates.items()), flush=True)
+    return out
+
+
+def goal_text(name: str, ratio: float, mirror: float) -> str:
+    rg, ag = GOALS[name]
+    if rg is None:
+        return "-"
+    return f">= {rg}x and >= {ag}: {'met' if ratio >= rg and mirror >= ag else 'NOT met'}"
+
+
+def versus(mirror: float, other: float) -> str:
+    r = mirror / other
+    word = "ahead of" if r > 1 + LEVEL else "behind" if r < 1 - LEVEL else "level with"
+    return f"mirror {word} GlusterFS: {r:.2f}x ({mirror:.0f} vs {other:.0f})"
+
+
+def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: str = "") -> str:
+    med = statistics.median
+    has_g = any("gluster" in f.rates for f in results.values())
+    lines = [(f"replication_bench {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, protocol {args.protocol}, "
+              f"seq {args.mib} MiB, {args.iops} x 4k fsync, {args.files} files, medians of {args.runs}+ runs "
+              f"(4k fsync: {max(args.runs, 5)}; pgbench: 1), after a warm-up pass; {os.cpu_count()} cores, "
+              "both nodes and the workload on this machine")]
+    if gluster_info:
+        lines.append(gluster_info)
+    head = f"{'workload':16} {'local':>10} {'mirror':>10} {'ratio':>6}"
+    lines.append(head + (f" {'gluster':>10} {'ratio':>6}" if has_g else "") + "   goal")
+    for name, f in results.items():
+        lm, rm = med(f.rates["local"]), med(f.rates["mirror"])
+        row = f"{name:16} {lm:10.0f} {rm:10.0f} {rm / lm:6.2f}"
+        if has_g:
+            gm = med(f.rates["gluster"])
+            row += f" {gm:10.0f} {gm / lm:6.2f}"
+        lines.append(row + "   " + goal_text(name, rm / lm, rm))
+    if has_g:
+        lines.append(f"mirror vs GlusterFS replica 2, same run, medians (level: within {LEVEL:.0%}):")
+        for name, f in results.items():
+            lines.append(f"  {name:16} {versus(med(f.rates['mirror']), med(f.rates['gluster']))}")
+        lines.append("CPU seconds per run, medians (mirror: its 2 agent processes; gluster: glusterd, 2 bricks, "
+                     "self-heal daemon, FUSE client):")
+        for name, f in results.items():
+            mc, gc = med(f.cpu["mirror"]), med(f.cpu["gluster"])
+            ratio = f"{gc / mc:.2f}" if mc > 0 else "-"
+            lines.append(f"  {name:16} mirror {mc:6.2f}  gluster {gc:6.2f}  gluster/mirror {ratio}")
+    sides = list(next(iter(results.values())).rates) if results else []
+    lines.append(f"runs ({' / '.join(sides)}):")
+    for name, f in results.items():
+        lines.append(f"  {name:16} " + " / ".join(str([round(x) for x in f.rates[s]]) for s in sides))
     return "\n".join(lines)
+
+
+def start_gluster(args: argparse.Namespace, base: Path, stack: contextlib.ExitStack) -> gluster.GlusterVolume | None:
+    """The GlusterFS volume for the side-by-side column, or None (with a message saying why)."""
+    if args.gluster is False:
+        return None
+    try:
+        vol = stack.enter_context(gluster.gluster_volume(base, dict(args.gluster_set)))
+    except gluster.GlusterUnavailable as exc:
+        print(f"{exc}; running without the GlusterFS column", flush=True)
+        return None
+    print(f"gluster: volume {vol.name} mounted on {vol.mount}", flush=True)
+    return vol
+
+
+def gluster_info(vol: gluster.GlusterVolume) -> str:
+    settings = ", ".join(f"{k} {v}" for k, v in vol.get(*GLUSTER_SHOWN).items())
+    set_ = f"; set: {', '.join(f'{k}={v}' for k, v in vol.options.items())}" if vol.options else " (defaults)"
+    return (f"gluster: {gluster.version()} replica 2, both bricks on {gluster.HOST} under {vol.work.parent}, "
+            f"FUSE mount; {settings}{set_}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: mounts, volume, processes, directories
 
 
 def main() -> None:
@@ -186,38 +318,48 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--protocol", choices=["A", "B", "C"], default="C")
     ap.add_argument("--pgbench", action="store_true", help="also PostgreSQL pgbench TPS (needs user postgres)")
+    ap.add_argument("--gluster", action=argparse.BooleanOptionalAction, default=None,
+                    help="also a GlusterFS replica 2 volume of this machine, side by side "
+                         "(default: on when GlusterFS is installed, see scripts/bench-setup.sh)")
+    ap.add_argument("--gluster-set", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                    help="gluster volume set KEY VALUE before the start (default: none, GlusterFS's defaults)")
     ap.add_argument("--dir", default="/var/tmp", help="where the test directories are made")
     ap.add_argument("--out", help="also write the report to this file")
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="replbench-", dir=args.dir))
-    os.chmod(base, 0o755)
-    local = base / "local"
-    local.mkdir()
-    dirs = [base / n for n in ("primary", "replica", "state")]
-    for d in dirs:
-        d.mkdir()
-    cfg = ReplicationConfig(directories=[dirs[0]], port=_free_port(), protocol=args.protocol)
-    key = os.urandom(32)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.ExitStack() as stack:  # unwound in reverse: GlusterFS first, then `base`
+        base = Path(tempfile.mkdtemp(prefix="replbench-", dir=args.dir))
+        stack.callback(shutil.rmtree, base, ignore_errors=True)
+        os.chmod(base, 0o755)
+        local = base / "local"
+        local.mkdir()
+        dirs = [base / n for n in ("primary", "replica", "state")]
+        for d in dirs:
+            d.mkdir()
+        vol = start_gluster(args, base, stack)
+        info = gluster_info(vol) if vol else ""
+        cfg = ReplicationConfig(directories=[dirs[0]], port=_free_port(), protocol=args.protocol)
+        key = os.urandom(32)
 
-    async def mirrored() -> dict[str, tuple[list[float], list[float]]]:
-        second = ReplicationService("bench", cfg, "127.0.0.1", key, dirs[2] / "s", listen_address="127.0.0.1",
-                                    receive_into={dirs[0]: dirs[1]})
-        prim = ReplicationService("bench", cfg, "127.0.0.1", key, dirs[2] / "p")
-        await second.become_secondary()
-        try:
-            await prim.become_primary()
-            while not prim.status()["connected"]:
-                await asyncio.sleep(0.1)
-            return await asyncio.to_thread(run_all, local, dirs[0], args)
-        finally:
-            await prim.stop()
-            await second.stop()
+        async def mirrored() -> dict[str, Figures]:
+            second = ReplicationService("bench", cfg, "127.0.0.1", key, dirs[2] / "s", listen_address="127.0.0.1",
+                                        receive_into={dirs[0]: dirs[1]})
+            prim = ReplicationService("bench", cfg, "127.0.0.1", key, dirs[2] / "p")
+            await second.become_secondary()
+            try:
+                await prim.become_primary()
+                while not prim.status()["connected"]:
+                    await asyncio.sleep(0.1)
+                sides = [Side("local", local), Side("mirror", dirs[0], agent_pids)]
+                if vol:
+                    sides.append(Side("gluster", vol.mount, vol.pids))
+                return await asyncio.to_thread(run_all, sides, args)
+            finally:
+                await prim.stop()
+                await second.stop()
 
-    try:
         results = asyncio.run(mirrored())
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    text = report(results, args)
+    text = report(results, args, info)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

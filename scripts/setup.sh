@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config nftables libnftables1 iproute2 iputils-ping procps psmisc
+APT_PACKAGES=(fuse3 nftables libnftables1 iproute2 iputils-ping procps psmisc
               postgresql rsync curl)
 
 missing=()

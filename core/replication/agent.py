@@ -1,7 +1,7 @@
 """One replication process: the FUSE primary of one directory, or the receiver of a module.
 
-Why a process: pyfuse3 allows one mount per process, and FUSE traffic must not steal the engine's
-event loop (heartbeats have deadlines). The service starts agents and talks to them through pipes:
+Why a process: FUSE traffic must not steal the engine's event loop (heartbeats have deadlines).
+The service starts agents and talks to them through pipes:
 the key arrives on stdin (never on the command line), events leave on stdout as JSON lines:
   {"event": "ready"} once mounted / listening, {"event": "connected"}, {"event": "lost", "reason"},
   {"event": "resync_started", "mode"}, {"event": "resync_done", ...} (the primary: per directory; the
@@ -33,8 +33,7 @@ from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount
-from .protect import marker_path as protect_marker
-from .protect import protect, unprotect
+from .protect import marker_path as protect_marker, protect, unprotect
 from .receiver import Receiver
 from .resync import MirrorReplicator
 from .sender import Sender

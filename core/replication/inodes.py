@@ -7,6 +7,8 @@ backs st_ino 1 takes the root's backing number instead (a bijection, so no colli
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 ROOT = 1
 
 
@@ -27,15 +29,25 @@ def is_under(path: bytes, top: bytes) -> bool:
 
 
 class Inodes:
-    def __init__(self) -> None:
+    def __init__(self, prefer: Callable[[bytes], bool] | None = None) -> None:
         self._paths: dict[int, list[bytes]] = {ROOT: [b""]}
         self._by_path: dict[bytes, int] = {b"": ROOT}
         self._lookups: dict[int, int] = {ROOT: 1}  # the kernel never forgets the root
+        self._prefer = prefer
 
     def path(self, ino: int) -> bytes | None:
-        """One current path of `ino` (the first one known), None if every name of it was removed."""
+        """One current path of `ino`, None if every name of it was removed: the first name known
+        that `prefer` accepts (the FUSE layer prefers replicated names, so that a change made
+        through an excluded hard link of a replicated file still reaches the replica), else the
+        first one."""
         paths = self._paths.get(ino)
-        return paths[0] if paths else None
+        if not paths:
+            return None
+        if len(paths) > 1 and self._prefer is not None:
+            for p in paths:
+                if self._prefer(p):
+                    return p
+        return paths[0]
 
     def paths(self, ino: int) -> list[bytes]:
         return list(self._paths.get(ino, ()))

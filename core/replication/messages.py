@@ -36,6 +36,11 @@ Text = Annotated[str, Meta(max_length=4096)]
 TimeNs = Annotated[int, Meta(ge=-(2**62), le=2**62)]
 
 
+def wire_time(ns: int) -> int:
+    """A file time clamped to what TimeNs carries (years 1823..2116): ext4 stores times beyond."""
+    return min(max(ns, -(2**62)), 2**62)
+
+
 class _Msg(Struct, array_like=True, tag_field="t", frozen=True, forbid_unknown_fields=True):
     pass
 

@@ -51,7 +51,7 @@ class Started:
     writes or fsyncs locally while the peer does the same, then waits for the peer. Await it
     exactly once."""
 
-    __slots__ = ("_coro", "_first", "_done", "_value")
+    __slots__ = ("_coro", "_done", "_first", "_value")
 
     def __init__(self, coro: Any) -> None:
         self._coro = coro

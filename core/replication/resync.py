@@ -1009,8 +1009,7 @@ class MirrorReplicator:
                     mk.meta = True
                 elif o.kind == "d":
                     ops.append(m.Mkdir(0, p, o.mode, o.uid, o.gid))
-                    if o.xattrs:
-                        st.add_meta(p)
+                    st.add_meta(p)  # xattrs, and its times once its entries are made
                 elif o.kind == "l":
                     ops.append(m.Symlink(0, p, o.target or b"", o.uid, o.gid))
                 else:
@@ -1018,7 +1017,8 @@ class MirrorReplicator:
                     if o.xattrs:
                         st.add_meta(p)
                 continue
-            if (o.kind != "l" and o.mode != t.mode) or o.uid != t.uid or o.gid != t.gid or o.xattrs != t.xattrs:
+            if (o.kind != "l" and o.mode != t.mode) or o.uid != t.uid or o.gid != t.gid or o.xattrs != t.xattrs \
+                    or (o.kind == "d" and o.mtime_ns != t.mtime_ns):
                 st.add_meta(p)
             if o.kind != "f":
                 continue
@@ -1032,6 +1032,9 @@ class MirrorReplicator:
             mk.cmp.add(0, _ceil(o.size, b))
             if t.size > o.size:
                 mk.data.add(_ceil(o.size, b), INF)  # the replica's extra tail goes, whatever happens
+        for op in ops:  # these change their directories there: their times are sent afterwards
+            for q in _op_paths(op):
+                st.add_meta(_parent(q))
         return ops
 
     async def _estimate(self) -> None:
@@ -1094,7 +1097,10 @@ class MirrorReplicator:
             self._send(m.SetAttr(0, p, uid=st.st_uid, gid=st.st_gid))
             return
         if stat.S_ISDIR(st.st_mode):
-            self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid))
+            # After the namespace phases: the directory's own changes there are done (live changes
+            # during the data phase carry their own times, see ReplicatedFS._dir_times).
+            self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                                 mtime_ns=m.wire_time(st.st_mtime_ns)))
         else:
             self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                                  atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))

@@ -24,8 +24,7 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
     from safekit_cloud.core.config import ReplicationConfig
 
 from .mount import unmount
-from .protect import marker_path as protect_marker
-from .protect import unprotect
+from .protect import marker_path as protect_marker, unprotect
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)

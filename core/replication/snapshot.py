@@ -1,8 +1,9 @@
 """Operations that recreate an entry (and its subtree) on the replica from the local tree.
 
 Used when an entry crosses the exclusion boundary (moved from an excluded place into a replicated
-one) and as the building block of a full resync. Hard links inside the copied tree become separate
-files; device nodes are skipped (they are never replicated).
+one). A file with several names is copied once: its other names in the copied tree are linked to
+that copy, and a name the replica already has elsewhere (`linked_name`) is linked instead of copied,
+so hard links stay hard links there. Device nodes are skipped (they are never replicated).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import messages as m
 from .exclude import Excluder
@@ -51,8 +52,20 @@ def _file_ops(root: int, path: bytes, st: os.stat_result) -> Iterator[m.Op]:
     yield m.Close(0, hid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
 
 
-def tree_ops(root: int, path: bytes, exclude: Excluder | None = None) -> Iterator[m.Op]:
-    """Ops creating `path` as it is now under `root` (nothing if it does not exist)."""
+# A replicated name, outside the tree being copied, of the file `path` whose stat is given; or None.
+LinkedName = Callable[[bytes, os.stat_result], bytes | None]
+
+
+def tree_ops(root: int, path: bytes, exclude: Excluder | None = None,
+             linked_name: LinkedName | None = None, copied: dict[int, bytes] | None = None) -> Iterator[m.Op]:
+    """Ops creating `path` as it is now under `root` (nothing if it does not exist). `copied`
+    (st_ino -> path) is shared by calls whose ops go out together: a file copied by one is linked
+    by the next."""
+    yield from _tree_ops(root, path, exclude, linked_name, {} if copied is None else copied)
+
+
+def _tree_ops(root: int, path: bytes, exclude: Excluder | None, linked_name: LinkedName | None,
+              copied: dict[int, bytes]) -> Iterator[m.Op]:
     try:
         st = os.stat(path, dir_fd=root, follow_symlinks=False)
     except FileNotFoundError:
@@ -61,7 +74,14 @@ def tree_ops(root: int, path: bytes, exclude: Excluder | None = None) -> Iterato
     if exclude is not None and exclude.excluded(path, kind == stat.S_IFDIR):
         return
     if kind == stat.S_IFREG:
-        yield from _file_ops(root, path, st)
+        other = None
+        if st.st_nlink > 1:
+            other = copied.get(st.st_ino) or (linked_name(path, st) if linked_name is not None else None)
+        if other is not None:
+            yield m.Link(0, other, path)
+        else:
+            copied[st.st_ino] = path
+            yield from _file_ops(root, path, st)
     elif kind == stat.S_IFDIR:
         yield m.Mkdir(0, path, st.st_mode, st.st_uid, st.st_gid)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
@@ -70,7 +90,7 @@ def tree_ops(root: int, path: bytes, exclude: Excluder | None = None) -> Iterato
         finally:
             os.close(fd)
         for name in names:
-            yield from tree_ops(root, path + b"/" + name, exclude)
+            yield from _tree_ops(root, path + b"/" + name, exclude, linked_name, copied)
         yield from _xattrs(root, path)
         yield m.SetAttr(0, path, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
     elif kind == stat.S_IFLNK:

@@ -157,7 +157,7 @@ class Scanner:
                 xattrs = _xattrs(fd)
             finally:
                 os.close(fd)
-            mtime = min(max(st.st_mtime_ns, -(2**62)), 2**62)  # the wire's range (year 1823..2116)
+            mtime = m.wire_time(st.st_mtime_ns)
             entry = m.Entry(path, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size=st.st_size,
                             mtime_ns=mtime, digest=digest, xattrs=xattrs, link=link)
         elif kind == stat.S_IFLNK:
@@ -178,7 +178,8 @@ class Scanner:
     def _dir_entry(self, fd: int, path: bytes) -> m.Entry:
         st = os.fstat(fd)
         self.entries += 1
-        return m.Entry(path, "d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, xattrs=_xattrs(fd))
+        return m.Entry(path, "d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                       mtime_ns=m.wire_time(st.st_mtime_ns), xattrs=_xattrs(fd))
 
     @staticmethod
     def _open_dir(dfd: int, name: bytes) -> int | None:
@@ -391,6 +392,8 @@ def compare_entries(a: m.Entry, b: m.Entry) -> list[str]:
             out.append("size")
         if a.mtime_ns != b.mtime_ns:
             out.append("mtime")
+    if a.kind == "d" and a.mtime_ns != b.mtime_ns:
+        out.append("mtime")
     if a.kind == "l" and a.target != b.target:
         out.append("target")
     for name in ("mode", "uid", "gid", "xattrs", "link"):
@@ -628,7 +631,7 @@ def build_report(results: list[DirectoryResult], *, started: float, exclude: lis
             for r in results
         ],
         "excluded": list(exclude),
-        "compared": "type, content (xxh3-128), size, mode, owner, file mtime, symlink target, xattrs, hard links",
+        "compared": "type, content (xxh3-128), size, mode, owner, file and directory mtime, symlink target, xattrs, hard links",
         "notes": all_notes,
         "duration_s": round(time.monotonic() - started, 3),
         "finished_at": time.time(),

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from safekit_cloud.core.lab import FAMILY, PID_DIR, lab_supported, stale_labs
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse,

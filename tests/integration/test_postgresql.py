@@ -44,14 +44,8 @@ def postgresql_missing() -> str | None:
 
 
 def fuse_missing() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed"
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         return "/dev/fuse is not available"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (apt install fuse3)"
     return None
 
 

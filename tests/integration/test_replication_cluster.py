@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 from safekit_cloud.core.lab import lab_supported
 from safekit_cloud.core.labcluster import LabCluster
 

@@ -151,6 +151,23 @@ def test_crossing_the_exclusion_boundary(clean: Mirror) -> None:
     assert_same(clean)
 
 
+def test_hard_links_across_the_exclusion_boundary_stay_links(clean: Mirror) -> None:
+    p, r = clean.primary, clean.replica
+    (p / "data").write_bytes(b"v1")
+    os.link(p / "data", p / "x.tmp")  # an excluded second name of a replicated file
+    with open(p / "x.tmp", "ab") as f:
+        f.write(b"+through the excluded name")
+    assert (r / "data").read_bytes() == b"v1+through the excluded name"
+    os.rename(p / "x.tmp", p / "alias")  # excluded -> replicated: a link on the replica, not a copy
+    (p / "tmp").mkdir()
+    os.link(p / "data", p / "tmp" / "inner")
+    os.rename(p / "tmp", p / "moved")  # a directory whose file is another name of "data"
+    with open(p / "alias", "ab") as f:
+        f.write(b"+alias")
+    assert_same(clean)  # links compared too: data, alias and moved/inner are one file there
+    assert os.stat(r / "data").st_ino == os.stat(r / "alias").st_ino == os.stat(r / "moved" / "inner").st_ino
+
+
 def test_large_sparse_file_and_o_append_and_sync(clean: Mirror) -> None:
     p = clean.primary / "big"
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_SYNC, 0o644)

@@ -25,6 +25,19 @@ def test_rename_moves_descendants_and_hard_links_keep_other_names() -> None:
     assert ino.path(12) is None and ino.path(11) == b"x/e/g"
 
 
+def test_a_hard_link_is_named_by_its_preferred_name() -> None:
+    # The FUSE layer prefers replicated names: a write through the excluded name x.tmp of a file
+    # also named "data" must reach the replica as a write to "data".
+    excluder = Excluder(["*.tmp"])
+    ino = Inodes(prefer=lambda p: not excluder.excluded(p))
+    ino.lookup(5, b"x.tmp")
+    ino.lookup(5, b"data")
+    assert ino.path(5) == b"data" and ino.paths(5) == [b"x.tmp", b"data"]
+    ino.remove_path(b"data")
+    assert ino.path(5) == b"x.tmp"  # only the excluded name is left: the FUSE layer skips it
+    assert Inodes().path(ROOT) == b""
+
+
 def test_exchange_and_forget() -> None:
     ino = Inodes()
     ino.lookup(2, b"a")

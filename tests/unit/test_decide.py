@@ -19,8 +19,7 @@ import random
 from dataclasses import dataclass, field, replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safekit_cloud.core import decide as engine
 from safekit_cloud.core.decide import checker_detail, decide
 from safekit_cloud.core.types import (
@@ -29,17 +28,13 @@ from safekit_cloud.core.types import (
     DataStatus,
     Decision,
     Event,
+    EventKind as E,
     Generation,
     Intent,
     LocalView,
+    ModuleState as S,
     PeerView,
     Persisted,
-)
-from safekit_cloud.core.types import (
-    EventKind as E,
-)
-from safekit_cloud.core.types import (
-    ModuleState as S,
 )
 
 G0 = Generation(11, (1,))  # the generation both nodes share in the table's contexts

@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safekit_cloud.core.heartbeat import Heartbeat, HeartbeatError, Link
 from safekit_cloud.core.heartbeat_codec import (
     MAX_DATAGRAM,

@@ -29,8 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from safekit_cloud.core.config import parse_config
 from safekit_cloud.core.module import ModuleRuntime
 from safekit_cloud.core.store import ModuleStore
-from safekit_cloud.core.types import DataStatus, Generation, PeerView
-from safekit_cloud.core.types import ModuleState as S
+from safekit_cloud.core.types import DataStatus, Generation, ModuleState as S, PeerView
 from safekit_cloud.providers.base import create_provider
 
 VIP = "198.18.0.100/24"
