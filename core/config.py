@@ -68,7 +68,7 @@ class HeartbeatConfig(Strict):
     )
     key_file: Path = Field(
         Path("/etc/safekit-cloud/cluster.key"),
-        description="Cluster key (hex, 32 bytes) authenticating heartbeats and replication; "
+        description="Cluster key (hex, 32 bytes) authenticating heartbeats and replication (and encrypting the replication stream); "
         "`safekit-cloud init` writes one.",
     )
     replay_window: int = Field(64, ge=8, le=4096, description="Out-of-order datagrams accepted per peer.")

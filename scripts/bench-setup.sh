@@ -5,18 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(glusterfs-server glusterfs-client)
+source scripts/lib.sh
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  echo "bench-setup: installing apt packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing bench-setup glusterfs-server glusterfs-client
 # The package may start a system glusterd (systemd machines). bench/gluster.py uses one that is
 # already running, or starts its own and stops only that one.
 echo "bench-setup: ready ($(glusterd --version 2>/dev/null | head -n 1))"

@@ -4,19 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+source scripts/lib.sh
+
 APT_PACKAGES=(fuse3 nftables libnftables1 iproute2 iputils-ping procps psmisc
               postgresql rsync curl)
-
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  echo "setup: installing apt packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing setup "${APT_PACKAGES[@]}"
 
 # PostgreSQL's binaries for the example and its test (Debian keeps them off the PATH).
 if ! command -v pg_ctl >/dev/null 2>&1; then

@@ -9,7 +9,6 @@ stream and the secondary must be resynchronised.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -18,36 +17,11 @@ from collections.abc import Callable
 
 from . import messages as m
 from .paths import PathError, components, open_beneath, parent_dir
+from .syscalls import fallocate, renameat2, syncfs
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.syncfs.argtypes = [ctypes.c_int]
-
 MAX_HANDLES = 65536
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
-    if flags == 0:
-        os.rename(old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
-    else:
-        _check(_libc.renameat2(old_dir, old, new_dir, new, flags), "renameat2")
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    _check(_libc.fallocate(fd, mode, off, length), "fallocate")
-
-
-def syncfs(fd: int) -> None:
-    _check(_libc.syncfs(fd), "syncfs")
 
 
 def proc_path(fd: int) -> str:

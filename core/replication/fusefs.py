@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import fuseabi, messages as m
-from .apply import fallocate as apply_fallocate, renameat2
 from .exclude import Excluder
 from .inodes import Inodes, fuse_ino, is_under, join
 from .replicator import PENDING, NullReplicator, Replicator, Started
 from .snapshot import tree_ops
+from .syscalls import fallocate as backing_fallocate, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -351,53 +351,48 @@ class ReplicatedFS(fuseabi.Operations):
 
     # ---- namespace ----
 
-    @_fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
+    async def _new_entry(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext, is_dir: bool,
+                         make: Callable[[bytes], None], mode: int,
+                         replicate: Callable[[bytes, os.stat_result], list[m.Op]]) -> fuseabi.EntryAttributes:
+        """mkdir, mknod, symlink: `make` the entry here, give it the owner and mode the kernel's rules
+        give a new entry (a set-group-ID parent passes its bit on to directories), then replicate it
+        and the parent directory's new time."""
         parent = self._path(parent_inode)
         path = join(parent, name)
         uid, gid, setgid = self._new_owner(ctx, parent)
-        if self._replicated(path, True):
+        replicated = self._replicated(path, is_dir)
+        if replicated:
             await self._intend_ns(path)
-        os.mkdir(path, 0o700, dir_fd=self.root)
-        st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0))
+        make(path)
+        st = self._fix_owner_mode(path, uid, gid, mode | (stat.S_ISGID if setgid and is_dir else 0))
         attrs = self._learn(st, path)
-        await self._submit_ns([m.Mkdir(0, path, st.st_mode, st.st_uid, st.st_gid),
-                               m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))]
-                              if self._replicated(path, True) else [], path)
+        await self._submit_ns(replicate(path, st) if replicated else [], path)
         return attrs
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
+        return await self._new_entry(
+            parent_inode, name, ctx, True, lambda path: os.mkdir(path, 0o700, dir_fd=self.root), stat.S_IMODE(mode),
+            lambda path, st: [m.Mkdir(0, path, st.st_mode, st.st_uid, st.st_gid),
+                              m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))])
 
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG):
             raise fuseabi.FUSEError(errno.EPERM)  # device nodes are refused: the replica would refuse them
-        parent = self._path(parent_inode)
-        path = join(parent, name)
-        uid, gid, _ = self._new_owner(ctx, parent)
-        if self._replicated(path):
-            await self._intend_ns(path)
-        os.mknod(path, stat.S_IFMT(mode) | 0o600, dir_fd=self.root)
-        st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode))
-        attrs = self._learn(st, path)
-        await self._submit_ns([m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid)]
-                              if self._replicated(path) else [], path)
-        return attrs
+        return await self._new_entry(
+            parent_inode, name, ctx, False,
+            lambda path: os.mknod(path, stat.S_IFMT(mode) | 0o600, dir_fd=self.root), stat.S_IMODE(mode),
+            lambda path, st: [m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid)])
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
-        parent = self._path(parent_inode)
-        path = join(parent, name)
-        uid, gid, _ = self._new_owner(ctx, parent)
-        if self._replicated(path):
-            await self._intend_ns(path)
-        os.symlink(target, path, dir_fd=self.root)
-        st = self._fix_owner_mode(path, uid, gid, 0o777)
-        attrs = self._learn(st, path)
-        await self._submit_ns([m.Symlink(0, path, target, st.st_uid, st.st_gid)]
-                              if self._replicated(path) else [], path)
-        return attrs
+        return await self._new_entry(
+            parent_inode, name, ctx, False, lambda path: os.symlink(target, path, dir_fd=self.root), 0o777,
+            lambda path, st: [m.Symlink(0, path, target, st.st_uid, st.st_gid)])
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
@@ -629,14 +624,14 @@ class ReplicatedFS(fuseabi.Operations):
             await self._intend_fallocate(f, mode, off, length)
         pre = self._open_op(f, fh)
         if pre is None:
-            apply_fallocate(f.fd, mode, off, length)
+            backing_fallocate(f.fd, mode, off, length)
             return
         # As a write: the peer's fallocate is enqueued first and ours follows with nothing in
         # between (order kept), the call returns when both are done. If ours fails, the peer's copy
         # of the range and its size are made ours again before the error is returned.
         peer = Started(self.repl.submit(*pre, m.Fallocate(0, fh, mode, off, length)))
         try:
-            apply_fallocate(f.fd, mode, off, length)
+            backing_fallocate(f.fd, mode, off, length)
         except OSError:
             await peer
             await self._undo_fallocate(f, fh, mode, off, length)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
-import ctypes
 import errno
 import functools
 import logging
@@ -38,17 +37,9 @@ from typing import Any
 
 from . import fuseabi as abi
 from .fuseabi import FUSEError, InitFlag, Opcode, RequestContext
+from .syscalls import MNT_DETACH, MS_NODEV, MS_NOSUID, UMOUNT_NOFOLLOW, mount, umount2
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
 
 MAX_PAGES = 256  # the kernel's cap (/proc/sys/fs/fuse/max_pages_limit) here: 1 MiB requests
 MAX_WRITE = MAX_PAGES * abi.PAGE_SIZE
@@ -78,25 +69,17 @@ Encoder = Callable[[Any], Payload]
 Started = tuple[Coroutine[Any, Any, Any], Encoder] | None
 
 
-def _errno_error(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def mount_fuse(fd: int, mountpoint: Path, fsname: str, subtype: str) -> None:
     """mount(2) of a FUSE file system served through /dev/fuse descriptor `fd` (root only)."""
     data = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()},"
             "default_permissions,allow_other").encode()
     # nosuid,nodev: what libfuse mounted with (no set-user-ID programs or devices from the mirror)
-    if _libc.mount(fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(),
-                   MS_NOSUID | MS_NODEV, data) != 0:
-        raise _errno_error(f"mount {mountpoint}")
+    mount(fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(), MS_NOSUID | MS_NODEV, data)
 
 
 def umount_detach(mountpoint: Path) -> None:
     """Lazy unmount: gone from the namespace at once, even with files open or requests in flight."""
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
-        raise _errno_error(f"umount {mountpoint}")
+    umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW)
 
 
 class _Resumed(collections.abc.Coroutine):  # type: ignore[type-arg]

@@ -15,29 +15,29 @@ of the agent removes a protection left behind, and never a mount it did not make
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import re
 from pathlib import Path
 
+from .syscalls import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_RELATIME,
+    MS_REMOUNT,
+    mount,
+    umount2,
+)
+
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_NOATIME = 1024
-MS_NODIRATIME = 2048
-MS_BIND = 4096
-MS_RELATIME = 1 << 21
-MNT_DETACH = 2
 # statvfs f_flag bits that a bind remount must carry over (or they would be cleared on the bind).
 _CARRIED = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC,
             os.ST_NOATIME: MS_NOATIME, os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
@@ -49,9 +49,7 @@ def marker_path(state_dir: Path, module: str, directory: Path) -> Path:
 
 
 def _mount(source: bytes | None, target: bytes, flags: int) -> None:
-    if _libc.mount(source, target, None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target.decode(errors='replace')}: {os.strerror(err)}")
+    mount(source, target, None, flags)
 
 
 def _unescape(field: bytes) -> bytes:
@@ -112,9 +110,7 @@ def protect(directory: Path, marker: Path) -> None:
 
 
 def _umount(target: bytes) -> None:
-    if _libc.umount2(target, MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target.decode(errors='replace')}: {os.strerror(err)}")
+    umount2(target, MNT_DETACH)
 
 
 def unprotect(directory: Path, marker: Path) -> bool:

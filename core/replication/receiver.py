@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import messages as m
-from .apply import syncfs
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
 from .journal import Journal, journal_path
 from .paths import open_beneath
 from .resync import ResyncApplier
+from .syscalls import syncfs
 from .verify import serve_manifest
 
 log = logging.getLogger(__name__)

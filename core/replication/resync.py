@@ -63,7 +63,7 @@ from typing import Any
 import xxhash
 
 from . import messages as m
-from .apply import Applier, open_regular, proc_path, syncfs
+from .apply import Applier, open_regular, proc_path
 from .exclude import Excluder
 from .journal import (
     INF,
@@ -83,6 +83,7 @@ from .journal import (
 from .paths import PathError, open_beneath
 from .replicator import PENDING
 from .sender import Sender
+from .syscalls import syncfs
 
 log = logging.getLogger(__name__)
 

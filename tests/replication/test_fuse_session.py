@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 from safekit_cloud.core.replication import messages as m
-from safekit_cloud.core.replication.apply import fallocate
 from safekit_cloud.core.replication.fuseabi import InitFlag
 from safekit_cloud.core.replication.fusefs import ReplicatedFS
 from safekit_cloud.core.replication.fusesession import umount_detach
 from safekit_cloud.core.replication.mount import FuseMount, mounted_fuse_at
+from safekit_cloud.core.replication.syscalls import fallocate
 
 from .harness import LoopThread, Mirror, describe_tree, force_unmount, fuse_available, running_mirror
 from .resync_harness import ResyncMirror

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Mirror, describe_tree, force_unmount, fuse_available, running_mirror
+from .harness import Mirror, describe_tree, fuse_available, running_mirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
@@ -44,17 +44,8 @@ def test_smoke(mirror: Mirror) -> None:
 
 @pytest.fixture
 def fast_mirror(tmp_path: Path):
-    dirs = [tmp_path / n for n in ("primary", "replica", "state")]
-    for d in dirs:
-        d.mkdir()
-    mir = Mirror(dirs[0], dirs[1], dirs[2], timeout=1.0)
-    try:
+    with running_mirror(tmp_path, Mirror, timeout=1.0) as mir:
         yield mir
-    finally:
-        try:
-            mir.close()
-        finally:
-            force_unmount(dirs[0])
 
 
 def test_hung_peer_mid_write_writer_returns_within_timeout(fast_mirror: Mirror) -> None:

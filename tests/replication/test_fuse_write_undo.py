@@ -80,7 +80,7 @@ def test_failed_local_create_is_undone_on_the_peer(tmp_path: Path) -> None:
 def test_create_is_sent_once_with_its_final_owner_and_mode(tmp_path: Path) -> None:
     fs, repl, _ = _fs(tmp_path, b"", os.O_RDONLY)
     repl.ops.clear()
-    info, attrs = asyncio.run(fs.create(fuseabi.ROOT_INODE, b"g", 0o640, os.O_WRONLY | os.O_CREAT, _Ctx()))
+    info, _ = asyncio.run(fs.create(fuseabi.ROOT_INODE, b"g", 0o640, os.O_WRONLY | os.O_CREAT, _Ctx()))
     # Once, with its final owner and mode; then the directory's new time (not a fix of the file).
     assert repl.ops == [m.Create(0, b"g", 0o100640, 0, 0, hid=info.fh),
                         m.SetAttr(0, b"", mtime_ns=os.stat(tmp_path).st_mtime_ns)]
