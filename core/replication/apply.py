@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable
 
 from . import messages as m
+from .directio import DirectWriter
 from .paths import PathError, components, open_beneath, parent_dir
 from .syscalls import fallocate, renameat2, syncfs
 
@@ -47,6 +48,7 @@ class Applier:
     def __init__(self, root_fd: int) -> None:
         self.root = root_fd
         self.handles: dict[int, int] = {}
+        self._direct = DirectWriter()
         self._dispatch: dict[type, Callable[[m.Op], None]] = {
             m.Noop: lambda op: None, m.Open: self._open, m.Close: self._close, m.Write: self._write,
             m.Create: self._create, m.Mkdir: self._mkdir, m.Mknod: self._mknod, m.Symlink: self._symlink,
@@ -56,13 +58,28 @@ class Applier:
         }
 
     def apply(self, op: m.Op) -> None:
-        """Apply one operation. PathError/ProtocolError: hostile or malformed; OSError: divergence."""
+        """Apply one operation. PathError/ProtocolError: hostile or malformed; OSError: divergence.
+        Large aligned writes may still be under way when this returns (`writes_pending`); any
+        other operation waits for them first, so the order is the primary's."""
+        if type(op) is not m.Write and self._direct.pending:
+            self._direct.drain()
         self._dispatch[type(op)](op)
 
+    @property
+    def writes_pending(self) -> bool:
+        return self._direct.pending
+
+    def when_written(self, callback: Callable[[BaseException | None], None]) -> None:
+        """`callback(error)`, from the writer thread, once the writes under way are done."""
+        self._direct.when_written(callback)
+
     def close(self) -> None:
-        for fd in self.handles.values():
-            os.close(fd)
-        self.handles.clear()
+        try:
+            self._direct.close()  # the writes under way end before their descriptors close
+        finally:
+            for fd in self.handles.values():
+                os.close(fd)
+            self.handles.clear()
 
     # ---- handles ----
 
@@ -84,6 +101,7 @@ class Applier:
     def _close(self, op: m.Close) -> None:
         fd = self._fd(op.hid)
         del self.handles[op.hid]
+        self._direct.forget(fd)
         try:
             _set_times_fd(fd, op.atime_ns, op.mtime_ns)
         finally:
@@ -91,6 +109,13 @@ class Applier:
 
     def _write(self, op: m.Write) -> None:
         fd = self._fd(op.hid)
+        if self._direct.submit(fd, op.data, op.off):
+            if op.sync:
+                self._direct.drain()
+                os.fdatasync(fd)
+            return
+        if self._direct.pending:
+            self._direct.drain()
         done = os.pwrite(fd, op.data, op.off)
         if done != len(op.data):
             raise OSError(f"short write ({done} of {len(op.data)} bytes)")
