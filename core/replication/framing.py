@@ -51,11 +51,14 @@ class FrameCipher:
         """Write ciphertext + tag of `plain` (len(plain) + TAG_SIZE bytes) into `out`."""
         self._aead.encrypt_into(self._nonce(), plain, header, out)
 
-    def open(self, header: bytes | memoryview, sealed: bytes | bytearray | memoryview) -> bytearray:
-        plain = bytearray(len(sealed) - TAG_SIZE)
+    def open_in_place(self, header: memoryview, sealed: memoryview) -> memoryview:
+        """Decrypt `sealed` where it lies (OpenSSL allows the output to be the input) and return
+        the plaintext, a view of its first len(sealed) - TAG_SIZE bytes."""
+        plain = sealed[:len(sealed) - TAG_SIZE]
         try:
             self._aead.decrypt_into(self._nonce(), sealed, header, plain)
         except InvalidTag:
+            plain.release()
             raise ProtocolError("frame failed authentication (altered, injected, replayed or reordered)") from None
         return plain
 
@@ -78,11 +81,22 @@ def frame(msg: Message, cipher: FrameCipher | None = None) -> bytearray:
 
 
 class FrameDecoder:
-    """Accumulates received bytes and decodes complete frames; refuses oversized or empty ones, and
-    once `rx` is set, any frame whose tag does not verify."""
+    """Decodes complete frames from the bytes received; refuses oversized or empty ones, and once
+    `rx` is set, any frame whose tag does not verify.
+
+    The bytes are received into one fixed buffer: a connection in an `asyncio.BufferedProtocol`
+    hands the socket `get_buffer()` and calls `buffer_updated(n)` (no bytes object per read, no
+    copy to append it), anything else calls `feed(data)`. Sealed frames are opened in place in
+    that buffer and decoded from there: msgspec copies a write's data out once, the only copy of
+    it between the socket and the replica's file."""
+
+    CAPACITY = 4 * (MAX_FRAME + _HEADER.size + TAG_SIZE)  # a partial frame plus reads of ~3 frames
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray(self.CAPACITY)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet decoded
+        self._end = 0  # end of the bytes received
         self._max = max_frame
         self.rx: FrameCipher | None = None  # opens what we read (set at the end of the handshake)
         self.tx: FrameCipher | None = None  # seals what we write on the same connection
@@ -95,46 +109,59 @@ class FrameDecoder:
         """Switch both directions to sealed frames (the handshake calls this)."""
         self.rx, self.tx = FrameCipher(rx_key), FrameCipher(tx_key)
 
-    def feed(self, data: bytes) -> list[Message]:
-        """Decoded messages of every frame completed by `data` (ProtocolError on a bad one)."""
-        buf = self._buf
-        buf += data
-        out: list[Message] = []
-        pos = 0
-        view = memoryview(buf)
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes received go (at least one whole frame's room)."""
+        if self.CAPACITY - self._end < self.CAPACITY // 2:
+            # Move the partial frame to the front. Same-size slice assignment: allowed while the
+            # transport still holds an earlier view; copied first as the two ranges may overlap.
+            rest = bytes(self._view[self._start:self._end])
+            self._buf[:len(rest)] = rest
+            self._start, self._end = 0, len(rest)
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list[Message]:
+        """Decoded messages of every frame completed by the `nbytes` just received into
+        `get_buffer()` (ProtocolError on a bad one: the connection must then be dropped)."""
+        self._end += nbytes
+        buf, view, out = self._buf, self._view, []
+        pos, end = self._start, self._end
         try:
-            while len(buf) - pos >= 4:
+            while end - pos >= 4:
                 (size,) = _HEADER.unpack_from(buf, pos)
                 cipher = self.rx
                 tag = TAG_SIZE if cipher is not None else 0
                 if size <= tag or size > self._max + tag:
                     raise ProtocolError(f"frame length {size} outside {tag + 1}..{self._max + tag}")
-                if len(buf) - pos - 4 < size:
+                if end - pos - 4 < size:
                     break
-                end = pos + 4 + size
-                if cipher is not None:
-                    header, sealed = view[pos:pos + 4], view[pos + 4:end]
-                    try:
-                        out.append(decode(cipher.open(header, sealed)))
-                    finally:  # released even when a traceback references them (see below)
-                        header.release()
-                        sealed.release()
-                else:
-                    # msgspec copies bytes fields out, so decoding straight from the buffer is safe.
-                    payload = view[pos + 4:end]
-                    try:
-                        out.append(decode(payload))
-                    finally:
-                        payload.release()  # even if a traceback still references it
+                with view[pos + 4:pos + 4 + size] as body:
+                    if cipher is not None:
+                        with view[pos:pos + 4] as header, cipher.open_in_place(header, body) as plain:
+                            out.append(decode(plain))  # msgspec copies what it keeps
+                    else:
+                        out.append(decode(body))
                 pos += 4 + size
         finally:
-            view.release()
-            del buf[:pos]
+            self._start = pos
+            if pos == end:
+                self._start = self._end = 0
+        return out
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Decoded messages of every frame completed by `data`."""
+        out: list[Message] = []
+        done = 0
+        while done < len(data):
+            with self.get_buffer() as room:
+                n = min(len(room), len(data) - done)
+                room[:n] = data[done:done + n]
+            done += n
+            out += self.buffer_updated(n)
         return out
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return self._end - self._start
 
 
 async def read_message(reader: asyncio.StreamReader, decoder: FrameDecoder,

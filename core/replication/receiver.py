@@ -239,11 +239,12 @@ class Receiver:
             pass
 
 
-class _Apply(asyncio.Protocol):
-    """The connection's protocol once the stream is authenticated: applies every complete frame
-    as it arrives, then acknowledges the batch (cumulative Ack). Write flow control: while the
-    acks and replies cannot be sent, reading stops. `done` ends with None (the peer closed the
-    stream) or the error that ended it (nothing is applied after it)."""
+class _Apply(asyncio.BufferedProtocol):
+    """The connection's protocol once the stream is authenticated: the socket reads straight into
+    the decoder's buffer; every complete frame is applied as it arrives, then the batch is
+    acknowledged (cumulative Ack). Write flow control: while the acks and replies cannot be
+    sent, reading stops. `done` ends with None (the peer closed the stream) or the error that
+    ended it (nothing is applied after it)."""
 
     def __init__(self, transport: asyncio.BaseTransport, stream: asyncio.BaseProtocol, decoder: FrameDecoder,
                  applier: ResyncApplier, stats: StreamStats, ack_on_receipt: bool,
@@ -267,13 +268,23 @@ class _Apply(asyncio.Protocol):
         except RuntimeError:
             pass
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(nbytes, lambda: self._decoder.buffer_updated(nbytes))
+
     def data_received(self, data: bytes) -> None:
+        """Bytes the handshake's reader had already buffered."""
+        self._received(len(data), lambda: self._decoder.feed(data))
+
+    def _received(self, nbytes: int, decode: Callable[[], list[m.Message]]) -> None:
         if self.done.done():
             return
         self.last_rx = self._loop.time()
-        self._stats.bytes += len(data)
+        self._stats.bytes += nbytes
         try:
-            batch = self._decoder.feed(data)
+            batch = decode()
             if batch:
                 self.apply(batch)
         except (m.ProtocolError, OSError) as exc:

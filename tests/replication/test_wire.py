@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 
 import msgspec
@@ -38,6 +39,33 @@ def test_decoder_handles_arbitrary_chunking() -> None:
         for i in range(0, len(stream), step):
             out += dec.feed(stream[i:i + step])
         assert out == SAMPLES and dec.pending == 0
+
+
+def test_sealed_stream_read_into_the_decoders_buffer_in_any_sizes() -> None:
+    """What a receiving connection does (BufferedProtocol): reads of random sizes straight into
+    `get_buffer()`, frames of up to MAX_FRAME opened in place, the buffer compacted many times."""
+    rnd = random.Random(3)
+    msgs: list[m.Message] = [m.Write(seq=i, hid=1, off=i * m.MAX_CHUNK, data=rnd.randbytes(rnd.choice(
+        [1, 4096, m.MAX_CHUNK - 1, m.MAX_CHUNK]))) for i in range(1, 40)] + SAMPLES
+    tx, rx = FrameDecoder(), FrameDecoder()
+    tx.authenticate(b"a" * 32, b"b" * 32)
+    rx.authenticate(b"b" * 32, b"a" * 32)
+    stream = b"".join(tx.frame(x) for x in msgs)
+    out: list[m.Message] = []
+    i = 0
+    while i < len(stream):
+        room = rx.get_buffer()
+        assert len(room) >= m.MAX_FRAME + 20  # a whole frame always fits
+        n = min(len(room), len(stream) - i, rnd.choice([1, 5, 4096, 300_000, 1 << 21]))
+        room[:n] = stream[i:i + n]
+        room.release()
+        i += n
+        out += rx.buffer_updated(n)
+    assert out == msgs and rx.pending == 0
+    altered = bytearray(tx.frame(SAMPLES[0]))
+    altered[-1] ^= 1
+    with pytest.raises(m.ProtocolError, match="authentication"):
+        rx.feed(altered)
 
 
 def test_split_write() -> None:
