@@ -26,8 +26,13 @@ processes (/proc/PID/stat utime+stime: the mirror's two agents; glusterd, the tw
 self-heal daemon and the FUSE client). `--no-gluster` leaves it out; without GlusterFS installed the
 bench says so and runs without that column.
 
+The ceiling (`--fuse-only`, on by default): the same workloads on our FUSE layer over a local
+directory with nothing replicated (bench/fuse_only.py, its own process). local -> fuse-only is what
+the FUSE layer costs, fuse-only -> mirror what the replication costs.
+
     .venv/bin/python bench/replication_bench.py [--mib 1024] [--iops 2000] [--files 10000] [--runs 3]
                                                 [--pgbench] [--gluster | --no-gluster] [--gluster-set KEY=VALUE]
+                                                [--fuse-only | --no-fuse-only]
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safekit_cloud.core.config import ReplicationConfig
+from safekit_cloud.core.replication.mount import unmount
 from safekit_cloud.core.replication.service import ReplicationService
 
 from bench import gluster
@@ -253,15 +259,26 @@ def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: 
               "both nodes and the workload on this machine")]
     if gluster_info:
         lines.append(gluster_info)
-    head = f"{'workload':16} {'local':>10} {'mirror':>10} {'ratio':>6}"
+    has_f = any("fuse-only" in f.rates for f in results.values())
+    head = f"{'workload':16} {'local':>10}" + (f" {'fuse-only':>10} {'ratio':>6}" if has_f else "")
+    head += f" {'mirror':>10} {'ratio':>6}"
     lines.append(head + (f" {'gluster':>10} {'ratio':>6}" if has_g else "") + "   goal")
     for name, f in results.items():
         lm, rm = med(f.rates["local"]), med(f.rates["mirror"])
-        row = f"{name:16} {lm:10.0f} {rm:10.0f} {rm / lm:6.2f}"
+        row = f"{name:16} {lm:10.0f}"
+        if has_f:
+            fm = med(f.rates["fuse-only"])
+            row += f" {fm:10.0f} {fm / lm:6.2f}"
+        row += f" {rm:10.0f} {rm / lm:6.2f}"
         if has_g:
             gm = med(f.rates["gluster"])
             row += f" {gm:10.0f} {gm / lm:6.2f}"
         lines.append(row + "   " + goal_text(name, rm / lm, rm))
+    if has_f:
+        lines.append("fuse-only: our FUSE layer over a local directory, nothing replicated (bench/fuse_only.py): "
+                     "the ceiling of the mirror here; mirror/fuse-only is what replication keeps of it:")
+        lines.append("  " + ", ".join(f"{name} {med(f.rates['mirror']) / med(f.rates['fuse-only']):.2f}"
+                                      for name, f in results.items()))
     if has_g:
         lines.append(f"mirror vs GlusterFS replica 2, same run, medians (level: within {LEVEL:.0%}):")
         for name, f in results.items():
@@ -299,6 +316,25 @@ def gluster_info(vol: gluster.GlusterVolume) -> str:
             f"FUSE mount; {settings}{set_}")
 
 
+@contextlib.contextmanager
+def fuse_only_mount(directory: Path) -> Iterator[Side]:
+    """bench/fuse_only.py serving `directory` in its own process, as the "fuse-only" side."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fuse_only", str(directory)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"bench/fuse_only.py did not mount {directory} (exit status {proc.poll()})")
+        yield Side("fuse-only", directory, lambda: [proc.pid])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        unmount(directory)  # in case it died before it could
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -323,6 +359,8 @@ def main() -> None:
                          "(default: on when GlusterFS is installed, see scripts/bench-setup.sh)")
     ap.add_argument("--gluster-set", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                     help="gluster volume set KEY VALUE before the start (default: none, GlusterFS's defaults)")
+    ap.add_argument("--fuse-only", action=argparse.BooleanOptionalAction, default=True,
+                    help="also our FUSE layer with nothing replicated (bench/fuse_only.py), the mirror's ceiling")
     ap.add_argument("--dir", default="/var/tmp", help="where the test directories are made")
     ap.add_argument("--out", help="also write the report to this file")
     args = ap.parse_args()
@@ -333,6 +371,10 @@ def main() -> None:
         os.chmod(base, 0o755)
         local = base / "local"
         local.mkdir()
+        fuse_side = None
+        if args.fuse_only:
+            (base / "fuse-only").mkdir()
+            fuse_side = stack.enter_context(fuse_only_mount(base / "fuse-only"))
         dirs = [base / n for n in ("primary", "replica", "state")]
         for d in dirs:
             d.mkdir()
@@ -350,7 +392,8 @@ def main() -> None:
                 await prim.become_primary()
                 while not prim.status()["connected"]:
                     await asyncio.sleep(0.1)
-                sides = [Side("local", local), Side("mirror", dirs[0], agent_pids)]
+                sides = [Side("local", local)] + ([fuse_side] if fuse_side else [])
+                sides.append(Side("mirror", dirs[0], agent_pids))
                 if vol:
                     sides.append(Side("gluster", vol.mount, vol.pids))
                 return await asyncio.to_thread(run_all, sides, args)

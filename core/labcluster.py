@@ -350,7 +350,7 @@ class LabCluster:
         if self._own_workdir and self.workdir is not None and not os.environ.get("SAFEKIT_KEEP_LAB"):
             subprocess.run(["rm", "-rf", str(self.workdir)], check=False)
 
-    def __enter__(self) -> LabCluster:
+    def __enter__(self) -> LabCluster:  # noqa: PYI034 - build() returns self
         return self.build()
 
     def __exit__(self, *exc: object) -> None:

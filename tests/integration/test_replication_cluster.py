@@ -6,6 +6,7 @@ Each node runs in its own network and mount namespace with its own copy of the r
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def app_write(cluster: LabCluster, node: str, script: str) -> None:
     """Run a Python snippet where the node's application runs (through the replicated mount)."""
     proc = cluster.app_spawn(node, [sys.executable, "-c", script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
 
 
@@ -172,7 +173,7 @@ def test_writes_resume_when_heartbeats_lose_the_secondary_not_after_the_ack_time
         made.power_off("n2")
         out, _ = writer.communicate(timeout=60)
         times = [float(t) for t in out.split()]
-        stall = max(b - a for a, b in zip(times, times[1:]))
+        stall = max(b - a for a, b in itertools.pairwise(times))
         # the writer waits for the dead secondary until heartbeats declare it lost (0.5 s), then goes
         # on alone; without that it would wait for the 20 s acknowledgement timeout
         assert stall < 5, f"writes stalled {stall:.2f} s"
