@@ -27,6 +27,18 @@ the choice between a journal and a checksum resync is made on the lineage id, wh
 generation, changes when a resync *starts* on the target: a partly resynchronised target still has
 the old generation but no longer the old tree.
 
+Activity log (a session, i.e. while replicating). Without it, a primary that crashed while
+replicating knows nothing of the operations that were in flight, and the next resync must compare
+every file. So, like DRBD's activity log, the replicating primary durably records each path it is
+about to change (`active`, epoch e) *before* changing it, unless the path is already recorded in the
+current epoch; every few seconds it starts a new epoch, waits until everything sent before is
+acknowledged by the secondary, syncs its own file system (`syncfs`, so a power loss cannot take
+older changes away) and closes the old epoch (`closed e`). After a crash, the paths of the epochs
+not closed are the only places where the two trees can differ: the node is "lineage S except those
+paths" (`crash_suspects`), whether it comes back as the source (an `alone` journal with them as
+suspects) or as the target (it reports them with its lineage; the source adds them to its own
+suspects). Until the first epoch of a session closes, nothing is claimed (checksum, as before).
+
 Write-ahead. While the primary journals, every change is *marked durably before it is applied*:
 a data write's blocks (a write to blocks already marked costs nothing), a metadata change's path, a
 namespace change's paths (`pend`, settled by the `ops` record carrying the operation once applied,
@@ -59,6 +71,7 @@ INF = 1 << 62  # a block index past the end of any file: "from here to the end"
 DEFAULT_BLOCK = 4096
 FORMAT = 1
 MAX_RANGES = 4096  # per file and kind; above, the marks are coarsened (over-marking is safe)
+MAX_SUSPECTS = 2000  # activity-log paths a crashed primary claims; beyond, coarsened to directories
 MAX_LOG = 200_000  # namespace operations kept for replay; above, the journal gives up (checksum resync)
 COMPACT_MIN = 4 << 20  # rewrite the file when it passes this and 4x its last compacted size
 # The file is allocated ahead in steps of this: a commit then writes into allocated space and its
@@ -420,7 +433,20 @@ class RSettle(_Rec, tag="settle"):
     id: int
 
 
-Record = RState | RMarks | RSuspect | RPending | ROps | RSettle
+class RActive(_Rec, tag="active"):
+    """Activity log of a session: `paths` are about to change, in epoch `epoch`."""
+
+    epoch: int
+    paths: list[bytes]
+
+
+class RClosed(_Rec, tag="closed"):
+    """Activity log: every change of epochs <= `epoch` is on both nodes, and durable here."""
+
+    epoch: int
+
+
+Record = RState | RMarks | RSuspect | RPending | ROps | RSettle | RActive | RClosed
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Record)
 
@@ -448,6 +474,32 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
             break
         pos = end
     return out, len(data) - pos
+
+
+def coarsen(paths: Iterable[bytes], limit: int) -> list[bytes]:
+    """At most `limit` subtrees covering every path of `paths` (the deepest paths are replaced by
+    their parent directory until they fit; [b""], the whole tree, at worst)."""
+    tops = _minimal(set(paths))
+    while len(tops) > limit:
+        depth = max(p.count(b"/") for p in tops)
+        tops = _minimal({(p.rpartition(b"/")[0] if p.count(b"/") == depth else p) for p in tops})
+    return sorted(tops)
+
+
+def _minimal(paths: set[bytes]) -> set[bytes]:
+    """`paths` without those inside another of them (b"" is the whole tree)."""
+    if b"" in paths:
+        return {b""}
+    out: set[bytes] = set()
+    for p in sorted(paths, key=lambda p: p.count(b"/")):  # parents first
+        if not any(q in out for q in _ancestors(p)):
+            out.add(p)
+    return out
+
+
+def _ancestors(path: bytes) -> list[bytes]:
+    parts = path.split(b"/")
+    return [b"/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def marks_record(mk: Mark) -> RMarks:
@@ -482,6 +534,8 @@ class Journal:
         self._next_id = 1
         self.failed = ""
         self.torn = 0
+        self.active: dict[int, set[bytes]] = {}  # activity log: epoch -> paths (epochs not closed)
+        self.closed = -1  # last closed epoch of this session (-1: none yet, nothing claimed)
 
     # -- loading --
 
@@ -532,6 +586,7 @@ class Journal:
             self.kind, self.sync, self.generation = rec.kind, rec.sync, rec.generation
             self.boot, self.clean, self.block, self.reason = rec.boot, rec.clean, rec.block, rec.reason
             self.state = st = State()
+            self.active, self.closed = {}, -1
             for r in rec.marks:
                 self._apply(r)
             for p in rec.suspects:
@@ -555,6 +610,12 @@ class Journal:
                 st.log.extend(rec.ops)
         elif isinstance(rec, RSettle):
             st.pending.pop(rec.id, None)
+        elif isinstance(rec, RActive):
+            self.active.setdefault(rec.epoch, set()).update(rec.paths)
+        elif isinstance(rec, RClosed):
+            self.closed = max(self.closed, rec.epoch)
+            for e in [e for e in self.active if e <= rec.epoch]:
+                del self.active[e]
 
     # -- what this node is --
 
@@ -567,6 +628,24 @@ class Journal:
         if self.kind == "alone" and self.sync and self.state.empty and not self.state.overflow:
             return self.sync
         return None
+
+    def crash_suspects(self) -> list[bytes] | None:
+        """A session that ended without a clean stop, with an activity log: the paths where this
+        tree may differ from lineage `sync` (coarsened to at most MAX_SUSPECTS subtrees). None
+        when nothing can be claimed (no session, a clean one, or no epoch closed yet)."""
+        if self.kind != "session" or self.clean or not self.sync or self.closed < 0:
+            return None
+        return coarsen(set().union(*self.active.values()), MAX_SUSPECTS)
+
+    def lineage_with_suspects(self) -> tuple[bytes | None, list[bytes]]:
+        """What a target reports: a lineage it equals, or one it equals except under `suspects`."""
+        sync = self.lineage()
+        if sync is not None:
+            return sync, []
+        suspects = self.crash_suspects()
+        if suspects is not None and b"" not in suspects:
+            return self.sync, suspects
+        return None, []
 
     def describe(self) -> dict[str, object]:
         st = self.state
@@ -597,11 +676,18 @@ class Journal:
                         keep_log=True)
             return
         sync = self.lineage()
+        suspects = self.crash_suspects()
         if sync is not None:
             why = {"target": "was an up-to-date secondary", "session": "stopped cleanly while replicating"}.get(
                 self.kind, "alone")
             self._reset(RState("alone", sync, generation, boot_id(), block=self.block, at=time.time(),
                                reason=f"alone since lineage {sync.hex()[:8]} ({why})"))
+        elif suspects is not None and self.sync is not None:
+            sync = self.sync
+            self._reset(RState("alone", sync, self.generation if self.generation is not None else generation,
+                               boot_id(), block=self.block, at=time.time(), suspects=suspects,
+                               reason=f"alone since lineage {sync.hex()[:8]} (crash while replicating: "
+                                      f"{len(suspects)} path(s) possibly in flight, compared at the resync)"))
         else:
             why = self.reason if self.kind == "invalid" else {
                 "session": "crash while replicating: operations in flight unknown",
@@ -627,6 +713,32 @@ class Journal:
     def start_session(self, sync: bytes, generation: int | None) -> None:
         self._reset(RState("session", sync, generation, boot_id(), block=self.block, at=time.time(),
                            reason="replicating"))
+
+    def note_active(self, epoch: int, paths: list[bytes]) -> None:
+        """Activity log: `paths` are about to change in `epoch` (durable once `commit()` returns)."""
+        if self.kind != "session" or self.path is None:
+            return
+        self.active.setdefault(epoch, set()).update(paths)
+        self._buf.append(encode_record(RActive(epoch, paths)))
+        self._appended += 1
+
+    def close_epoch(self, epoch: int) -> None:
+        """Activity log: every change of epochs <= `epoch` is on both nodes and durable here.
+        The file is rewritten (the session plus the open epochs) when it has grown."""
+        if self.kind != "session" or self.path is None:
+            return
+        self._apply(RClosed(epoch))
+        if self._size <= max(COMPACT_MIN, 4 * self._compacted):
+            self._buf.append(encode_record(RClosed(epoch)))
+            self._appended += 1
+            return
+        rec = RState("session", self.sync, self.generation, self.boot, block=self.block, at=time.time(),
+                     reason=self.reason)
+        body = [encode_record(rec), encode_record(RClosed(epoch))]
+        body += [encode_record(RActive(e, sorted(ps))) for e, ps in sorted(self.active.items())]
+        self._buf.clear()  # reflected in self.active, hence in the rewrite
+        self._rewrite(b"".join(body))
+        self._all_durable()
 
     def close_session(self) -> None:
         if self.kind == "session":

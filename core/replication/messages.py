@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-PROTOCOL_VERSION = 3  # 3: frames are encrypted and authenticated after the handshake (framing.py)
+PROTOCOL_VERSION = 4  # 3: frames sealed after the handshake (framing.py); 4: RsState.suspects
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
@@ -353,10 +353,14 @@ class RsEntry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
 
 
 class RsState(_Msg, tag="rsstate"):
+    """The secondary's lineage; `suspects`: it equals `sync` except under these subtrees (it was
+    the primary and crashed while replicating: its activity log, journal.py)."""
+
     req: U63
     sync: SyncId | None = None
     generation: U63 | None = None
     detail: Text = ""
+    suspects: Annotated[list[Path], Meta(max_length=4096)] = []
 
 
 class RsReplayed(_Msg, tag="rsreplayed"):

@@ -77,10 +77,11 @@ from .journal import (
     RSettle,
     RSuspect,
     State,
+    coarsen,
     marks_record,
     replay_form,
 )
-from .paths import PathError, open_beneath
+from .paths import PathError, components, open_beneath
 from .replicator import PENDING
 from .sender import Sender
 from .syscalls import syncfs
@@ -91,6 +92,10 @@ COARSE = 16  # journal blocks per first-level compared block (64 KiB with 4 KiB 
 SMALL_FILE = 64 * 1024  # files up to this size are compared by one digest in the listing
 REGION = m.MAX_DIGESTS  # fine blocks per region: one coarse and one fine digest request each
 STEP = 256  # fine blocks read and compared in one atomic step (1 MiB with 4 KiB blocks)
+AL_FIRST = 0.5  # seconds from the start of a session to the first activity-log epoch closed
+AL_INTERVAL = 5.0  # then at most one epoch closed (one syncfs) per this many seconds of changes
+AL_MAX_PATHS = 1000  # paths in one epoch that close it early (what a crash leaves to compare)
+SUSPECTS_BYTES = 128 * 1024  # RsState.suspects bound (coarsened to directories beyond)
 ENTRIES_BYTES = 192 * 1024  # RsEntries payload bound (frames stay below MAX_FRAME)
 
 _hids = itertools.count(1 << 61)  # resync handle ids: above FUSE handles, apart from snapshot's
@@ -110,6 +115,18 @@ def _ceil(a: int, b: int) -> int:
 
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0] if b"/" in path else b""
+
+
+def _valid_suspects(paths: list[bytes]) -> list[bytes] | None:
+    """The secondary's suspects if every one is a plain relative path (None: a peer that sends
+    anything else gets no benefit of the doubt, the resync compares everything)."""
+    try:
+        for p in paths:
+            components(p)
+    except PathError as exc:
+        log.warning("resync: the secondary reported an invalid suspect path (%s): checksum resync", exc)
+        return None
+    return list(paths)
 
 
 def _op_paths(op: m.Op) -> list[bytes]:
@@ -313,8 +330,13 @@ class ResyncApplier(Applier):
 
     def _rs_query(self, op: m.RsQuery) -> None:
         j = self.journal
-        sync = j.lineage() if j is not None else None
-        self.replies.append(m.RsState(op.req, sync, self.generation, (j.reason if j else "no journal")[:200]))
+        sync, suspects = j.lineage_with_suspects() if j is not None else (None, [])
+        while suspects and sum(len(p) + 3 for p in suspects) > SUSPECTS_BYTES:
+            suspects = coarsen(suspects, len(suspects) // 2)  # must fit one frame
+        if suspects == [b""]:
+            sync, suspects = None, []  # everything is suspect: nothing to claim
+        self.replies.append(m.RsState(op.req, sync, self.generation, (j.reason if j else "no journal")[:200],
+                                      suspects))
 
     def _rs_begin(self, op: m.RsBegin) -> None:
         if self.journal is not None:
@@ -480,6 +502,11 @@ class MirrorReplicator:
         self._task: asyncio.Task[None] | None = None
         self._known_paths: set[bytes] = set()  # paths the replayed log touched (hard link search)
         self.lost_event = asyncio.Event()
+        # Activity log while live (journal.py): the current epoch and the paths recorded in it.
+        self._al_epoch = 0
+        self._al_paths: set[bytes] = set()
+        self._al_wake = asyncio.Event()
+        self._al_task: asyncio.Task[None] | None = None
 
     # ---- plumbing ----
 
@@ -494,9 +521,12 @@ class MirrorReplicator:
     @property
     def journaling(self) -> bool:
         """Tell me before each change (see replicator.py): while alone with a journal worth keeping,
-        and during a resync until the data phase (for the namespace gate and the marks)."""
+        during a resync until the data phase (for the namespace gate and the marks), and while live
+        for the activity log (the paths about to change)."""
         if self.mode == "alone":
             return self.journal.authoritative
+        if self.mode == "live":
+            return self.journal.kind == "session" and self.journal.path is not None
         return self.mode == "resync" and self.phase not in ("data", "done")
 
     @property
@@ -523,6 +553,9 @@ class MirrorReplicator:
     # ---- intents (write-ahead) ----
 
     async def intend_write(self, path: bytes, off: int, length: int, extends: bool = False) -> None:
+        if self.mode == "live":
+            await self._note_active((path,))
+            return
         b = self.block
         s, e = off // b, (INF if extends else _ceil(off + length, b))
         if self.state.add_data(path, s, e) and self._disk:
@@ -531,6 +564,9 @@ class MirrorReplicator:
             await self.journal.commit()  # also when already marked: that mark may not be durable yet
 
     async def intend_meta(self, path: bytes, size: int | None = None) -> None:
+        if self.mode == "live":
+            await self._note_active((path,))
+            return
         new = self.state.add_meta(path)
         data: list[int] = []
         if size is not None and self.state.add_data(path, size // self.block, INF):
@@ -544,6 +580,9 @@ class MirrorReplicator:
     async def intend_ns(self, *paths: bytes) -> None:
         while not self._gate.is_set():  # a resync is replaying the namespace: wait for it
             await self._gate.wait()
+        if self.mode == "live":
+            await self._note_active(paths)
+            return
         if not self.journaling:
             return
         tok = self.journal.new_id()
@@ -554,6 +593,65 @@ class MirrorReplicator:
         if self._disk:
             self.journal.append(RPending(tok, list(paths)))
             await self.journal.commit()
+
+    async def _note_active(self, paths: tuple[bytes, ...]) -> None:
+        """Activity log: `paths` are recorded in the current epoch, durably, before the change.
+        Also waits when another request recorded them and its record is not on disk yet. If the
+        epoch moved on meanwhile (it may close without this change), they go in the new one."""
+        j = self.journal
+        while True:
+            epoch = self._al_epoch
+            new = [p for p in paths if p not in self._al_paths]
+            if new:
+                self._al_paths.update(new)
+                j.note_active(epoch, new)
+                if len(self._al_paths) > AL_MAX_PATHS:
+                    self._al_wake.set()  # close this epoch early: it bounds what a crash leaves to compare
+            await j.commit()  # at once when everything appended is durable
+            if self._al_epoch == epoch:
+                return
+
+    async def _activity_epochs(self, sender: Sender) -> None:
+        """Closes activity-log epochs while live: soon after the session starts (until then a
+        crash claims nothing), then every AL_INTERVAL seconds that saw changes, or sooner when an
+        epoch grows past AL_MAX_PATHS. Closing epoch e: start e+1, wait until every operation sent
+        so far is applied on the secondary, sync our file system, record `closed e`."""
+        delay = AL_FIRST
+        while self.sender is sender and self.mode == "live":
+            try:
+                async with asyncio.timeout(delay):
+                    await self._al_wake.wait()
+            except TimeoutError:
+                pass
+            self._al_wake.clear()
+            if delay == AL_INTERVAL and not self._al_paths:
+                continue  # nothing changed since the last close
+            epoch = self._al_epoch
+            self._al_epoch, self._al_paths = epoch + 1, set()
+            if not await sender.barrier() or not await asyncio.to_thread(self._sync_tree):
+                return
+            if self.sender is not sender or self.mode != "live":
+                return
+            self.journal.close_epoch(epoch)
+            await self.journal.commit()
+            delay = AL_INTERVAL
+
+    def _sync_tree(self) -> bool:
+        try:
+            dfd = open_beneath(self.root, b"", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syncfs(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            log.warning("activity log: cannot sync the tree (%s): epochs stay open (a crash compares more)", exc)
+            return False
+        return True
+
+    def _stop_activity_log(self) -> None:
+        if self._al_task is not None and self._al_task is not asyncio.current_task():
+            self._al_task.cancel()
+        self._al_task = None
 
     def settle(self, tok: int) -> None:
         """The change of intent `tok` did not happen (or was not replicated)."""
@@ -757,6 +855,7 @@ class MirrorReplicator:
     def detach(self) -> Sender | None:
         sender, self.sender = self.sender, None
         self.epoch += 1
+        self._stop_activity_log()
         return sender
 
     def _lost(self, reason: str, unacked: list[m.Op]) -> None:
@@ -764,6 +863,7 @@ class MirrorReplicator:
             return
         self.sender = None
         self.epoch += 1
+        self._stop_activity_log()
         if self.mode == "live":
             tmp = self._unacked_state(unacked)
             self.journal.alone_from_session(tmp.marks.values(), tmp.suspects)
@@ -841,8 +941,13 @@ class MirrorReplicator:
         assert isinstance(reply, m.RsState)
         j = self.journal
         same = j.trusted and reply.sync is not None and reply.sync == j.sync
+        theirs = _valid_suspects(reply.suspects) if same else []
+        if theirs is None:
+            same, theirs = False, []
         mode = "journal" if same else "checksum"
-        why = ("journal trusted, secondary at its base lineage" if same else
+        why = ((f"journal trusted, secondary at its base lineage except {len(theirs)} path(s) it had in flight "
+                "when it crashed as primary" if theirs else "journal trusted, secondary at its base lineage")
+               if same else
                f"journal: {j.reason if not j.trusted else 'trusted'}; secondary: "
                f"{'lineage ' + reply.sync.hex()[:8] if reply.sync else reply.detail or 'no lineage'}")
         if reply.generation is not None and j.generation is not None and reply.generation != j.generation:
@@ -878,6 +983,8 @@ class MirrorReplicator:
             assert isinstance(done, m.RsReplayed)
             for p in done.failed:
                 st.add_suspect(p)
+            for p in theirs:  # the secondary's activity log: compared like our own suspects
+                st.add_suspect(p)
         else:
             st.log = []
             st.suspects = {b""}
@@ -895,6 +1002,9 @@ class MirrorReplicator:
         await self._barrier()
         j.start_session(new_sync, self.generation)
         self.mode, self.phase = "live", ""
+        self._al_epoch, self._al_paths = 0, set()
+        if self.sender is not None:
+            self._al_task = asyncio.create_task(self._activity_epochs(self.sender), name="activity-log")
         snap = prog.snapshot()
         self.last_resync = dict(snap, result="done", finished_at=time.time())
         log.info("resync (%s) done in %.2f s: %d bytes sent, %d files", mode, snap["elapsed"], prog.bytes_sent,
@@ -1326,6 +1436,10 @@ class MirrorReplicator:
     async def close(self, timeout: float = 10.0) -> None:
         """After the unmount: end the stream cleanly (a live session is closed cleanly in the
         journal when every operation was acknowledged and the tree is synced) and flush."""
+        al = self._al_task
+        self._stop_activity_log()
+        if al is not None:
+            await asyncio.gather(al, return_exceptions=True)
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

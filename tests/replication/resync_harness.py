@@ -118,8 +118,9 @@ class ResyncMirror:
             repl.journal._buf.clear()
             repl.journal.authoritative = False  # nothing more reaches the disk
             repl.journal.path = None
-            if repl._task is not None:
-                repl._task.cancel()
+            for task in (repl._task, repl._al_task):
+                if task is not None:
+                    task.cancel()
             sender = repl.sender
             if sender is not None:
                 sender.on_lost = None

@@ -246,3 +246,84 @@ def test_a_failed_journal_write_is_not_trusted_after_a_restart(tmp_path: Path,
     asyncio.run(j.commit())  # the waiting call is released, not stuck
     assert not j.trusted and j.failed
     assert not Journal.load(path).trusted
+
+
+# ---- activity log (a session's in-flight paths) ----
+
+def _session(path: Path) -> Journal:
+    j = Journal(path)
+    j.start_session(SYNC, 7)
+    return j
+
+
+def _commit(j: Journal) -> None:
+    asyncio.run(j.commit())
+
+
+def test_activity_log_claims_only_after_a_closed_epoch_and_only_open_epochs(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = _session(path)
+    j.note_active(0, [b"a", b"d/x"])
+    _commit(j)
+    crashed = Journal.load(path)  # no epoch closed yet: what preceded the session is not claimed
+    assert crashed.crash_suspects() is None and crashed.lineage_with_suspects() == (None, [])
+    j.note_active(1, [b"b"])
+    j.close_epoch(0)
+    j.note_active(1, [b"d/y"])
+    _commit(j)
+    crashed = Journal.load(path)
+    assert crashed.closed == 0
+    assert crashed.crash_suspects() == [b"b", b"d/y"]  # epoch 0 (a, d/x) is on both nodes
+    assert crashed.lineage_with_suspects() == (SYNC, [b"b", b"d/y"])
+    j.close_session()  # a clean stop claims the lineage exactly
+    assert Journal.load(path).lineage_with_suspects() == (SYNC, [])
+
+
+def test_crashed_session_becomes_an_alone_journal_with_its_suspects(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = _session(path)
+    j.close_epoch(0)
+    j.note_active(1, [b"d/f", b"g"])
+    _commit(j)
+    k = Journal.load(path)
+    k.become_source(9)
+    assert (k.kind, k.sync, k.trusted) == ("alone", SYNC, True)
+    assert k.state.suspects == {b"d/f", b"g"} and k.generation == 7
+    reloaded = Journal.load(path)
+    assert (reloaded.kind, reloaded.state.suspects) == ("alone", {b"d/f", b"g"})
+
+
+def test_activity_records_are_not_written_outside_a_session(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j = Journal(path)
+    j.target_done(SYNC, 1)
+    j.note_active(0, [b"a"])
+    j.close_epoch(0)
+    _commit(j)
+    assert Journal.load(path).kind == "target" and not Journal.load(path).active
+
+
+def test_closing_epochs_rewrites_a_grown_activity_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jn, "COMPACT_MIN", 4096)
+    path = tmp_path / "j"
+    j = _session(path)
+    for e in range(40):
+        j.note_active(e, [b"dir/file-%04d" % i for i in range(e * 20, e * 20 + 20)])
+        if e:
+            j.close_epoch(e - 1)
+        _commit(j)
+    records, _ = jn.read_records(path.read_bytes())
+    assert len(records) < 20  # rewritten meanwhile: the session, the last closes and the open epochs
+    crashed = Journal.load(path)
+    assert crashed.closed == 38 and crashed.crash_suspects() == sorted(b"dir/file-%04d" % i for i in range(780, 800))
+
+
+def test_coarsen_keeps_every_path_covered() -> None:
+    paths = [b"a/b/c", b"a/b/d", b"a/e", b"x/y", b"x/z/w", b"q"]
+    assert jn.coarsen(paths, 10) == sorted(paths)
+    assert jn.coarsen([b"a/b", b"a/b/c", b"a"], 10) == [b"a"]  # nested: the outer one
+    for limit in range(1, 7):
+        out = jn.coarsen(paths, limit)
+        assert len(out) <= limit
+        assert all(any(p == t or p.startswith(t + b"/") or not t for t in out) for p in paths)
+    assert jn.coarsen(paths, 1) == [b""]

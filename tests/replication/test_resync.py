@@ -324,3 +324,85 @@ def test_service_resync_with_agents(tmp_path: Path) -> None:
     assert st["last_resync"]["modes"] == ["journal"] and st["last_resync"]["results"] == ["done"]
     assert 300_000 <= st["last_resync"]["bytes_sent"] <= 300_000 + 8_192
     assert describe_tree(data) == describe_tree(replica)
+
+
+def _live_with_activity_log(mirror: ResyncMirror) -> None:
+    """Live, with the first activity-log epoch closed (before that a crash claims nothing)."""
+    populate(mirror.primary)
+    go_live(mirror)
+    deadline = time.monotonic() + 20
+    while mirror.call(_closed_epoch(mirror)) < 0:
+        assert time.monotonic() < deadline, "no activity-log epoch closed"
+        time.sleep(0.05)
+
+
+async def _closed_epoch(mirror: ResyncMirror) -> int:
+    assert mirror.repl is not None
+    return mirror.repl.journal.closed
+
+
+def _changes_then_crash(mirror: ResyncMirror) -> None:
+    """Changes while replicating, then a crash of the primary. Then what was in flight when it
+    crashed, done behind the mount's back: a change the primary made and never sent, and one the
+    secondary applied that the primary never made (both on paths the crash left suspect)."""
+    p = mirror.primary
+    (p / "hot").write_bytes(b"h" * 10_000)
+    with open(p / "d" / "f3", "r+b") as f:
+        f.write(b"live change")
+    os.rename(p / "d" / "f4", p / "d" / "f4-renamed")
+    mirror.crash_primary()
+    with open(p / "hot", "r+b") as f:
+        f.write(b"PRIMARY ONLY")
+    with open(mirror.replica / "d" / "f3", "r+b") as f:
+        f.seek(5000)
+        f.write(b"SECONDARY ONLY")
+
+
+def test_crash_of_the_replicating_primary_compares_only_what_it_had_in_flight(mirror: ResyncMirror) -> None:
+    _live_with_activity_log(mirror)
+    _changes_then_crash(mirror)
+    mirror.start_primary()  # the same node comes back as primary: its activity log -> suspects
+    mirror.connect()
+    mirror.wait_mode("live")
+    last = mirror.status()["last_resync"]
+    assert_same(mirror)
+    assert last["mode"] == "journal", last
+    assert last["bytes_total"] < BIG // 4, last  # "big" and the files not in flight were not read
+
+
+def test_crashed_primary_returning_as_secondary_reports_what_it_had_in_flight(
+        mirror: ResyncMirror, tmp_path: Path) -> None:
+    _live_with_activity_log(mirror)
+    _changes_then_crash(mirror)
+    mirror.stop_secondary()
+    # Roles swapped: the old secondary (its tree, its journal) is the source now, the crashed
+    # primary the target, reporting its lineage and the paths of its activity log.
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "p").symlink_to(mirror.state_s)
+    (swapped / "s").symlink_to(mirror.state_p)
+    back = ResyncMirror(mirror.replica, mirror.primary, swapped, exclude=["*.tmp"], timeout=2.0)
+    try:
+        back.start_secondary()
+        back.start_primary()
+        back.connect()
+        back.wait_mode("live")
+        last = back.status()["last_resync"]
+        # Excluded entries are not replicated, and the target keeps its own (x.tmp here).
+        a, b = describe_tree(back.primary, back.excluder), describe_tree(back.replica, back.excluder)
+        assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        assert b"PRIMARY ONLY" not in (back.replica / "hot").read_bytes()  # the survivor's content won
+        assert last["mode"] == "journal", last
+        assert last["bytes_total"] < BIG // 4, last
+        started = [d for e, d in back.events if e == "resync_started"]
+        assert "in flight" in started[-1]["reason"], started
+    finally:
+        back.close()
+
+
+def test_a_secondary_reporting_invalid_suspects_gets_a_checksum_resync() -> None:
+    from safekit_cloud.core.replication.resync import _valid_suspects
+
+    assert _valid_suspects([b"a/b", b"c"]) == [b"a/b", b"c"]
+    for bad in (b"../etc", b"/etc", b"a//b", b"a/./b", b"a\0b"):
+        assert _valid_suspects([b"ok", bad]) is None
