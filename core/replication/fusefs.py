@@ -466,7 +466,7 @@ class ReplicatedFS(fuseabi.Operations):
         src = self._path(inode)
         dst = join(self._path(new_parent_inode), new_name)
         if self._replicated(dst):
-            await self._intend_ns(dst)
+            await self._intend_ns(dst, src)  # src: its link count changes (a crash compares both)
         os.link(src, dst, src_dir_fd=self.root, dst_dir_fd=self.root, follow_symlinks=False)
         attrs = self._learn(self._lstat(dst), dst)
         ops: list[m.Op] = []

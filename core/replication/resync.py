@@ -117,6 +117,27 @@ def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0] if b"/" in path else b""
 
 
+def _activity_paths(paths: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """What the activity log records for a namespace change of `paths`: the directory it changes,
+    so a burst of creates in one directory costs one record per epoch (a crash then compares that
+    directory's subtree). A change naming several entries (rename, link) records one subtree
+    holding them all, so a file with several names is compared as one, never split in copies. At
+    the top of the tree, the entries themselves: not the whole tree."""
+    parents = {_parent(p) for p in paths}
+    top = parents.pop() if len(parents) == 1 else _common_ancestor(parents)
+    return (top,) if top else tuple(paths)
+
+
+def _common_ancestor(paths: set[bytes]) -> bytes:
+    split = [p.split(b"/") if p else [] for p in paths]
+    common: list[bytes] = []
+    for parts in zip(*split):
+        if any(x != parts[0] for x in parts):
+            break
+        common.append(parts[0])
+    return b"/".join(common)
+
+
 def _valid_suspects(paths: list[bytes]) -> list[bytes] | None:
     """The secondary's suspects if every one is a plain relative path (None: a peer that sends
     anything else gets no benefit of the doubt, the resync compares everything)."""
@@ -581,7 +602,7 @@ class MirrorReplicator:
         while not self._gate.is_set():  # a resync is replaying the namespace: wait for it
             await self._gate.wait()
         if self.mode == "live":
-            await self._note_active(paths)
+            await self._note_active(_activity_paths(paths))
             return
         if not self.journaling:
             return
@@ -601,7 +622,7 @@ class MirrorReplicator:
         j = self.journal
         while True:
             epoch = self._al_epoch
-            new = [p for p in paths if p not in self._al_paths]
+            new = [p for p in paths if not self._al_covers(p)]
             if new:
                 self._al_paths.update(new)
                 j.note_active(epoch, new)
@@ -610,6 +631,17 @@ class MirrorReplicator:
             await j.commit()  # at once when everything appended is durable
             if self._al_epoch == epoch:
                 return
+
+    def _al_covers(self, path: bytes) -> bool:
+        """`path` or a directory above it is recorded in the current epoch."""
+        seen = self._al_paths
+        if path in seen or b"" in seen:
+            return True
+        while b"/" in path:
+            path = path.rpartition(b"/")[0]
+            if path in seen:
+                return True
+        return False
 
     async def _activity_epochs(self, sender: Sender) -> None:
         """Closes activity-log epochs while live: soon after the session starts (until then a

@@ -406,3 +406,13 @@ def test_a_secondary_reporting_invalid_suspects_gets_a_checksum_resync() -> None
     assert _valid_suspects([b"a/b", b"c"]) == [b"a/b", b"c"]
     for bad in (b"../etc", b"/etc", b"a//b", b"a/./b", b"a\0b"):
         assert _valid_suspects([b"ok", bad]) is None
+
+
+def test_activity_log_records_the_directory_a_namespace_change_touches() -> None:
+    from safekit_cloud.core.replication.resync import _activity_paths
+
+    assert _activity_paths((b"d/e/f",)) == (b"d/e",)  # creates in one directory: one record
+    assert _activity_paths((b"top",)) == (b"top",)  # at the top: the entry, not the whole tree
+    assert _activity_paths((b"a/b/x", b"a/c/y")) == (b"a",)  # rename, link: one subtree for both names
+    assert _activity_paths((b"a/x", b"a/y")) == (b"a",)
+    assert set(_activity_paths((b"a/x", b"b/y"))) == {b"a/x", b"b/y"}
