@@ -653,6 +653,8 @@ class Journal:
             "kind": self.kind, "lineage": self.sync.hex() if self.sync else None, "generation": self.generation,
             "trusted": self.trusted, "files": len(st.marks), "suspects": len(st.suspects),
             "namespace_ops": len(st.log), "reason": self.reason, "failed": self.failed,
+            # while replicating: the last activity-log epoch closed (-1: none yet), paths recorded since
+            "activity_closed": self.closed, "activity_paths": sum(len(ps) for ps in self.active.values()),
         }
 
     @property
