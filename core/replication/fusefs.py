@@ -761,11 +761,14 @@ class ReplicatedFS(fuseabi.Operations):
     # ---- extended attributes ----
 
     @_fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: fuseabi.RequestContext) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: fuseabi.RequestContext,
+                       flags: int = 0) -> None:
+        """`flags`: XATTR_CREATE / XATTR_REPLACE, checked by the backing file system itself (the
+        replica then just takes the value: it follows the primary's outcome)."""
         path = self._path(inode)
         target, follow = self._abs(path)
         await self._intend_meta(path)
-        os.setxattr(target, name, value, follow_symlinks=follow)
+        os.setxattr(target, name, value, flags, follow_symlinks=follow)
         if self._replicated(path, stat.S_ISDIR(self._lstat(path).st_mode)):
             await self.repl.submit(m.SetXattr(0, path, name, value))
 

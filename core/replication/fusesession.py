@@ -577,26 +577,8 @@ class FuseSession:
         ctx = RequestContext(uid, gid, pid)
         if flags & ~(abi.XATTR_CREATE | abi.XATTR_REPLACE):
             raise FUSEError(errno.EINVAL)
-        if flags:
-            return self._setxattr_checked(nodeid, name, rest[:size], flags, ctx), _empty
-        return self.ops.setxattr(nodeid, name, rest[:size], ctx), _empty
-
-    async def _setxattr_checked(self, nodeid: int, name: bytes, value: bytes, flags: int,
-                                ctx: RequestContext) -> None:
-        """XATTR_CREATE / XATTR_REPLACE checked with a getxattr first, as pyfuse3 did (the handler
-        takes no flags)."""
-        try:
-            await self.ops.getxattr(nodeid, name, ctx)
-            exists = True
-        except FUSEError as exc:
-            if exc.errno != abi.ENOATTR:
-                raise
-            exists = False
-        if flags & abi.XATTR_CREATE and exists:
-            raise FUSEError(errno.EEXIST)
-        if flags & abi.XATTR_REPLACE and not exists:
-            raise FUSEError(abi.ENOATTR)
-        await self.ops.setxattr(nodeid, name, value, ctx)
+        # XATTR_CREATE / XATTR_REPLACE go to the backing file's setxattr: checked atomically there.
+        return self.ops.setxattr(nodeid, name, rest[:size], ctx, flags), _empty
 
     def _getxattr(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Started:
         size, _ = abi.GETXATTR_IN.unpack_from(body)

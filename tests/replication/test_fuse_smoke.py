@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -40,6 +41,21 @@ def test_smoke(mirror: Mirror) -> None:
     (p / "tmp" / "y").write_bytes(b"excluded")
     assert describe_tree(p, mirror.excluder) == describe_tree(mirror.replica)
     assert not (mirror.replica / "x.tmp").exists()
+
+
+def test_xattr_create_and_replace_flags_behave_as_on_a_local_file_system(mirror: Mirror) -> None:
+    f = mirror.primary / "x"
+    f.write_bytes(b"")
+    os.setxattr(f, "user.k", b"first", os.XATTR_CREATE)
+    with pytest.raises(FileExistsError):
+        os.setxattr(f, "user.k", b"second", os.XATTR_CREATE)
+    with pytest.raises(OSError) as missing:
+        os.setxattr(f, "user.other", b"v", os.XATTR_REPLACE)
+    assert missing.value.errno == errno.ENODATA
+    os.setxattr(f, "user.k", b"third", os.XATTR_REPLACE)
+    assert os.getxattr(f, "user.k") == b"third"
+    assert os.listxattr(mirror.replica / "x") == ["user.k"]
+    assert os.getxattr(mirror.replica / "x", "user.k") == b"third"
 
 
 @pytest.fixture
