@@ -60,7 +60,8 @@ class Applier:
     def apply(self, op: m.Op) -> None:
         """Apply one operation. PathError/ProtocolError: hostile or malformed; OSError: divergence.
         Large aligned writes may still be under way when this returns (`writes_pending`); any
-        other operation waits for them first, so the order is the primary's."""
+        other operation waits for them first, a small write for those it overlaps (directio.py),
+        so the outcome is the primary's."""
         if type(op) is not m.Write and self._direct.pending:
             self._direct.drain()
         self._dispatch[type(op)](op)
@@ -109,17 +110,16 @@ class Applier:
 
     def _write(self, op: m.Write) -> None:
         fd = self._fd(op.hid)
-        if self._direct.submit(fd, op.data, op.off):
-            if op.sync:
-                self._direct.drain()
-                os.fdatasync(fd)
-            return
-        if self._direct.pending:
-            self._direct.drain()
-        done = os.pwrite(fd, op.data, op.off)
-        if done != len(op.data):
-            raise OSError(f"short write ({done} of {len(op.data)} bytes)")
+        data, off = op.data, op.off
+        taken = self._direct.submit(fd, data, off)  # the aligned part, if large: O_DIRECT
+        if taken < len(data):
+            rest = memoryview(data)[taken:]
+            self._direct.before_buffered(fd, off + taken, off + len(data))
+            done = os.pwrite(fd, rest, off + taken)
+            if done != len(rest):
+                raise OSError(f"short write ({done} of {len(rest)} bytes)")
         if op.sync:
+            self._direct.drain()
             os.fdatasync(fd)
 
     # ---- namespace ----

@@ -78,8 +78,8 @@ def _mixed_ops(model: bytearray) -> list[m.Op]:
     rnd = random.Random(7)
     ops: list[m.Op] = [m.Create(0, b"f", 0o100644, os.getuid(), os.getgid(), hid=1)]
 
-    def write(off: int, data: bytes, sync: bool = False) -> None:
-        ops.append(m.Write(0, 1, off, data, sync))
+    def write(off: int, data: bytes, sync: bool = False, hid: int = 1) -> None:
+        ops.append(m.Write(0, hid, off, data, sync))
         end = off + len(data)
         if end > len(model):
             model.extend(bytes(end - len(model)))
@@ -90,6 +90,14 @@ def _mixed_ops(model: bytearray) -> list[m.Op]:
     write(CHUNK + 100, b"small over a direct range")  # buffered, after the direct one below it
     write(3 * CHUNK, rnd.randbytes(CHUNK))  # direct again, over what the small write left cached
     write(5 * CHUNK + 7, rnd.randbytes(CHUNK))  # large but unaligned: the page cache
+    write(7 * CHUNK, rnd.randbytes(CHUNK - 100))  # aligned start, ragged end: direct, then its tail
+    write(7 * CHUNK + 9000, b"over the direct part, through the tail's neighbour")
+    ops.append(m.Open(0, 2, b"f"))  # a second handle on the same file: a different descriptor
+    write(8 * CHUNK, rnd.randbytes(CHUNK))
+    write(8 * CHUNK + 5, b"same bytes through the other handle", hid=2)
+    write(9 * CHUNK, rnd.randbytes(CHUNK), hid=2)
+    write(9 * CHUNK + CHUNK - 10, b"and back through the first", hid=1)
+    ops.append(m.Close(0, 2))
     ops.append(m.SetAttr(0, b"f", hid=1, size=10 * CHUNK + 4096))  # shrink
     del model[10 * CHUNK + 4096:]
     write(12 * CHUNK, rnd.randbytes(CHUNK), sync=True)  # grows it again with a hole
