@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from safekit_cloud.core.replication import messages as m
+from safekit_cloud.core.replication.receiver import Receiver
+from safekit_cloud.core.replication.sender import Sender
 
 T = TypeVar("T")
 KEY = b"k" * 32
+STREAM_NAME = b"/srv/data"  # the replicated directory the stream tests name
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -43,3 +47,26 @@ def root_fd(dirs: tuple[Path, Path, Path]):
     fd = os.open(dirs[1], os.O_PATH | os.O_DIRECTORY)
     yield fd
     os.close(fd)
+
+
+async def stream_pair(replica: Path, protocol: str = "C", **kw: object) -> tuple[Receiver, Sender]:
+    """A receiver writing into `replica` on a loopback port, and a sender connected to it."""
+    receiver = Receiver("mod", {STREAM_NAME: replica}, KEY)
+    port = await receiver.start("127.0.0.1", 0)
+    sender = await Sender.connect("127.0.0.1", port, KEY, "mod", STREAM_NAME, protocol=protocol, **kw)  # type: ignore[arg-type]
+    return receiver, sender
+
+
+def replicate(replica: Path, ops: list[m.Op], protocol: str = "C") -> None:
+    """Send `ops` one by one (each acknowledged as `protocol` requires), wait until every one is
+    applied, then close both ends."""
+    async def scenario() -> None:
+        receiver, sender = await stream_pair(replica, protocol)
+        for op in ops:
+            assert await sender.submit(op)
+        assert await sender.barrier()
+        assert sender.inflight_bytes == 0
+        await sender.close()
+        await receiver.stop()
+
+    run(scenario())

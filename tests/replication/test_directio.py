@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 from safekit_cloud.core.replication import messages as m
-from safekit_cloud.core.replication.receiver import Receiver
-from safekit_cloud.core.replication.sender import Sender
 
-from .conftest import KEY, run
+from .conftest import STREAM_NAME, replicate, run, stream_pair
 
-NAME = b"/srv/data"
+NAME = STREAM_NAME
 CHUNK = m.MAX_CHUNK
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -65,12 +63,6 @@ def small_fs(tmp_path: Path) -> Iterator[object]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-async def _pair(replica: Path, protocol: str = "C", **kw: object) -> tuple[Receiver, Sender]:
-    receiver = Receiver("mod", {NAME: replica}, KEY)
-    port = await receiver.start("127.0.0.1", 0)
-    sender = await Sender.connect("127.0.0.1", port, KEY, "mod", NAME, protocol=protocol, **kw)  # type: ignore[arg-type]
-    return receiver, sender
-
 
 def _mixed_ops(model: bytearray) -> list[m.Op]:
     """Large aligned writes (direct on the replica) interleaved with what must wait for them:
@@ -111,18 +103,7 @@ def _mixed_ops(model: bytearray) -> list[m.Op]:
 def test_direct_and_buffered_writes_keep_the_primarys_order(dirs: tuple[Path, Path, Path], protocol: str) -> None:
     _, replica, _ = dirs
     model = bytearray()
-    ops = _mixed_ops(model)
-
-    async def scenario() -> None:
-        receiver, sender = await _pair(replica, protocol)
-        for op in ops:
-            assert await sender.submit(op)
-        assert await sender.barrier()
-        assert sender.inflight_bytes == 0
-        await sender.close()
-        await receiver.stop()
-
-    run(scenario())
+    replicate(replica, _mixed_ops(model), protocol)
     assert (replica / "g").read_bytes() == bytes(model)
 
 
@@ -131,7 +112,7 @@ def test_large_aligned_writes_leave_the_replicas_page_cache_alone(dirs: tuple[Pa
     data = random.Random(1).randbytes(32 * CHUNK)  # 8 MiB
 
     async def scenario() -> None:
-        receiver, sender = await _pair(replica)
+        receiver, sender = await stream_pair(replica)
         assert await sender.submit(m.Create(0, b"big", 0o100644, os.getuid(), os.getgid(), hid=1),
                                    m.Create(0, b"small", 0o100644, os.getuid(), os.getgid(), hid=2))
         for off in range(0, len(data), CHUNK):
@@ -152,7 +133,7 @@ def test_write_the_replica_cannot_store_is_not_acknowledged(small_fs, caplog: py
     replica = small_fs("tmpfs", "1m")
 
     async def scenario() -> list[bool]:
-        receiver, sender = await _pair(replica, timeout=5)
+        receiver, sender = await stream_pair(replica, timeout=5)
         acked = [await sender.submit(m.Create(0, b"f", 0o100644, 0, 0, hid=1))]
         for i in range(8):  # 2 MiB into 1 MiB
             acked.append(await sender.submit(m.Write(0, 1, i * CHUNK, b"x" * CHUNK)))
@@ -174,7 +155,7 @@ def test_file_system_refusing_direct_io_still_gets_every_byte(small_fs) -> None:
     ops = _mixed_ops(model)
 
     async def scenario() -> None:
-        receiver, sender = await _pair(replica)
+        receiver, sender = await stream_pair(replica)
         assert await sender.submit(*ops)
         assert await sender.barrier()
         await sender.close()

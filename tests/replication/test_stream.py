@@ -19,48 +19,32 @@ from safekit_cloud.core.replication.framing import TAG_SIZE, FrameDecoder
 from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
 
-from .conftest import KEY, run, snapshot_outside
+from .conftest import KEY, STREAM_NAME, replicate, run, snapshot_outside, stream_pair
 
-NAME = b"/srv/data"
+NAME = STREAM_NAME
 
-
-async def _pair(replica: Path, protocol: str = "C", **kw: object) -> tuple[Receiver, Sender]:
-    receiver = Receiver("mod", {NAME: replica}, KEY)
-    port = await receiver.start("127.0.0.1", 0)
-    sender = await Sender.connect("127.0.0.1", port, KEY, "mod", NAME, protocol=protocol, **kw)  # type: ignore[arg-type]
-    return receiver, sender
 
 
 def test_operations_applied_in_order(dirs: tuple[Path, Path, Path]) -> None:
     _, replica, outside = dirs
     uid, gid = os.getuid(), os.getgid()
-
-    async def scenario() -> None:
-        receiver, sender = await _pair(replica)
-        ops: list[m.Op] = [
-            m.Mkdir(0, b"d", 0o40750, uid, gid),
-            m.Create(0, b"d/f", 0o100640, uid, gid, hid=1),
-            m.Write(0, 1, 0, b"a" * 600_000),  # split into 3 frames
-            m.Write(0, 1, 5, b"BBB", sync=True),
-            m.Close(0, 1, atime_ns=1_000_000_000, mtime_ns=2_000_000_000),
-            m.Symlink(0, b"d/l", b"../../etc/passwd", uid, gid),
-            m.Link(0, b"d/f", b"hard"),
-            m.Rename(0, b"hard", b"d/hard2"),
-            m.SetAttr(0, b"d/hard2", mode=0o100600, size=10),
-            m.SetXattr(0, b"d/f", b"user.k", b"v"),
-            m.Mknod(0, b"fifo", stat.S_IFIFO | 0o644, 0, uid, gid),
-            m.Create(0, b"gone", 0o100644, uid, gid),
-            m.Unlink(0, b"gone"),
-            m.Fsync(0, path=b"d"),
-        ]
-        for op in ops:
-            assert await sender.submit(op)
-        assert await sender.barrier()
-        assert sender.inflight_bytes == 0
-        await sender.close()
-        await receiver.stop()
-
-    run(scenario())
+    ops: list[m.Op] = [
+        m.Mkdir(0, b"d", 0o40750, uid, gid),
+        m.Create(0, b"d/f", 0o100640, uid, gid, hid=1),
+        m.Write(0, 1, 0, b"a" * 600_000),  # split into 3 frames
+        m.Write(0, 1, 5, b"BBB", sync=True),
+        m.Close(0, 1, atime_ns=1_000_000_000, mtime_ns=2_000_000_000),
+        m.Symlink(0, b"d/l", b"../../etc/passwd", uid, gid),
+        m.Link(0, b"d/f", b"hard"),
+        m.Rename(0, b"hard", b"d/hard2"),
+        m.SetAttr(0, b"d/hard2", mode=0o100600, size=10),
+        m.SetXattr(0, b"d/f", b"user.k", b"v"),
+        m.Mknod(0, b"fifo", stat.S_IFIFO | 0o644, 0, uid, gid),
+        m.Create(0, b"gone", 0o100644, uid, gid),
+        m.Unlink(0, b"gone"),
+        m.Fsync(0, path=b"d"),
+    ]
+    replicate(replica, ops)
     f = replica / "d" / "f"
     assert f.read_bytes()[:10] == b"aaaaaBBBaa" and f.stat().st_size == 10  # truncated through the hard link
     assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.stat().st_nlink == 2
@@ -76,7 +60,7 @@ def test_times_carried_by_close(dirs: tuple[Path, Path, Path]) -> None:
     _, replica, _ = dirs
 
     async def scenario() -> None:
-        receiver, sender = await _pair(replica, protocol="A")
+        receiver, sender = await stream_pair(replica, protocol="A")
         await sender.submit(m.Create(0, b"f", 0o100644, 0, 0, hid=9))
         await sender.submit(m.Write(0, 9, 0, b"x"))
         await sender.submit(m.Close(0, 9, atime_ns=5 * 10**9, mtime_ns=7 * 10**9))
@@ -132,7 +116,7 @@ def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path]
     _plant(replica, outside)
 
     async def scenario() -> tuple[bool, str | None, dict[str, object]]:
-        receiver, sender = await _pair(replica, timeout=5)
+        receiver, sender = await stream_pair(replica, timeout=5)
         ok = await sender.submit(m.Create(0, b"dirlink/new", 0o100644, 0, 0))
         await asyncio.sleep(0.05)
         status = receiver.status()
@@ -273,7 +257,7 @@ def test_receiver_killed_mid_write_returns_promptly(dirs: tuple[Path, Path, Path
     _, replica, _ = dirs
 
     async def scenario() -> tuple[bool, float]:
-        receiver, sender = await _pair(replica, timeout=3)
+        receiver, sender = await stream_pair(replica, timeout=3)
         assert await sender.submit(m.Create(0, b"f", 0o100644, 0, 0, hid=1))
         await receiver.stop()  # the connection resets
         t0 = time.monotonic()
@@ -290,7 +274,7 @@ def test_protocol_a_bounds_inflight(dirs: tuple[Path, Path, Path]) -> None:
     _, replica, _ = dirs
 
     async def scenario() -> int:
-        receiver, sender = await _pair(replica, protocol="A", max_inflight=1 << 20)
+        receiver, sender = await stream_pair(replica, protocol="A", max_inflight=1 << 20)
         await sender.submit(m.Create(0, b"f", 0o100644, 0, 0, hid=1))
         peak = 0
         for i in range(64):
