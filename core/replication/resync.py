@@ -660,11 +660,13 @@ class MirrorReplicator:
                 continue  # nothing changed since the last close
             epoch = self._al_epoch
             self._al_epoch, self._al_paths = epoch + 1, set()
-            if not await sender.barrier() or not await asyncio.to_thread(self._sync_tree):
-                return
+            if not await sender.barrier():
+                return  # the link is lost: the journal takes over (alone_from_session)
+            if not await asyncio.to_thread(self._sync_tree):
+                continue  # epoch stays open (its paths stay suspect) until a later close covers it
             if self.sender is not sender or self.mode != "live":
                 return
-            self.journal.close_epoch(epoch)
+            self.journal.close_epoch(epoch)  # closes every earlier epoch too
             await self.journal.commit()
             delay = AL_INTERVAL
 
