@@ -178,7 +178,7 @@ def xattr_digest(target: bytes | str, follow: bool) -> int:
         except OSError:
             continue
         h.update(len(name).to_bytes(4, "big") + name + len(value).to_bytes(4, "big") + value)
-    return h.intdigest() or 1
+    return (h.intdigest() >> 1) or 1  # 63 bits: RsEntry.xattrs is a U63 (a 64-bit one failed to decode)
 
 
 def _small_digest(dfd: int, name: bytes | str) -> bytes | None:
@@ -226,6 +226,9 @@ def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
             st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
         except OSError:
             os.close(pdir)
+            return True, []
+        if exclude.excluded(path, stat.S_ISDIR(st.st_mode)):
+            os.close(pdir)  # an excluded suspect (a rename across the boundary): not replicated, as absent
             return True, []
         e = _entry(pdir, name, path, st, digests)
         if e is None:
@@ -1057,7 +1060,10 @@ class MirrorReplicator:
             for p in tops:
                 if any(p == d or p.startswith(d + b"/") or not d for d in done):
                     continue
-                done.append(await self._reconcile(p))
+                top = await self._reconcile(p)
+                done.append(top)
+                if top:  # the change in doubt also changed its directory's times: resend them
+                    st.add_meta(_parent(top))
 
     async def _reconcile(self, path: bytes) -> bytes:
         """Make the secondary's subtree at `path` match ours in structure; mark what to compare.

@@ -416,3 +416,88 @@ def test_activity_log_records_the_directory_a_namespace_change_touches() -> None
     assert _activity_paths((b"a/b/x", b"a/c/y")) == (b"a",)  # rename, link: one subtree for both names
     assert _activity_paths((b"a/x", b"a/y")) == (b"a",)
     assert set(_activity_paths((b"a/x", b"b/y"))) == {b"a/x", b"b/y"}
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("REPL_CRASH_ROUNDS", "3"))))
+def test_primary_crashed_under_concurrent_load_is_resynchronised_from_its_activity_log(
+        mirror: ResyncMirror, seed: int) -> None:
+    """Four threads change a small tree (writes, renames, links, unlinks, attributes...) while the
+    primary crashes under them: whatever was in flight, the journal resync built from the activity
+    log must leave the replica exactly like the primary."""
+    from .test_fuse_concurrency import random_op
+    from .test_fuse_mirror import apply_op
+
+    _live_with_activity_log(mirror)
+    stop = threading.Event()
+    # The workers go through the mount itself, held open: once the primary is gone their calls
+    # fail (ENOTCONN) instead of landing in the directory beneath, as with the application of a
+    # crashed node.
+    mount_fd = os.open(mirror.primary, os.O_PATH | os.O_DIRECTORY)
+    through = Path(f"/proc/self/fd/{mount_fd}")
+
+    def worker(n: int) -> None:
+        rng = random.Random(seed * 100 + n)
+        while not stop.is_set():
+            try:
+                apply_op(through, random_op(rng))
+            except OSError:
+                pass  # refused, or the mount went away under it (the crash)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4 + 0.2 * seed)
+    mirror.crash_primary()
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    os.close(mount_fd)
+    assert not any(t.is_alive() for t in threads)
+    mirror.start_primary()
+    mirror.connect()
+    mirror.wait_mode("live")
+    last = mirror.status()["last_resync"]
+    assert last["mode"] == "journal", last
+    assert_same(mirror)
+
+
+def test_listing_of_a_file_whose_xattr_digest_has_the_top_bit_set_decodes(tmp_path: Path) -> None:
+    """A 64-bit xattr digest did not fit the listing's 63-bit field: the primary could not decode
+    the secondary's listing, and a resync over such a file never finished."""
+    import xxhash
+    from safekit_cloud.core.replication import messages as m
+    from safekit_cloud.core.replication.resync import list_tree
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    for i in range(1000):  # a value whose plain 64-bit digest would not fit
+        value = b"v%d" % i
+        item = len(b"user.k").to_bytes(4, "big") + b"user.k" + len(value).to_bytes(4, "big") + value
+        if xxhash.xxh3_64_intdigest(item) >= 2**63:
+            break
+    os.setxattr(f, "user.k", value)
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        _, entries = list_tree(root, b"")
+    finally:
+        os.close(root)
+    listing = m.RsEntries(req=1, found=True, entries=entries)
+    assert m.decode(m.encode(listing)) == listing
+
+
+def test_an_excluded_suspect_is_listed_as_absent(tmp_path: Path) -> None:
+    """A rename across the exclusion boundary leaves the excluded name a suspect too: its
+    listing must be empty, or the resync would copy an excluded directory to the replica."""
+    from safekit_cloud.core.replication.exclude import Excluder
+    from safekit_cloud.core.replication.resync import list_tree
+
+    (tmp_path / "x.tmp").mkdir()
+    (tmp_path / "x.tmp" / "inside").write_bytes(b"excluded")
+    (tmp_path / "kept").write_bytes(b"replicated")
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        excl = Excluder(["*.tmp"])
+        assert list_tree(root, b"x.tmp", excl) == (True, [])
+        assert [e.path for e in list_tree(root, b"kept", excl)[1]] == [b"kept"]
+    finally:
+        os.close(root)
