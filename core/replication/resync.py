@@ -206,7 +206,7 @@ def _entry(dfd: int, name: bytes, path: bytes, st: os.stat_result, digests: bool
                               follow=not name)
     dig = _small_digest(dfd, name) if kind == "f" and digests and st.st_size <= SMALL_FILE and name else None
     return m.RsEntry(path, kind, stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid,
-                     st.st_size if kind == "f" else 0, st.st_mtime_ns, st.st_ino, st.st_nlink,
+                     st.st_size if kind == "f" else 0, m.wire_time(st.st_mtime_ns), st.st_ino, st.st_nlink,
                      os.readlink(name, dir_fd=dfd) if kind == "l" else None, xattrs, dig)
 
 
@@ -1254,7 +1254,7 @@ class MirrorReplicator:
                                  mtime_ns=m.wire_time(st.st_mtime_ns)))
         else:
             self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-                                 atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+                                 atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns)))
         target = b"/proc/self/fd/%d/%s" % (self.root, p) if p else b"/proc/self/fd/%d" % self.root
         follow = not p
         try:
@@ -1329,7 +1329,7 @@ class MirrorReplicator:
                 if opened and self.sender is not None:
                     if mk.alive:
                         st = os.fstat(fd)
-                        self._send(m.Close(0, hid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+                        self._send(m.Close(0, hid, atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns)))
                     else:
                         self._send(m.Close(0, hid))
             except LinkLost:

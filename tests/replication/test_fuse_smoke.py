@@ -97,3 +97,21 @@ def test_peer_connection_reset_mid_write(fast_mirror: Mirror) -> None:
         assert time.monotonic() - t0 < 2.0
     assert fast_mirror.lost and fast_mirror.marker.dirty
     fast_mirror.rx_thread.call(fast_mirror.receiver.start("127.0.0.1", fast_mirror.port))
+
+
+def test_a_time_beyond_2116_does_not_stop_replication(mirror: Mirror) -> None:
+    """ext4 keeps times up to 2446; the stream carries them clamped to its range (years
+    1823..2116): such a file must not turn into a message the secondary refuses."""
+    f = mirror.primary / "future"
+    f.write_bytes(b"from the future")
+    far = 10**19  # 2286-11-20, beyond the stream's range
+    os.utime(f, ns=(far, far))
+    with open(f, "r+b") as fh:  # a write, then a close carrying the file's times
+        fh.write(b"F")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.utime(f, ns=(far, far))
+    (mirror.primary / "after").write_bytes(b"still replicating")
+    assert (mirror.replica / "after").read_bytes() == b"still replicating"
+    assert (mirror.replica / "future").read_bytes() == b"From the future"
+    assert (mirror.replica / "future").stat().st_mtime_ns == 2**62  # clamped, not refused
