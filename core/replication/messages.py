@@ -24,6 +24,7 @@ MAX_CHUNK = 256 * 1024
 MAX_FRAME = MAX_CHUNK + 16 * 1024
 
 U63 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+U64 = Annotated[int, Meta(ge=0)]  # inode numbers (overlayfs with xino sets their top bits); msgpack caps it at 2**64-1
 U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 Mode = Annotated[int, Meta(ge=0, le=0o177777)]
 Path = Annotated[bytes, Meta(max_length=4096)]
@@ -345,7 +346,7 @@ class RsEntry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     gid: U32
     size: U63 = 0
     mtime_ns: TimeNs = 0
-    ino: U63 = 0
+    ino: U64 = 0
     nlink: U32 = 1
     target: Path | None = None  # symlinks
     xattrs: U63 = 0  # xxh3_64 of the sorted (name, value) pairs, 0 without xattrs

@@ -68,6 +68,13 @@ def test_sealed_stream_read_into_the_decoders_buffer_in_any_sizes() -> None:
         rx.feed(altered)
 
 
+def test_listing_carries_64_bit_inode_numbers() -> None:
+    """overlayfs (xino) puts the layer in an inode number's top bits: a listing must carry it."""
+    entry = m.RsEntry(b"a", "f", 0o100644, 0, 0, 1, 0, 2**64 - 1, 1)
+    listing = m.RsEntries(req=1, found=True, entries=[entry])
+    assert FrameDecoder().feed(frame(listing)) == [listing]
+
+
 def test_split_write() -> None:
     big = m.Write(seq=0, hid=1, off=10, data=bytes(range(256)) * 4096 + b"tail")  # 1 MiB + 4
     parts = m.split_write(big)
