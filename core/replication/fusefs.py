@@ -183,6 +183,21 @@ class ReplicatedFS(fuseabi.Operations):
         if getattr(self.repl, "journaling", False):
             await self.repl.intend_ns(*paths)  # type: ignore[attr-defined]
 
+    async def _settled(self, names: Callable[[], tuple[Any, ...]],
+                       intend: Callable[[tuple[Any, ...]], Awaitable[None]]) -> tuple[Any, ...]:
+        """Record the intent for what `names()` gives, then ask again: while the intent waited for
+        the disk, a concurrent rename of a directory above may have moved the entry, and a change
+        made or sent under its old name would miss it (or, sent to the secondary, be refused
+        there). So record again under the new names until they hold; the change that follows runs
+        with no await in between."""
+        got = names()
+        while True:
+            await intend(got)
+            now = names()
+            if now == got:
+                return got
+            got = now
+
     async def _intend_meta(self, path: bytes | None, is_dir: bool | None = None, size: int | None = None) -> None:
         if path is None or not getattr(self.repl, "journaling", False):
             return
@@ -252,11 +267,14 @@ class ReplicatedFS(fuseabi.Operations):
     async def setattr(self, inode: int, attr: fuseabi.EntryAttributes, fields: fuseabi.SetattrFields,
                       fh: int | None, ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         f = self._files.get(fh) if fh is not None else None
-        path = self.inodes.path(inode)
+        if f is None and self.inodes.path(inode) is None:
+            raise fuseabi.FUSEError(errno.ENOENT)
+        size = attr.st_size if fields.update_size else None
+        path, _ = await self._settled(
+            lambda: (self.inodes.path(inode), None if f is None else self.inodes.path(f.ino)),
+            lambda ps: self._intend_meta(ps[0] if f is None else ps[1], None, size))
         if f is None and path is None:
             raise fuseabi.FUSEError(errno.ENOENT)
-        await self._intend_meta(path if f is None else self.inodes.path(f.ino), None,
-                                attr.st_size if fields.update_size else None)
         # Through the open handle when the call came with one (ftruncate, fchmod...), else by name
         # beneath the root descriptor without following a final symlink (lchown, utimensat).
         kw: dict[str, Any]
@@ -311,8 +329,8 @@ class ReplicatedFS(fuseabi.Operations):
         st = os.fstat(f.fd)
         if fuseabi.killed_mode(st.st_mode) == st.st_mode:
             return None
-        path = self.inodes.path(f.ino)
-        await self._intend_meta(path, False)
+        (path,) = await self._settled(lambda: (self.inodes.path(f.ino),),
+                                      lambda ps: self._intend_meta(ps[0], False))
         st = os.fstat(f.fd)
         os.fchmod(f.fd, stat.S_IMODE(fuseabi.killed_mode(st.st_mode)))
         st = os.fstat(f.fd)
@@ -357,12 +375,15 @@ class ReplicatedFS(fuseabi.Operations):
         """mkdir, mknod, symlink: `make` the entry here, give it the owner and mode the kernel's rules
         give a new entry (a set-group-ID parent passes its bit on to directories), then replicate it
         and the parent directory's new time."""
-        parent = self._path(parent_inode)
-        path = join(parent, name)
+        def names() -> tuple[bytes, bytes]:
+            parent = self._path(parent_inode)
+            return parent, join(parent, name)
+
+        parent, path = names()
+        if self._replicated(path, is_dir):
+            parent, path = await self._settled(names, lambda ps: self._intend_ns(ps[1]))
         uid, gid, setgid = self._new_owner(ctx, parent)
         replicated = self._replicated(path, is_dir)
-        if replicated:
-            await self._intend_ns(path)
         make(path)
         st = self._fix_owner_mode(path, uid, gid, mode | (stat.S_ISGID if setgid and is_dir else 0))
         attrs = self._learn(st, path)
@@ -396,18 +417,24 @@ class ReplicatedFS(fuseabi.Operations):
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
-        path = join(self._path(parent_inode), name)
+        def names() -> tuple[bytes]:
+            return (join(self._path(parent_inode), name),)
+
+        (path,) = names()
         if self._replicated(path):
-            await self._intend_ns(path)
+            (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
         os.unlink(path, dir_fd=self.root)
         self.inodes.remove_path(path)
         await self._submit_ns([m.Unlink(0, path)] if self._replicated(path) else [], path)
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
-        path = join(self._path(parent_inode), name)
+        def names() -> tuple[bytes]:
+            return (join(self._path(parent_inode), name),)
+
+        (path,) = names()
         if self._replicated(path, True):
-            await self._intend_ns(path)
+            (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
         os.rmdir(path, dir_fd=self.root)
         self.inodes.remove_path(path, is_dir=True)
         await self._submit_ns([m.Rmdir(0, path)] if self._replicated(path, True) else [], path)
@@ -415,19 +442,27 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: fuseabi.RequestContext) -> None:
-        old = join(self._path(parent_inode_old), name_old)
-        new = join(self._path(parent_inode_new), name_new)
-        old_dir = stat.S_ISDIR(self._lstat(old).st_mode)
         exchange = bool(flags & fuseabi.RENAME_EXCHANGE)
-        new_dir = stat.S_ISDIR(self._lstat(new).st_mode) if exchange else False
-        # Exclusion can depend on the type ("tmp/" only matches directories): look at every name
-        # with the entry it held before and the one it holds after.
-        ex = self.exclude.excluded
-        views = [ex(old, old_dir), ex(new, old_dir)]
-        if exchange:
-            views += [ex(new, new_dir), ex(old, new_dir)]
-        if self.repl.active and not all(views):
-            await self._intend_ns(old, new)
+
+        def names() -> tuple[bytes, bytes]:
+            return join(self._path(parent_inode_old), name_old), join(self._path(parent_inode_new), name_new)
+
+        def views(old: bytes, new: bytes) -> tuple[bool, list[bool]]:
+            # Exclusion can depend on the type ("tmp/" only matches directories): look at every
+            # name with the entry it held before and the one it holds after.
+            old_dir = stat.S_ISDIR(self._lstat(old).st_mode)
+            new_dir = stat.S_ISDIR(self._lstat(new).st_mode) if exchange else False
+            ex = self.exclude.excluded
+            seen = [ex(old, old_dir), ex(new, old_dir)]
+            if exchange:
+                seen += [ex(new, new_dir), ex(old, new_dir)]
+            return old_dir, seen
+
+        old, new = names()
+        old_dir, seen = views(old, new)
+        if self.repl.active and not all(seen):
+            old, new = await self._settled(names, lambda ps: self._intend_ns(*ps))
+            old_dir, seen = views(old, new)
         renameat2(self.root, old, self.root, new, flags)
         if exchange:
             self.inodes.exchange(old, new)
@@ -435,10 +470,10 @@ class ReplicatedFS(fuseabi.Operations):
             self.inodes.rename(old, new, old_dir)
         if not self.repl.active:
             return
-        if not any(views):
+        if not any(seen):
             await self._submit_ns([m.Rename(0, old, new, flags)], old, new)
         else:
-            await self._submit_ns(self._resend(old, new) if not all(views) else [], old, new)
+            await self._submit_ns(self._resend(old, new) if not all(seen) else [], old, new)
 
     def _resend(self, *paths: bytes) -> list[m.Op]:
         """An entry crossed the exclusion boundary: the replica's copy at each replicated path is
@@ -463,10 +498,12 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
-        src = self._path(inode)
-        dst = join(self._path(new_parent_inode), new_name)
-        if self._replicated(dst):
-            await self._intend_ns(dst, src)  # src: its link count changes (a crash compares both)
+        def names() -> tuple[bytes, bytes]:
+            return self._path(inode), join(self._path(new_parent_inode), new_name)
+
+        src, dst = names()
+        if self._replicated(dst):  # src too: its link count changes (a crash compares both)
+            src, dst = await self._settled(names, lambda ps: self._intend_ns(ps[1], ps[0]))
         os.link(src, dst, src_dir_fd=self.root, dst_dir_fd=self.root, follow_symlinks=False)
         attrs = self._learn(self._lstat(dst), dst)
         ops: list[m.Op] = []
@@ -510,13 +547,16 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: fuseabi.RequestContext) -> tuple[fuseabi.FileInfo, fuseabi.EntryAttributes]:
-        parent = self._path(parent_inode)
-        path = join(parent, name)
+        def names() -> tuple[bytes, bytes]:
+            parent = self._path(parent_inode)
+            return parent, join(parent, name)
+
+        parent, path = names()
+        if self._replicated(path):
+            parent, path = await self._settled(names, lambda ps: self._intend_ns(ps[1]))
         uid, gid, _ = self._new_owner(ctx, parent)
         bflags = (flags & ~_STRIP) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         replicated = self._replicated(path)
-        if replicated:
-            await self._intend_ns(path)
         if flags & os.O_EXCL:
             bflags |= os.O_EXCL
         fh = self._new_fh()
@@ -606,14 +646,17 @@ class ReplicatedFS(fuseabi.Operations):
         return Started(self.repl.submit(*ops))
 
     async def _intend_write(self, f: _File, off: int, length: int) -> None:
-        path = self.inodes.path(f.ino)
-        if path is None or not self._replicated(path):
-            return
-        try:
-            extends = off + length > os.fstat(f.fd).st_size
-            await self.repl.intend_write(path, off, length, extends)  # type: ignore[attr-defined]
-        except OSError:
-            pass  # the write itself reports the error
+        async def intend(ps: tuple[bytes | None]) -> None:
+            path = ps[0]
+            if path is None or not self._replicated(path):
+                return
+            try:
+                extends = off + length > os.fstat(f.fd).st_size
+                await self.repl.intend_write(path, off, length, extends)  # type: ignore[attr-defined]
+            except OSError:
+                pass  # the write itself reports the error
+
+        await self._settled(lambda: (self.inodes.path(f.ino),), intend)
 
     @_fuse_errors
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
@@ -641,15 +684,18 @@ class ReplicatedFS(fuseabi.Operations):
     async def _intend_fallocate(self, f: _File, mode: int, off: int, length: int) -> None:
         """Write-ahead marks for a fallocate that changes what the file reads: a punched or zeroed
         range, or a size that grows. Reserving space alone changes neither and needs none."""
-        path = self.inodes.path(f.ino)
-        if path is None or not self._replicated(path):
-            return
-        try:
-            extends = not mode & _FALLOC_KEEP_SIZE and off + length > os.fstat(f.fd).st_size
-        except OSError:
-            return  # the fallocate itself reports the error
-        if extends or mode & (_FALLOC_PUNCH_HOLE | _FALLOC_ZERO_RANGE):
-            await self.repl.intend_write(path, off, length, extends)  # type: ignore[attr-defined]
+        async def intend(ps: tuple[bytes | None]) -> None:
+            path = ps[0]
+            if path is None or not self._replicated(path):
+                return
+            try:
+                extends = not mode & _FALLOC_KEEP_SIZE and off + length > os.fstat(f.fd).st_size
+            except OSError:
+                return  # the fallocate itself reports the error
+            if extends or mode & (_FALLOC_PUNCH_HOLE | _FALLOC_ZERO_RANGE):
+                await self.repl.intend_write(path, off, length, extends)  # type: ignore[attr-defined]
+
+        await self._settled(lambda: (self.inodes.path(f.ino),), intend)
 
     async def _undo_fallocate(self, f: _File, fh: int, mode: int, off: int, length: int) -> None:
         """The peer ran a fallocate that failed here: send it our content of the range it may have
@@ -765,9 +811,8 @@ class ReplicatedFS(fuseabi.Operations):
                        flags: int = 0) -> None:
         """`flags`: XATTR_CREATE / XATTR_REPLACE, checked by the backing file system itself (the
         replica then just takes the value: it follows the primary's outcome)."""
-        path = self._path(inode)
+        (path,) = await self._settled(lambda: (self._path(inode),), lambda ps: self._intend_meta(ps[0]))
         target, follow = self._abs(path)
-        await self._intend_meta(path)
         os.setxattr(target, name, value, flags, follow_symlinks=follow)
         if self._replicated(path, stat.S_ISDIR(self._lstat(path).st_mode)):
             await self.repl.submit(m.SetXattr(0, path, name, value))
@@ -789,9 +834,8 @@ class ReplicatedFS(fuseabi.Operations):
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
-        path = self._path(inode)
+        (path,) = await self._settled(lambda: (self._path(inode),), lambda ps: self._intend_meta(ps[0]))
         target, follow = self._abs(path)
-        await self._intend_meta(path)
         try:
             os.removexattr(target, name, follow_symlinks=follow)
         except OSError as exc:
