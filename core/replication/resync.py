@@ -138,6 +138,27 @@ def _common_ancestor(paths: set[bytes]) -> bytes:
     return b"/".join(common)
 
 
+def _renamed_files(theirs: dict[bytes, m.RsEntry], ours: dict[bytes, m.RsEntry]) -> dict[bytes, bytes]:
+    """Rename detection for a reconciled subtree: a file only the replica has and a file only we
+    have, with the same size, mtime (a rename keeps it) and, for small files, the same content
+    digest, are taken as one file renamed. Files with several names are left to the hard-link
+    logic. Returns our path -> the replica's path."""
+    def key(e: m.RsEntry) -> tuple[int, int, bytes | None]:
+        return e.size, e.mtime_ns, e.digest
+
+    candidates: dict[tuple[int, int, bytes | None], list[bytes]] = {}
+    for p, t in theirs.items():
+        if p and t.kind == "f" and t.nlink == 1 and t.size > 0 and p not in ours:
+            candidates.setdefault(key(t), []).append(p)
+    out: dict[bytes, bytes] = {}
+    for p, o in ours.items():
+        if o.kind == "f" and o.nlink == 1 and o.size > 0 and p not in theirs:
+            names = candidates.get(key(o))
+            if names:
+                out[p] = names.pop()
+    return out
+
+
 def _valid_suspects(paths: list[bytes]) -> list[bytes] | None:
     """The secondary's suspects if every one is a plain relative path (None: a peer that sends
     anything else gets no benefit of the doubt, the resync compares everything)."""
@@ -1120,8 +1141,10 @@ class MirrorReplicator:
         def gone(p: bytes) -> bool:
             return any(p == r or p.startswith(r + b"/") for r in removed)
 
+        moved = _renamed_files(tmap, omap)  # our path -> the replica's path it was probably renamed from
+        keep = set(moved.values())
         for p in sorted(tmap):
-            if not p or gone(p):
+            if not p or gone(p) or p in keep:
                 continue
             t, o = tmap[p], omap.get(p)
             if o is None or o.kind != t.kind or (t.kind == "l" and t.target != o.target):
@@ -1149,6 +1172,15 @@ class MirrorReplicator:
                     ops.append(m.Remove(0, p))
                 ops.append(m.Link(0, c, p))
                 st._drop(p, False)
+                continue
+            if t is None and p in moved and not gone(moved[p]):
+                # Renamed there rather than sent again: then compared block by block like any
+                # file in doubt (a small one's equal digest already proved its content).
+                src = moved.pop(p)
+                ops.append(m.Rename(0, src, p))
+                if o.digest is None:
+                    st.mark(p).cmp.add(0, _ceil(o.size, b))
+                st.add_meta(p)
                 continue
             if t is None:
                 created.add(p)
