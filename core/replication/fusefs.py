@@ -350,7 +350,8 @@ class ReplicatedFS(fuseabi.Operations):
             mode=st.st_mode if fields.update_mode else None,
             uid=st.st_uid if fields.update_uid else None, gid=st.st_gid if fields.update_gid else None,
             size=st.st_size if fields.update_size else None,
-            atime_ns=m.wire_time(st.st_atime_ns) if times else None, mtime_ns=m.wire_time(st.st_mtime_ns) if times else None,
+            atime_ns=m.wire_time(st.st_atime_ns) if times else None,
+            mtime_ns=m.wire_time(st.st_mtime_ns) if times else None,
         )
         await self.repl.submit(*(pre or []), op)
 
@@ -731,8 +732,8 @@ class ReplicatedFS(fuseabi.Operations):
         # The peer's fsync runs while ours does: the Fsync is on the wire (every earlier write is
         # ahead of it) before we block in our own, and the call returns only once both are durable.
         st = os.fstat(f.fd)
-        peer = Started(self.repl.submit(*pre, m.Fsync(0, fh, datasync=datasync, atime_ns=m.wire_time(st.st_atime_ns),
-                                                      mtime_ns=m.wire_time(st.st_mtime_ns))))
+        times = {"atime_ns": m.wire_time(st.st_atime_ns), "mtime_ns": m.wire_time(st.st_mtime_ns)}
+        peer = Started(self.repl.submit(*pre, m.Fsync(0, fh, datasync=datasync, **times)))
         try:
             (os.fdatasync if datasync else os.fsync)(f.fd)
         finally:
@@ -748,7 +749,8 @@ class ReplicatedFS(fuseabi.Operations):
         try:
             if f.epoch == self.repl.epoch and self.repl.active:
                 st = os.fstat(f.fd)
-                await self.repl.submit(m.Close(0, fh, atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns)))
+                await self.repl.submit(m.Close(0, fh, atime_ns=m.wire_time(st.st_atime_ns),
+                                               mtime_ns=m.wire_time(st.st_mtime_ns)))
         except OSError:
             pass
         finally:

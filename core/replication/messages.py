@@ -24,7 +24,9 @@ MAX_CHUNK = 256 * 1024
 MAX_FRAME = MAX_CHUNK + 16 * 1024
 
 U63 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-U64 = Annotated[int, Meta(ge=0)]  # inode numbers (overlayfs with xino sets their top bits); msgpack caps it at 2**64-1
+# Inode numbers: overlayfs with xino sets their top bits. msgpack caps them at 2**64-1 (and msgspec
+# takes no bound above int64).
+U64 = Annotated[int, Meta(ge=0)]
 U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 Mode = Annotated[int, Meta(ge=0, le=0o177777)]
 Path = Annotated[bytes, Meta(max_length=4096)]
