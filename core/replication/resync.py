@@ -547,9 +547,8 @@ class MirrorReplicator:
         self._task: asyncio.Task[None] | None = None
         self._known_paths: set[bytes] = set()  # paths the replayed log touched (hard link search)
         self.lost_event = asyncio.Event()
-        # Activity log while live (journal.py): the current epoch and the paths recorded in it.
+        # Activity log while live (journal.py): the current epoch (its paths: `_al_paths`).
         self._al_epoch = 0
-        self._al_paths: set[bytes] = set()
         self._al_wake = asyncio.Event()
         self._al_task: asyncio.Task[None] | None = None
 
@@ -648,13 +647,17 @@ class MirrorReplicator:
             epoch = self._al_epoch
             new = [p for p in paths if not self._al_covers(p)]
             if new:
-                self._al_paths.update(new)
                 j.note_active(epoch, new)
                 if len(self._al_paths) > AL_MAX_PATHS:
                     self._al_wake.set()  # close this epoch early: it bounds what a crash leaves to compare
             await j.commit()  # at once when everything appended is durable
             if self._al_epoch == epoch:
                 return
+
+    @property
+    def _al_paths(self) -> set[bytes]:
+        """The paths recorded in the current epoch (held by the journal's activity log)."""
+        return self.journal.active.get(self._al_epoch, set())
 
     def _al_covers(self, path: bytes) -> bool:
         """`path` or a directory above it is recorded in the current epoch."""
@@ -683,7 +686,7 @@ class MirrorReplicator:
             if delay == AL_INTERVAL and not self._al_paths:
                 continue  # nothing changed since the last close
             epoch = self._al_epoch
-            self._al_epoch, self._al_paths = epoch + 1, set()
+            self._al_epoch = epoch + 1
             if not await sender.barrier():
                 return  # the link is lost: the journal takes over (alone_from_session)
             if not await asyncio.to_thread(self._sync_tree):
@@ -1060,7 +1063,7 @@ class MirrorReplicator:
         await self._barrier()
         j.start_session(new_sync, self.generation)
         self.mode, self.phase = "live", ""
-        self._al_epoch, self._al_paths = 0, set()
+        self._al_epoch = 0  # start_session emptied the journal's activity log
         if self.sender is not None:
             self._al_task = asyncio.create_task(self._activity_epochs(self.sender), name="activity-log")
         snap = prog.snapshot()

@@ -115,6 +115,17 @@ def running_mirror(base: Path, make: Callable[..., Any], prepare: Callable[[Path
             force_unmount(dirs[0])
 
 
+def run_in_threads(target: Callable[[int], None], count: int, timeout: float) -> list[threading.Thread]:
+    """`target(0)` .. `target(count - 1)` at once, each in its own thread; the threads still running
+    after `timeout` seconds (a call hung on the mount)."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return [t for t in threads if t.is_alive()]
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (for a receiver the test starts next)."""
     import socket

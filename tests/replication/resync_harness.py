@@ -87,6 +87,13 @@ class ResyncMirror:
         self.senders.append(sender)
         return sender
 
+    def start_and_resync(self) -> dict:
+        """Start the primary, connect it, wait until live; the resync it ran (last_resync)."""
+        self.start_primary()
+        self.connect()
+        self.wait_mode("live")
+        return self.status()["last_resync"]
+
     def wait_mode(self, mode: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 
 import pytest
 
-from .harness import Mirror, fuse_available, running_mirror
+from .harness import Mirror, fuse_available, run_in_threads, running_mirror
 from .test_fuse_mirror import _clear, apply_op, assert_same
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
@@ -64,11 +63,6 @@ def test_concurrent_operations_replicate_exactly(mirror: Mirror, seed: int) -> N
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a worker hung on the mount"
+    assert not run_in_threads(worker, 4, timeout=120), "a worker hung on the mount"
     assert not errors, errors
     assert_same(mirror)

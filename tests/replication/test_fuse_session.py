@@ -29,7 +29,15 @@ from safekit_cloud.core.replication.fusesession import umount_detach
 from safekit_cloud.core.replication.mount import FuseMount, mounted_fuse_at
 from safekit_cloud.core.replication.syscalls import fallocate
 
-from .harness import LoopThread, Mirror, describe_tree, force_unmount, fuse_available, running_mirror
+from .harness import (
+    LoopThread,
+    Mirror,
+    describe_tree,
+    force_unmount,
+    fuse_available,
+    run_in_threads,
+    running_mirror,
+)
 from .resync_harness import ResyncMirror
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
@@ -410,11 +418,7 @@ def test_concurrent_writers(mirror: Mirror) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    assert not run_in_threads(writer, 8, timeout=60), "a writer hung on the mount"
     assert not errors, errors
     assert mirror.repl.sender is not None, mirror.lost
     assert_same(mirror)

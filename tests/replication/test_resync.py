@@ -59,6 +59,15 @@ def go_live(mir: ResyncMirror) -> None:
     mir.wait_mode("live")
 
 
+def crash_alone(mirror: ResyncMirror, lose_journal: bool) -> None:
+    """kill -9 of the alone node's agent: only what was made durable remains; `lose_journal`: its
+    state directory is lost too (the next resync compares checksums)."""
+    mirror.wait_mode("alone")
+    mirror.crash_primary()
+    if lose_journal:
+        journal_path(mirror.state_p, "mod", NAME).unlink()
+
+
 def change_alone(p: Path) -> int:
     """The failover-like sequence of changes; returns the bytes a perfect resync must send."""
     rng = random.Random(11)
@@ -119,16 +128,10 @@ def test_resync_after_a_crash_of_the_alone_node(mirror: ResyncMirror, journal_ke
     go_live(mirror)
     mirror.stop_secondary()
     changed = change_alone(p)
-    mirror.wait_mode("alone")
-    mirror.crash_primary()  # kill -9 of the alone node's agent: only what was made durable remains
-    if not journal_kept:
-        journal_path(mirror.state_p, "mod", NAME).unlink()  # e.g. its state directory was lost
+    crash_alone(mirror, lose_journal=not journal_kept)
     f4 = (mirror.replica / "d" / "f4").stat().st_ino
     mirror.start_secondary()
-    mirror.start_primary()
-    mirror.connect()
-    mirror.wait_mode("live")
-    last = mirror.status()["last_resync"]
+    last = mirror.start_and_resync()
     assert_same(mirror)
     if journal_kept:  # write-ahead: every change was marked before it was made
         assert last["mode"] == "journal" and last["bytes_sent"] <= changed + 8_192, last
@@ -244,10 +247,7 @@ def test_interrupted_resync_leaves_the_target_not_up_to_date(mirror: ResyncMirro
     assert mirror.rx_events[-1][0] == "disconnected" and not mirror.rx_events[-1][1]["in_sync"]
     assert mirror.lineage_s().kind == "invalid" and mirror.lineage_s().lineage() is None
     # The next primary start compares checksums (the target no longer claims any lineage).
-    mirror.start_primary()
-    mirror.connect()
-    mirror.wait_mode("live")
-    assert mirror.status()["last_resync"]["mode"] == "checksum"
+    assert mirror.start_and_resync()["mode"] == "checksum"
     assert_same(mirror)
 
 
@@ -364,10 +364,7 @@ def _changes_then_crash(mirror: ResyncMirror) -> None:
 def test_crash_of_the_replicating_primary_compares_only_what_it_had_in_flight(mirror: ResyncMirror) -> None:
     _live_with_activity_log(mirror)
     _changes_then_crash(mirror)
-    mirror.start_primary()  # the same node comes back as primary: its activity log -> suspects
-    mirror.connect()
-    mirror.wait_mode("live")
-    last = mirror.status()["last_resync"]
+    last = mirror.start_and_resync()  # the same node comes back as primary: its activity log -> suspects
     assert_same(mirror)
     assert last["mode"] == "journal", last
     assert last["bytes_total"] < BIG // 4, last  # "big" and the files not in flight were not read
@@ -387,10 +384,7 @@ def test_crashed_primary_returning_as_secondary_reports_what_it_had_in_flight(
     back = ResyncMirror(mirror.replica, mirror.primary, swapped, exclude=["*.tmp"], timeout=2.0)
     try:
         back.start_secondary()
-        back.start_primary()
-        back.connect()
-        back.wait_mode("live")
-        last = back.status()["last_resync"]
+        last = back.start_and_resync()
         # Excluded entries are not replicated, and the target keeps its own (x.tmp here).
         a, b = describe_tree(back.primary, back.excluder), describe_tree(back.replica, back.excluder)
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
@@ -456,10 +450,7 @@ def test_primary_crashed_under_concurrent_load_is_resynchronised_from_its_activi
         t.join(timeout=30)
     os.close(mount_fd)
     assert not any(t.is_alive() for t in threads)
-    mirror.start_primary()
-    mirror.connect()
-    mirror.wait_mode("live")
-    last = mirror.status()["last_resync"]
+    last = mirror.start_and_resync()
     assert last["mode"] == "journal", last
     assert_same(mirror)
 
@@ -513,15 +504,10 @@ def test_checksum_resync_renames_a_renamed_large_file_instead_of_sending_it(mirr
     mirror.stop_secondary()
     os.rename(p / "big", p / "d" / "big-renamed")  # while alone
     (p / "d" / "same-size").write_bytes(b"\0" * BIG)  # same size, another time: not a rename
-    mirror.wait_mode("alone")
-    mirror.crash_primary()
-    journal_path(mirror.state_p, "mod", NAME).unlink()  # no journal: a checksum resync
+    crash_alone(mirror, lose_journal=True)  # no journal: a checksum resync
     big = (mirror.replica / "big").stat().st_ino
     mirror.start_secondary()
-    mirror.start_primary()
-    mirror.connect()
-    mirror.wait_mode("live")
-    last = mirror.status()["last_resync"]
+    last = mirror.start_and_resync()
     assert_same(mirror)
     assert last["mode"] == "checksum", last
     assert (mirror.replica / "d" / "big-renamed").stat().st_ino == big  # renamed there
