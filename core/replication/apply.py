@@ -9,6 +9,7 @@ stream and the secondary must be resynchronised.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -16,9 +17,9 @@ import stat
 from collections.abc import Callable
 
 from . import messages as m
-from .directio import DirectWriter
 from .paths import PathError, components, open_beneath, parent_dir
 from .syscalls import fallocate, renameat2, syncfs
+from .writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Applier:
     def __init__(self, root_fd: int) -> None:
         self.root = root_fd
         self.handles: dict[int, int] = {}
-        self._direct = DirectWriter()
+        self._behind = WriteBehind(drop=True)  # nothing reads the replica: keep its page cache free
         self._dispatch: dict[type, Callable[[m.Op], None]] = {
             m.Noop: lambda op: None, m.Open: self._open, m.Close: self._close, m.Write: self._write,
             m.Create: self._create, m.Mkdir: self._mkdir, m.Mknod: self._mknod, m.Symlink: self._symlink,
@@ -58,29 +59,13 @@ class Applier:
         }
 
     def apply(self, op: m.Op) -> None:
-        """Apply one operation. PathError/ProtocolError: hostile or malformed; OSError: divergence.
-        Large aligned writes may still be under way when this returns (`writes_pending`); any
-        other operation waits for them first, a small write for those it overlaps (directio.py),
-        so the outcome is the primary's."""
-        if type(op) is not m.Write and self._direct.pending:
-            self._direct.drain()
+        """Apply one operation. PathError/ProtocolError: hostile or malformed; OSError: divergence."""
         self._dispatch[type(op)](op)
 
-    @property
-    def writes_pending(self) -> bool:
-        return self._direct.pending
-
-    def when_written(self, callback: Callable[[BaseException | None], None]) -> None:
-        """`callback(error)`, from the writer thread, once the writes under way are done."""
-        self._direct.when_written(callback)
-
     def close(self) -> None:
-        try:
-            self._direct.close()  # the writes under way end before their descriptors close
-        finally:
-            for fd in self.handles.values():
-                os.close(fd)
-            self.handles.clear()
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()
 
     # ---- handles ----
 
@@ -102,7 +87,7 @@ class Applier:
     def _close(self, op: m.Close) -> None:
         fd = self._fd(op.hid)
         del self.handles[op.hid]
-        self._direct.forget(fd)
+        self._behind.forget(fd)
         try:
             _set_times_fd(fd, op.atime_ns, op.mtime_ns)
         finally:
@@ -110,16 +95,11 @@ class Applier:
 
     def _write(self, op: m.Write) -> None:
         fd = self._fd(op.hid)
-        data, off = op.data, op.off
-        taken = self._direct.submit(fd, data, off)  # the aligned part, if large: O_DIRECT
-        if taken < len(data):
-            rest = memoryview(data)[taken:]
-            self._direct.before_buffered(fd, off + taken, off + len(data))
-            done = os.pwrite(fd, rest, off + taken)
-            if done != len(rest):
-                raise OSError(f"short write ({done} of {len(rest)} bytes)")
+        done = os.pwrite(fd, op.data, op.off)
+        if done != len(op.data):
+            raise OSError(errno.EIO, f"short write ({done} of {len(op.data)} bytes)")
+        self._behind.wrote(fd, op.off, done)
         if op.sync:
-            self._direct.drain()
             os.fdatasync(fd)
 
     # ---- namespace ----

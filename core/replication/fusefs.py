@@ -27,6 +27,7 @@ from .inodes import Inodes, fuse_ino, is_under, join
 from .replicator import PENDING, NullReplicator, Replicator, Started
 from .snapshot import tree_ops
 from .syscalls import fallocate as backing_fallocate, renameat2
+from .writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class ReplicatedFS(fuseabi.Operations):
         self._root_ino = os.fstat(root_fd).st_ino
         self._proc_root = b"/proc/self/fd/%d" % root_fd
         self._files: dict[int, _File] = {}
+        self._behind = WriteBehind(drop=False)  # the application may read what it wrote: keep it cached
         self._open_by_ino: dict[int, set[int]] = {}
         self._dirs: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         self._dir_ino: dict[int, int] = {}
@@ -609,9 +611,11 @@ class ReplicatedFS(fuseabi.Operations):
         pre = self._open_op(f, fh)
         if pre is None:
             try:
-                return os.pwrite(f.fd, buf, off)
+                done = os.pwrite(f.fd, buf, off)
             except OSError as exc:
                 raise fuseabi.FUSEError(exc.errno or errno.EIO) from None
+            self._behind.wrote(f.fd, off, done)
+            return done
         # The peer writes while we do: the Write is enqueued first and our pwrite follows with
         # nothing in between (so operations keep their order), and the call returns only when
         # both are done. A local write that fails or comes up short is undone on the peer.
@@ -622,6 +626,7 @@ class ReplicatedFS(fuseabi.Operations):
         except OSError as exc:
             done, err = 0, exc
         fix = self._undo_write(f, fh, off, len(buf), done) if done != len(buf) else None
+        self._behind.wrote(f.fd, off, done)
         await peer
         if fix is not None:
             await fix
@@ -754,6 +759,7 @@ class ReplicatedFS(fuseabi.Operations):
         except OSError:
             pass
         finally:
+            self._behind.forget(f.fd)
             os.close(f.fd)
 
     # ---- directories ----

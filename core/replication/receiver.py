@@ -255,8 +255,6 @@ class _Apply(asyncio.BufferedProtocol):
         self._ack_on_receipt = ack_on_receipt
         self._loop = loop
         self.expected = 1
-        self.acked = 0  # the last sequence acknowledged as applied, and as received
-        self.received = 0
         self.last_rx = loop.time()
         self.done: asyncio.Future[None] = loop.create_future()
 
@@ -295,8 +293,7 @@ class _Apply(asyncio.BufferedProtocol):
         expected = self.expected
         try:
             if self._ack_on_receipt:
-                self.received = expected - 1 + len(batch)
-                transport.write(decoder.frame(m.Ack(received=self.received, applied=self.acked)))  # type: ignore[attr-defined]
+                transport.write(decoder.frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))  # type: ignore[attr-defined]
             for msg in batch:
                 if not isinstance(msg, m.OP_TYPES):
                     raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
@@ -312,24 +309,7 @@ class _Apply(asyncio.BufferedProtocol):
             self._stats.ops += expected - self.expected
             self._stats.last_seq = expected - 1
             self.expected = expected
-        if applier.writes_pending:  # acknowledged when the disk has them (directio.py)
-            applier.when_written(lambda exc, n=expected - 1: self._loop.call_soon_threadsafe(self._written, n, exc))
-        else:
-            self._ack(expected - 1)
-
-    def _ack(self, applied: int) -> None:
-        if applied > self.acked:  # a batch's writes can end after a later batch was acknowledged
-            self.acked = applied
-            self.received = max(self.received, applied)
-            self.transport.write(self._decoder.frame(m.Ack(received=self.received, applied=applied)))  # type: ignore[attr-defined]
-
-    def _written(self, applied: int, exc: BaseException | None) -> None:
-        if self.done.done():
-            return
-        if exc is not None:
-            self._fail(exc)
-        else:
-            self._ack(applied)
+        transport.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool:
         if not self.done.done():

@@ -1,5 +1,5 @@
 """The Linux system calls Python's os module lacks, through libc, each raising OSError like os does:
-renameat2 with flags, fallocate with a mode, syncfs, mount(2) and umount2(2)."""
+renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -23,6 +24,8 @@ MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
 MS_RELATIME = 1 << 21
+# sync_file_range(2): start writing the range's dirty pages, wait for nothing
+SYNC_FILE_RANGE_WRITE = 2
 # umount2(2) flags
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
@@ -47,6 +50,10 @@ def fallocate(fd: int, mode: int, off: int, length: int) -> None:
 
 def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd), "syncfs")
+
+
+def sync_file_range(fd: int, off: int, length: int, flags: int) -> None:
+    _check(_libc.sync_file_range(fd, off, length, flags), "sync_file_range")
 
 
 def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
