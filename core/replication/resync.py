@@ -50,6 +50,7 @@ So when no mark is left, the replica equals the primary, and `RsDone` is sent in
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import itertools
 import logging
@@ -60,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import xxhash
 
 from . import messages as m
@@ -157,6 +159,70 @@ def _renamed_files(theirs: dict[bytes, m.RsEntry], ours: dict[bytes, m.RsEntry])
             if names:
                 out[p] = names.pop()
     return out
+
+
+def _renamed_dirs(theirs: dict[bytes, m.RsEntry], ours: dict[bytes, m.RsEntry]) -> list[tuple[bytes, bytes]]:
+    """Rename detection for directories: a directory only the replica has, the top of what it
+    alone has (its parent is a directory on both sides), and a directory only we have are taken as
+    one directory renamed when at least half of our files in it (and at least one) have the same
+    name below it, size and mtime in theirs. Each of theirs is used once. Returns (our path, the
+    replica's path) pairs, shallowest first."""
+    tops = []
+    for p, e in theirs.items():
+        if p and e.kind == "d" and p not in ours:
+            q = _parent(p)
+            if q in theirs and q in ours and theirs[q].kind == "d" and ours[q].kind == "d":
+                tops.append(p)
+    if not tops:
+        return []
+    new_dirs = sorted(p for p, e in ours.items() if p and e.kind == "d" and p not in theirs)
+
+    def files_below(side: dict[bytes, m.RsEntry], keys: list[bytes], top: bytes) -> list[tuple[bytes, int, int]]:
+        lo = bisect.bisect_left(keys, top + b"/")
+        hi = bisect.bisect_left(keys, top + b"0")  # "0" follows "/": the end of top's subtree
+        return [(p[len(top):], side[p].size, side[p].mtime_ns) for p in keys[lo:hi] if side[p].kind == "f"]
+
+    their_keys, our_keys = sorted(theirs), sorted(ours)
+    index: dict[tuple[bytes, int, int], list[bytes]] = {}
+    for t in tops:
+        for sig in files_below(theirs, their_keys, t):
+            index.setdefault(sig, []).append(t)
+    out: list[tuple[bytes, bytes]] = []
+    used: set[bytes] = set()
+    for o in new_dirs:
+        mine = files_below(ours, our_keys, o)
+        votes: dict[bytes, int] = {}
+        for sig in mine:
+            for t in index.get(sig, ()):
+                if t not in used:
+                    votes[t] = votes.get(t, 0) + 1
+        if votes:
+            t, n = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
+            if 2 * n >= len(mine):
+                out.append((o, t))
+                used.add(t)
+    return out
+
+
+def _linked_apart(theirs: dict[bytes, m.RsEntry], ours: dict[bytes, m.RsEntry]) -> set[bytes]:
+    """Files of the replica that share their data with a name not linked to them here (more
+    links there, or a name of their group that is not of ours): written to as they are, the other
+    name would change too. They are removed there and made again."""
+    def groups(side: dict[bytes, m.RsEntry]) -> dict[int, set[bytes]]:
+        out: dict[int, set[bytes]] = {}
+        for p, e in side.items():
+            if e.kind == "f" and e.nlink > 1:
+                out.setdefault(e.ino, set()).add(p)
+        return out
+
+    their_groups, our_groups = groups(theirs), groups(ours)
+    apart = set()
+    for p, t in theirs.items():
+        o = ours.get(p)
+        if t.kind == "f" and t.nlink > 1 and o is not None and o.kind == "f" and (
+                t.nlink > o.nlink or not their_groups[t.ino] <= our_groups.get(o.ino, {p})):
+            apart.add(p)
+    return apart
 
 
 def _valid_suspects(paths: list[bytes]) -> list[bytes] | None:
@@ -1144,13 +1210,34 @@ class MirrorReplicator:
         def gone(p: bytes) -> bool:
             return any(p == r or p.startswith(r + b"/") for r in removed)
 
+        for o_dir, t_dir in _renamed_dirs(tmap, omap):
+            # Renamed there rather than removed and sent again: what it holds is then compared
+            # under its new name like anything else (block by block, metadata, removals). Its new
+            # parents are made first; a pair an earlier rename made moot is left out.
+            missing, q = [], _parent(o_dir)
+            while q not in tmap and q and q in omap:
+                missing.append(q)
+                q = _parent(q)
+            oq = omap.get(q)
+            if o_dir in tmap or t_dir not in tmap or q not in tmap or tmap[q].kind != "d" or oq is None or oq.kind != "d":
+                continue
+            for a in reversed(missing):
+                o = omap[a]
+                ops.append(m.Mkdir(0, a, o.mode, o.uid, o.gid))
+                st.add_meta(a)  # xattrs, and its times once its entries are made
+                tmap[a] = o  # there now, as ours
+            ops.append(m.Rename(0, t_dir, o_dir))
+            for p in [q for q in tmap if q == t_dir or q.startswith(t_dir + b"/")]:
+                new = o_dir + p[len(t_dir):]
+                tmap[new] = msgspec.structs.replace(tmap.pop(p), path=new)
         moved = _renamed_files(tmap, omap)  # our path -> the replica's path it was probably renamed from
         keep = set(moved.values())
+        linked_apart = _linked_apart(tmap, omap)
         for p in sorted(tmap):
             if not p or gone(p) or p in keep:
                 continue
             t, o = tmap[p], omap.get(p)
-            if o is None or o.kind != t.kind or (t.kind == "l" and t.target != o.target):
+            if o is None or o.kind != t.kind or (t.kind == "l" and t.target != o.target) or p in linked_apart:
                 ops.append(m.Remove(0, p))
                 removed.append(p)
                 st._drop(p, True)
