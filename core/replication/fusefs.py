@@ -12,6 +12,8 @@ Nothing here may touch the mount itself, which would deadlock the loop that serv
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -41,6 +43,30 @@ _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 _FALLOC_MODES = frozenset({0, _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, _FALLOC_ZERO_RANGE,
                            _FALLOC_ZERO_RANGE | _FALLOC_KEEP_SIZE})
 _UNDO_CHUNK = 1 << 20  # bytes read and sent at a time when a failed fallocate is undone on the peer
+
+
+def _names_of(root_fd: int, st_ino: int, but: bytes) -> list[bytes]:
+    """Every path below `root_fd` naming inode `st_ino` other than `but` (a walk of the directory
+    entries, d_ino only: no stat per entry)."""
+    out: list[bytes] = []
+    todo: list[bytes] = [b""]
+    while todo:
+        top = todo.pop()
+        try:
+            fd = os.open(top or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        except OSError:
+            continue
+        try:
+            with os.scandir(fd) as entries:
+                for e in entries:
+                    path = join(top, os.fsencode(e.name))
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(path)
+                    elif e.inode() == st_ino and path != but:
+                        out.append(path)
+        finally:
+            os.close(fd)
+    return out
 
 
 def _direct(flags: int) -> bool:
@@ -210,6 +236,24 @@ class ReplicatedFS(fuseabi.Operations):
                 return  # the call itself will fail
         if self._replicated(path, is_dir):
             await self.repl.intend_meta(path, size)  # type: ignore[attr-defined]
+
+    async def _carry_marks(self, victim: bytes) -> None:
+        """Before `victim` loses this name (unlink, rename over it) while alone: if its file has
+        other names, what the journal marked for this one is marked for them (replicator
+        `carry_marks`). Their names come from the kernel's lookups, else from a walk of the tree
+        (rare: a file with several names, changed alone, losing one)."""
+        if not getattr(self.repl, "journaling", False) or not self.repl.marked(victim):  # type: ignore[attr-defined]
+            return
+        try:
+            st = self._lstat(victim)
+        except OSError:
+            return  # the call itself will fail
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return
+        others = [p for p in self.inodes.paths(fuse_ino(st.st_ino, self._root_ino)) if p != victim]
+        if len(others) < st.st_nlink - 1:
+            others = await asyncio.to_thread(_names_of, self.root, st.st_ino, victim)
+        await self.repl.carry_marks(victim, [p for p in others if self._replicated(p)])  # type: ignore[attr-defined]
 
     def _open_op(self, f: _File, fh: int) -> list[m.Op] | None:
         """The ops to put before one through handle `fh`: [] if the peer has it open, [Open] if not,
@@ -425,6 +469,7 @@ class ReplicatedFS(fuseabi.Operations):
 
         (path,) = names()
         if self._replicated(path):
+            await self._carry_marks(path)
             (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
         os.unlink(path, dir_fd=self.root)
         self.inodes.remove_path(path)
@@ -464,6 +509,18 @@ class ReplicatedFS(fuseabi.Operations):
         old, new = names()
         old_dir, seen = views(old, new)
         if self.repl.active and not all(seen):
+            # A file that loses a replicated name here may keep others: its journal marks go to
+            # them first (_carry_marks). Its name goes when it moves to an excluded one, or when
+            # another file replaces it.
+            if seen[1] and not seen[0]:
+                await self._carry_marks(old)
+            if exchange:
+                if seen[3] and not seen[2]:
+                    await self._carry_marks(new)
+            else:
+                with contextlib.suppress(OSError):
+                    if not os.path.samestat(self._lstat(old), self._lstat(new)):
+                        await self._carry_marks(new)
             old, new = await self._settled(names, lambda ps: self._intend_ns(*ps))
             old_dir, seen = views(old, new)
         renameat2(self.root, old, self.root, new, flags)
@@ -756,6 +813,16 @@ class ReplicatedFS(fuseabi.Operations):
                 st = os.fstat(f.fd)
                 await self.repl.submit(m.Close(0, fh, atime_ns=m.wire_time(st.st_atime_ns),
                                                mtime_ns=m.wire_time(st.st_mtime_ns)))
+            elif f.epoch >= 0 and self.repl.active:
+                # Changed through this handle while the peer held it, which a lost link made it
+                # forget: our times would never reach it by the Close. Sent by name instead
+                # (recorded in the journal while alone).
+                (path,) = await self._settled(lambda: (self.inodes.path(f.ino),),
+                                              lambda ps: self._intend_meta(ps[0], False))
+                if self._replicated(path):
+                    st = os.fstat(f.fd)
+                    await self.repl.submit(m.SetAttr(0, path, atime_ns=m.wire_time(st.st_atime_ns),
+                                                     mtime_ns=m.wire_time(st.st_mtime_ns)))
         except OSError:
             pass
         finally:

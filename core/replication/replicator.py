@@ -41,6 +41,8 @@ class Replicator(Protocol):
     #   intend_ns(*paths)                          a namespace change (may wait while a resync
     #                                              replays the namespace); then settle(token) if the
     #                                              handler ends without submitting
+    #   marked(path) -> bool                       the journal holds something to send for path
+    #   carry_marks(victim, others)                victim's file loses that name but keeps others
 
 
 class Started:

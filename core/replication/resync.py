@@ -687,6 +687,30 @@ class MirrorReplicator:
         if self._disk:
             await self.journal.commit()
 
+    def marked(self, path: bytes) -> bool:
+        """Something of `path` is still to be sent to the secondary (journaling modes only)."""
+        mk = self.state.marks.get(path)
+        return self.mode != "live" and mk is not None and not mk.empty
+
+    async def carry_marks(self, victim: bytes, others: list[bytes]) -> None:
+        """`victim` is about to lose this name (unlink, rename over it) while its file keeps
+        `others`: what is marked to send for it is marked for them too, or it would go with the
+        name (the replica's other names still share the old data). Made durable before the
+        change, like an intent."""
+        mk = self.state.marks.get(victim)
+        if mk is None or self.mode == "live":
+            return
+        for p in others:
+            new = False
+            for s, e in mk.data.ranges() + mk.cmp.ranges():  # compared or not: sent for the others
+                new |= self.state.add_data(p, s, e)
+            if mk.meta:
+                new |= self.state.add_meta(p)
+            if new and self._disk:
+                self.journal.append(marks_record(self.state.marks[p]))
+        if self._disk:
+            await self.journal.commit()
+
     async def intend_ns(self, *paths: bytes) -> None:
         while not self._gate.is_set():  # a resync is replaying the namespace: wait for it
             await self._gate.wait()

@@ -16,6 +16,7 @@ from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication.journal import journal_path
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
+from safekit_cloud.core.replication.syscalls import renameat2
 
 from .harness import KEY, NAME, describe_tree, force_unmount, free_port, fuse_available, running_mirror
 from .resync_harness import ResyncMirror
@@ -525,11 +526,92 @@ def test_checksum_resync_renames_a_renamed_directory_and_compares_what_it_holds(
     assert last["bytes_sent"] < 2 * 4096 + 5_000 + 4 * 8_000 + 8_192, last  # the changes, not 24 MiB
 
 
+def test_journal_resync_keeps_changes_made_through_a_name_removed_alone(mirror: ResyncMirror) -> None:
+    """A file with several names, changed alone through one that then goes (unlinked, replaced by a
+    rename, renamed to an excluded name, exchanged with one): the change must reach the other names
+    (the replica's share the old data). d/hard was linked before the mount (found by a walk), the
+    others through it (known to the mount)."""
+    p = mirror.primary
+    populate(p)  # d/f2 and d/hard: one file
+    go_live(mirror)
+    mirror.stop_secondary()
+    with open(p / "d" / "f2", "r+b") as f:  # changed through d/f2, which then goes
+        f.write(b"changed alone" * 100)
+    os.unlink(p / "d" / "f2")
+    (p / "n1").write_bytes(b"first" * 1000)
+    os.link(p / "n1", p / "n2")
+    with open(p / "n1", "ab") as f:
+        f.write(b"appended alone")
+    (p / "other").write_bytes(b"replaces n1")
+    os.rename(p / "other", p / "n1")  # n1's name now another file's: n2 keeps the data
+    for name in ("n3", "n5"):  # renamed to an excluded name, exchanged with one: gone for the replica
+        (p / name).write_bytes(b"before")
+        os.link(p / name, p / f"{name}-link")
+    with open(p / "n3", "ab") as f:
+        f.write(b", appended alone")
+    os.rename(p / "n3", p / "n3.tmp")
+    with open(p / "n5", "ab") as f:
+        f.write(b", appended alone")
+    (p / "swap.tmp").write_bytes(b"excluded")
+    dfd = os.open(p, os.O_PATH | os.O_DIRECTORY)
+    try:
+        renameat2(dfd, b"n5", dfd, b"swap.tmp", 2)  # RENAME_EXCHANGE
+    finally:
+        os.close(dfd)
+    mirror.wait_mode("alone")
+    mirror.start_secondary()
+    mirror.connect()
+    mirror.wait_mode("live")
+    assert mirror.status()["last_resync"]["mode"] == "journal"
+    assert_same(mirror)
+    assert (mirror.replica / "d" / "hard").read_bytes().startswith(b"changed alone")
+    assert (mirror.replica / "n2").read_bytes() == b"first" * 1000 + b"appended alone"
+    assert (mirror.replica / "n3-link").read_bytes() == b"before, appended alone"
+    assert (mirror.replica / "n5-link").read_bytes() == b"before, appended alone"
+    assert (mirror.replica / "n5").read_bytes() == b"excluded"  # the other side of the exchange
+
+
+def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
+        mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written live, closed after the link went: the times the Close would have carried reach the
+    replica by the journal (the activity log no longer names the file: its epoch closed)."""
+    from safekit_cloud.core.replication import resync
+
+    monkeypatch.setattr(resync, "AL_INTERVAL", 0.1)
+    p = mirror.primary
+    go_live(mirror)
+    fd = os.open(p / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        # Each side stamps its own write: the same clock tick most of the time, until they differ
+        # (then only the Close would bring the replica our mtime).
+        for _ in range(2000):
+            os.pwrite(fd, random.randbytes(256 * 1024), 0)
+            if (p / "f").stat().st_mtime_ns != (mirror.replica / "f").stat().st_mtime_ns:
+                break
+        assert (p / "f").stat().st_mtime_ns != (mirror.replica / "f").stat().st_mtime_ns
+        written_in = mirror.call(_closed_epoch(mirror))
+        deadline = time.monotonic() + 20
+        while mirror.call(_closed_epoch(mirror)) <= written_in:  # the epoch that named f closed
+            assert time.monotonic() < deadline, "no activity-log epoch closed"
+            time.sleep(0.05)
+        mirror.stop_secondary()  # the link goes while the file is open
+        mirror.wait_mode("alone")
+    finally:
+        os.close(fd)
+    mirror.start_secondary()
+    mirror.connect()
+    mirror.wait_mode("live")
+    assert_same(mirror)
+
+
+@pytest.mark.parametrize("mode", ["journal", "checksum"])
 @pytest.mark.parametrize("seed", range(int(os.environ.get("REPL_CRASH_ROUNDS", "3"))))
-def test_checksum_resync_after_random_changes_alone_leaves_identical_trees(mirror: ResyncMirror, seed: int) -> None:
+def test_resync_after_random_changes_alone_leaves_identical_trees(mirror: ResyncMirror, seed: int,
+                                                                  mode: str) -> None:
     """Random changes (directory renames over and into each other included) made live, then alone;
-    the alone node crashes and loses its journal: the checksum resync, its rename detection of
-    files and directories included, must leave the replica exactly like the primary."""
+    then the peer returns (a journal resync), or the alone node crashes and loses its journal first
+    (a checksum resync, its rename detection of files and directories included): the replica must
+    end exactly like the primary."""
     from .test_fuse_concurrency import random_op
     from .test_fuse_mirror import apply_op
 
@@ -544,10 +626,17 @@ def test_checksum_resync_after_random_changes_alone_leaves_identical_trees(mirro
         if phase == "live":
             assert_same(mirror)
             mirror.stop_secondary()
-    crash_alone(mirror, lose_journal=True)
-    mirror.start_secondary()
-    last = mirror.start_and_resync()
-    assert last["mode"] == "checksum" and last["result"] == "done", last
+    if mode == "checksum":
+        crash_alone(mirror, lose_journal=True)
+        mirror.start_secondary()
+        last = mirror.start_and_resync()
+    else:
+        mirror.wait_mode("alone")
+        mirror.start_secondary()
+        mirror.connect()
+        mirror.wait_mode("live")
+        last = mirror.status()["last_resync"]
+    assert last["mode"] == mode and last["result"] == "done", last
     assert_same(mirror)
 
 
