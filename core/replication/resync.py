@@ -712,6 +712,13 @@ class MirrorReplicator:
             await self.journal.commit()
 
     async def intend_ns(self, *paths: bytes) -> None:
+        prev = PENDING.get()
+        if prev is not None:
+            # This request's earlier intent, whose names moved while it was made (fusefs._settled):
+            # nothing was done under them. Settled now: a replay waiting for every intent to end
+            # would otherwise wait for it, while this request waits for the replay.
+            PENDING.set(None)
+            self.settle(prev)
         while not self._gate.is_set():  # a resync is replaying the namespace: wait for it
             await self._gate.wait()
         if self.mode == "live":

@@ -5,6 +5,8 @@ and the primary's agent can be "crashed" (its journal left as the disk has it)."
 
 from __future__ import annotations
 
+import asyncio
+import io
 import time
 from pathlib import Path
 
@@ -100,7 +102,24 @@ class ResyncMirror:
             if self.repl is not None and self.repl.mode == mode:
                 return
             time.sleep(0.02)
-        raise AssertionError(f"mode {self.repl.mode if self.repl else None}, wanted {mode}; events {self.events}")
+        raise AssertionError(f"mode {self.repl.mode if self.repl else None}, wanted {mode}; events {self.events}"
+                             f"{self._stuck()}")
+
+    def _stuck(self) -> str:
+        """Where the primary's tasks wait (a timed-out wait_mode says why, not only that)."""
+        r = self.repl
+        if r is None:
+            return ""
+
+        async def stacks() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.print_stack(limit=4, file=out)
+            return out.getvalue()
+
+        return (f"; phase {r.phase!r}, intents pending {dict(r.state.pending)}, namespace gate open "
+                f"{r._gate.is_set()}\n{self.call(stacks())}")
 
     def stop_primary(self) -> None:
         """Clean stop: unmount, end the stream, flush the journal."""

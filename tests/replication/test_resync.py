@@ -4,6 +4,7 @@ date (journal resync, or checksum resync when the journal is gone), while the ap
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from safekit_cloud.core.config import ReplicationConfig
+from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.journal import journal_path
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
@@ -417,6 +419,34 @@ def test_activity_log_records_the_directory_a_namespace_change_touches() -> None
     assert set(_activity_paths((b"a/x", b"b/y"))) == {b"a/x", b"b/y"}
 
 
+def test_an_intent_made_again_under_moved_names_leaves_nothing_for_a_replay_to_wait_for(tmp_path: Path) -> None:
+    """fusefs._settled makes an intent again when a rename moved its names meanwhile: the first
+    one must end then (a resync's replay waits for every intent to end, while this request would
+    wait for the replay: found as a hang by the random changes during a resync)."""
+    from safekit_cloud.core.replication.journal import Journal
+    from safekit_cloud.core.replication.replicator import PENDING
+    from safekit_cloud.core.replication.resync import MirrorReplicator
+
+    journal = Journal.load(tmp_path / "j", 4096)
+    journal.start_session(b"s" * 16, None)
+    journal.alone_from_session([], [])  # alone, with a journal worth keeping: intents are recorded
+    repl = MirrorReplicator(journal)
+    assert repl.journaling
+
+    async def request() -> None:  # one FUSE request, in its own context as the session runs it
+        await repl.intend_ns(b"d/x")  # while it waited, d was renamed to e:
+        await repl.intend_ns(b"e/x")  # made again under the new name
+        await repl.submit(m.Create(0, b"e/x", 0o100644, 0, 0))
+
+    async def scenario() -> None:
+        await asyncio.get_running_loop().create_task(request(), context=contextvars.copy_context())
+        await asyncio.wait_for(repl._idle.wait(), 2)  # what a replay waits for before it starts
+        assert PENDING.get() is None
+
+    asyncio.run(scenario())
+    assert not repl.state.pending
+
+
 @pytest.mark.parametrize("seed", range(int(os.environ.get("REPL_CRASH_ROUNDS", "3"))))
 def test_primary_crashed_under_concurrent_load_is_resynchronised_from_its_activity_log(
         mirror: ResyncMirror, seed: int) -> None:
@@ -637,6 +667,61 @@ def test_resync_after_random_changes_alone_leaves_identical_trees(mirror: Resync
         mirror.wait_mode("live")
         last = mirror.status()["last_resync"]
     assert last["mode"] == mode and last["result"] == "done", last
+    assert_same(mirror)
+
+
+@pytest.mark.parametrize("mode", ["journal", "checksum"])
+@pytest.mark.parametrize("seed", range(int(os.environ.get("REPL_CRASH_ROUNDS", "3"))))
+def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror, seed: int, mode: str) -> None:
+    """Three threads make random changes (renames with every flag, links, unlinks, directories,
+    attributes...) through the mount while a journal or a checksum resync runs under a bandwidth
+    cap, and on into live replication: the replica must end exactly like the primary."""
+    from .test_fuse_concurrency import random_op
+    from .test_fuse_mirror import apply_op
+
+    p = mirror.primary
+    populate(p)
+    go_live(mirror)
+    mirror.stop_secondary()
+    rng = random.Random(seed)
+    for _ in range(200):
+        try:
+            apply_op(p, random_op(rng))
+        except OSError:
+            pass
+    with open(p / "big", "r+b") as f:  # data enough for the resync to last while the threads run
+        f.write(rng.randbytes(8 * MiB))
+    if mode == "checksum":
+        mirror.crash_primary()
+        journal_path(mirror.state_p, "mod", NAME).unlink()
+        mirror.start_primary()
+    mirror.wait_mode("alone")
+    mirror.repl.bucket.rate = 24e6  # bytes/s
+    mirror.repl.bucket.burst = 256 * 1024
+    stop = threading.Event()
+
+    def worker(n: int) -> None:
+        r = random.Random(seed * 1000 + n)
+        while not stop.is_set():
+            try:
+                apply_op(p, random_op(r))
+            except OSError:
+                pass
+
+    mirror.start_secondary()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        mirror.connect()
+        mirror.wait_mode("live")
+        time.sleep(0.2)  # live replication with the threads still going
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert mirror.status()["last_resync"]["mode"] == mode
     assert_same(mirror)
 
 
