@@ -238,11 +238,12 @@ class ReplicatedFS(fuseabi.Operations):
             await self.repl.intend_meta(path, size)  # type: ignore[attr-defined]
 
     async def _carry_marks(self, victim: bytes) -> None:
-        """Before `victim` loses this name (unlink, rename over it) while alone: if its file has
-        other names, what the journal marked for this one is marked for them (replicator
-        `carry_marks`). Their names come from the kernel's lookups, else from a walk of the tree
-        (rare: a file with several names, changed alone, losing one)."""
-        if not getattr(self.repl, "journaling", False) or not self.repl.marked(victim):  # type: ignore[attr-defined]
+        """Before `victim` loses this name (unlink, rename over it) while alone or resynchronising:
+        if its file has other names, what is marked to send for this one is marked for them
+        (replicator `carry_marks`). Their names come from the kernel's lookups, else from a walk
+        of the tree (rare: a file with several names, changed alone, losing one)."""
+        marked = getattr(self.repl, "marked", None)  # journaling replicators, also in a resync's data phase
+        if marked is None or not marked(victim):
             return
         try:
             st = self._lstat(victim)
