@@ -35,6 +35,23 @@ def mirror(tmp_path: Path):
         yield mir
 
 
+def random_changes(root: Path, rng: random.Random, count: int | None = None,
+                   stop: threading.Event | None = None) -> None:
+    """Random operations on the tree through `root` (test_fuse_concurrency.random_op), `count` of
+    them or until `stop`; refused ones are ignored, as the application would see them refused
+    locally (a rename into itself, a missing name, the mount gone after a crash...)."""
+    from .test_fuse_concurrency import random_op
+    from .test_fuse_mirror import apply_op
+
+    done = 0
+    while (count is None or done < count) and (stop is None or not stop.is_set()):
+        try:
+            apply_op(root, random_op(rng))
+        except OSError:
+            pass
+        done += 1
+
+
 def assert_same(mir: ResyncMirror) -> None:
     a, b = describe_tree(mir.primary, mir.excluder), describe_tree(mir.replica)
     diff = {k: (str(a.get(k))[:160], str(b.get(k))[:160]) for k in set(a) | set(b) if a.get(k) != b.get(k)}
@@ -453,9 +470,6 @@ def test_primary_crashed_under_concurrent_load_is_resynchronised_from_its_activi
     """Four threads change a small tree (writes, renames, links, unlinks, attributes...) while the
     primary crashes under them: whatever was in flight, the journal resync built from the activity
     log must leave the replica exactly like the primary."""
-    from .test_fuse_concurrency import random_op
-    from .test_fuse_mirror import apply_op
-
     _live_with_activity_log(mirror)
     stop = threading.Event()
     # The workers go through the mount itself, held open: once the primary is gone their calls
@@ -464,15 +478,8 @@ def test_primary_crashed_under_concurrent_load_is_resynchronised_from_its_activi
     mount_fd = os.open(mirror.primary, os.O_PATH | os.O_DIRECTORY)
     through = Path(f"/proc/self/fd/{mount_fd}")
 
-    def worker(n: int) -> None:
-        rng = random.Random(seed * 100 + n)
-        while not stop.is_set():
-            try:
-                apply_op(through, random_op(rng))
-            except OSError:
-                pass  # refused, or the mount went away under it (the crash)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=random_changes, args=(through, random.Random(seed * 100 + n)),
+                                kwargs={"stop": stop}) for n in range(4)]
     for t in threads:
         t.start()
     time.sleep(0.4 + 0.2 * seed)
@@ -642,17 +649,10 @@ def test_resync_after_random_changes_alone_leaves_identical_trees(mirror: Resync
     then the peer returns (a journal resync), or the alone node crashes and loses its journal first
     (a checksum resync, its rename detection of files and directories included): the replica must
     end exactly like the primary."""
-    from .test_fuse_concurrency import random_op
-    from .test_fuse_mirror import apply_op
-
     rng = random.Random(seed)
     go_live(mirror)
     for phase in ("live", "alone"):
-        for _ in range(300):
-            try:
-                apply_op(mirror.primary, random_op(rng))
-            except OSError:
-                pass  # refused as it would be locally (a rename into itself, a missing name...)
+        random_changes(mirror.primary, rng, count=300)
         if phase == "live":
             assert_same(mirror)
             mirror.stop_secondary()
@@ -676,19 +676,12 @@ def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror,
     """Three threads make random changes (renames with every flag, links, unlinks, directories,
     attributes...) through the mount while a journal or a checksum resync runs under a bandwidth
     cap, and on into live replication: the replica must end exactly like the primary."""
-    from .test_fuse_concurrency import random_op
-    from .test_fuse_mirror import apply_op
-
     p = mirror.primary
     populate(p)
     go_live(mirror)
     mirror.stop_secondary()
     rng = random.Random(seed)
-    for _ in range(200):
-        try:
-            apply_op(p, random_op(rng))
-        except OSError:
-            pass
+    random_changes(p, rng, count=200)
     with open(p / "big", "r+b") as f:  # data enough for the resync to last while the threads run
         f.write(rng.randbytes(8 * MiB))
     if mode == "checksum":
@@ -699,17 +692,9 @@ def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror,
     mirror.repl.bucket.rate = 24e6  # bytes/s
     mirror.repl.bucket.burst = 256 * 1024
     stop = threading.Event()
-
-    def worker(n: int) -> None:
-        r = random.Random(seed * 1000 + n)
-        while not stop.is_set():
-            try:
-                apply_op(p, random_op(r))
-            except OSError:
-                pass
-
     mirror.start_secondary()
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    threads = [threading.Thread(target=random_changes, args=(p, random.Random(seed * 1000 + n)), kwargs={"stop": stop})
+               for n in range(3)]
     for t in threads:
         t.start()
     try:
