@@ -688,7 +688,7 @@ class MirrorReplicator:
             await self.journal.commit()
 
     def marked(self, path: bytes) -> bool:
-        """Something of `path` is still to be sent to the secondary (journaling modes only)."""
+        """Something of `path` is still to be sent to the secondary (never while live)."""
         mk = self.state.marks.get(path)
         return self.mode != "live" and mk is not None and not mk.empty
 
@@ -1258,7 +1258,7 @@ class MirrorReplicator:
                 st.add_meta(a)  # xattrs, and its times once its entries are made
                 tmap[a] = o  # there now, as ours
             ops.append(m.Rename(0, t_dir, o_dir))
-            for p in [q for q in tmap if q == t_dir or q.startswith(t_dir + b"/")]:
+            for p in [x for x in tmap if x == t_dir or x.startswith(t_dir + b"/")]:
                 new = o_dir + p[len(t_dir):]
                 tmap[new] = msgspec.structs.replace(tmap.pop(p), path=new)
         moved = _renamed_files(tmap, omap)  # our path -> the replica's path it was probably renamed from
