@@ -14,6 +14,9 @@ of no use: the run handed to the disk last time is dropped from it the next time
 its application reads it.
 
 Both calls are hints: a file system that ignores or refuses them (tmpfs, ramfs) loses nothing.
+They run inline, like the pwrite before them: sync_file_range can wait when the device's queue is
+full, as the pwrite itself waits when the kernel throttles dirty pages; a thread per 8 MiB would
+cost more than it could save, and the descriptor could be closed under it.
 """
 
 from __future__ import annotations
