@@ -360,6 +360,13 @@ def _live_with_activity_log(mirror: ResyncMirror) -> None:
         time.sleep(0.05)
 
 
+async def _open_epochs_naming(mirror: ResyncMirror, path: bytes) -> list[int]:
+    """Activity-log epochs not yet closed whose paths include `path`."""
+    assert mirror.repl is not None
+    j = mirror.repl.journal
+    return [e for e, paths in j.active.items() if e > j.closed and path in paths]
+
+
 async def _closed_epoch(mirror: ResyncMirror) -> int:
     assert mirror.repl is not None
     return mirror.repl.journal.closed
@@ -619,16 +626,12 @@ def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
     go_live(mirror)
     fd = os.open(p / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        # Each side stamps its own write: the same clock tick most of the time, until they differ
-        # (then only the Close would bring the replica our mtime).
-        for _ in range(2000):
-            os.pwrite(fd, random.randbytes(256 * 1024), 0)
-            if (p / "f").stat().st_mtime_ns != (mirror.replica / "f").stat().st_mtime_ns:
-                break
-        assert (p / "f").stat().st_mtime_ns != (mirror.replica / "f").stat().st_mtime_ns
-        written_in = mirror.call(_closed_epoch(mirror))
+        os.write(fd, b"written live")
+        # Each side stamps its own write, with its own clock: only the Close brings the replica our
+        # mtime. Made to differ here for certain (the same clock tick on one machine would hide it).
+        os.utime(mirror.replica / "f", ns=(10**18, 10**18))
         deadline = time.monotonic() + 20
-        while mirror.call(_closed_epoch(mirror)) <= written_in:  # the epoch that named f closed
+        while mirror.call(_open_epochs_naming(mirror, b"f")):  # until the epoch that named f closed
             assert time.monotonic() < deadline, "no activity-log epoch closed"
             time.sleep(0.05)
         mirror.stop_secondary()  # the link goes while the file is open
