@@ -53,8 +53,15 @@ def random_changes(root: Path, rng: random.Random, count: int | None = None,
 
 
 def assert_same(mir: ResyncMirror) -> None:
-    a, b = describe_tree(mir.primary, mir.excluder), describe_tree(mir.replica)
-    diff = {k: (str(a.get(k))[:160], str(b.get(k))[:160]) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    """The replica equals the primary. Retried for up to 3 s: close(2) returns before the kernel
+    sends FUSE the release, so the Close that carries a file's times may still be on its way."""
+    deadline = time.monotonic() + 3
+    while True:
+        a, b = describe_tree(mir.primary, mir.excluder), describe_tree(mir.replica)
+        diff = {k: (str(a.get(k))[:160], str(b.get(k))[:160]) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        if not diff or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert not diff, diff
 
 
