@@ -812,8 +812,7 @@ class ReplicatedFS(fuseabi.Operations):
         try:
             if f.epoch == self.repl.epoch and self.repl.active:
                 st = os.fstat(f.fd)
-                await self.repl.submit(m.Close(0, fh, atime_ns=m.wire_time(st.st_atime_ns),
-                                               mtime_ns=m.wire_time(st.st_mtime_ns)))
+                await self.repl.submit(m.Close(0, fh, **m.wire_times(st)))
             elif f.epoch >= 0 and self.repl.active:
                 # Changed through this handle while the peer held it, which a lost link made it
                 # forget: our times would never reach it by the Close. Sent by name instead
@@ -822,8 +821,7 @@ class ReplicatedFS(fuseabi.Operations):
                                               lambda ps: self._intend_meta(ps[0], False))
                 if self._replicated(path):
                     st = os.fstat(f.fd)
-                    await self.repl.submit(m.SetAttr(0, path, atime_ns=m.wire_time(st.st_atime_ns),
-                                                     mtime_ns=m.wire_time(st.st_mtime_ns)))
+                    await self.repl.submit(m.SetAttr(0, path, **m.wire_times(st)))
         except OSError:
             pass
         finally:

@@ -10,6 +10,7 @@ decoding: a malformed frame never reaches the code that touches files.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import msgspec
@@ -42,6 +43,11 @@ TimeNs = Annotated[int, Meta(ge=-(2**62), le=2**62)]
 def wire_time(ns: int) -> int:
     """A file time clamped to what TimeNs carries (years 1823..2116): ext4 stores times beyond."""
     return min(max(ns, -(2**62)), 2**62)
+
+
+def wire_times(st: os.stat_result) -> dict[str, int]:
+    """`st`'s access and modification times as Close and SetAttr carry them (keyword arguments)."""
+    return {"atime_ns": wire_time(st.st_atime_ns), "mtime_ns": wire_time(st.st_mtime_ns)}
 
 
 class _Msg(Struct, array_like=True, tag_field="t", frozen=True, forbid_unknown_fields=True):

@@ -1407,7 +1407,7 @@ class MirrorReplicator:
                                  mtime_ns=m.wire_time(st.st_mtime_ns)))
         else:
             self._send(m.SetAttr(0, p, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-                                 atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns)))
+                                 **m.wire_times(st)))
         target = b"/proc/self/fd/%d/%s" % (self.root, p) if p else b"/proc/self/fd/%d" % self.root
         follow = not p
         try:
@@ -1482,7 +1482,7 @@ class MirrorReplicator:
                 if opened and self.sender is not None:
                     if mk.alive:
                         st = os.fstat(fd)
-                        self._send(m.Close(0, hid, atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns)))
+                        self._send(m.Close(0, hid, **m.wire_times(st)))
                     else:
                         self._send(m.Close(0, hid))
             except LinkLost:

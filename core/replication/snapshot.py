@@ -49,7 +49,7 @@ def _file_ops(root: int, path: bytes, st: os.stat_result) -> Iterator[m.Op]:
     finally:
         os.close(fd)
     yield from _xattrs(root, path)
-    yield m.Close(0, hid, atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns))
+    yield m.Close(0, hid, **m.wire_times(st))
 
 
 # A replicated name, outside the tree being copied, of the file `path` whose stat is given; or None.
@@ -92,7 +92,7 @@ def _tree_ops(root: int, path: bytes, exclude: Excluder | None, linked_name: Lin
         for name in names:
             yield from _tree_ops(root, path + b"/" + name, exclude, linked_name, copied)
         yield from _xattrs(root, path)
-        yield m.SetAttr(0, path, atime_ns=m.wire_time(st.st_atime_ns), mtime_ns=m.wire_time(st.st_mtime_ns))
+        yield m.SetAttr(0, path, **m.wire_times(st))
     elif kind == stat.S_IFLNK:
         yield m.Symlink(0, path, os.readlink(path, dir_fd=root), st.st_uid, st.st_gid)
     elif kind in (stat.S_IFIFO, stat.S_IFSOCK):

@@ -86,6 +86,15 @@ def go_live(mir: ResyncMirror) -> None:
     mir.wait_mode("live")
 
 
+def alone_after_sync(mirror: ResyncMirror) -> Path:
+    """The populated tree replicated, then the secondary gone: the primary goes on alone.
+    Returns the primary's directory."""
+    populate(mirror.primary)
+    go_live(mirror)
+    mirror.stop_secondary()
+    return mirror.primary
+
+
 def crash_alone(mirror: ResyncMirror, lose_journal: bool) -> None:
     """kill -9 of the alone node's agent: only what was made durable remains; `lose_journal`: its
     state directory is lost too (the next resync compares checksums)."""
@@ -150,10 +159,7 @@ def test_journal_resync_sends_what_changed(mirror: ResyncMirror) -> None:
 
 @pytest.mark.parametrize("journal_kept", [True, False], ids=["journal-kept", "journal-lost"])
 def test_resync_after_a_crash_of_the_alone_node(mirror: ResyncMirror, journal_kept: bool) -> None:
-    p = mirror.primary
-    populate(p)
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)
     changed = change_alone(p)
     crash_alone(mirror, lose_journal=not journal_kept)
     f4 = (mirror.replica / "d" / "f4").stat().st_ino
@@ -176,10 +182,7 @@ def test_resync_after_a_crash_of_the_alone_node(mirror: ResyncMirror, journal_ke
 
 @pytest.mark.parametrize("mode", ["journal", "checksum"])
 def test_writes_during_the_resync_end_up_identical(mirror: ResyncMirror, mode: str) -> None:
-    p = mirror.primary
-    populate(p)
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)
     with open(p / "big", "r+b") as f:  # a lot to resend: the resync lasts while the writer runs
         f.seek(4 * MiB)
         f.write(random.Random(3).randbytes(12 * MiB))
@@ -251,10 +254,7 @@ def test_writes_during_the_resync_end_up_identical(mirror: ResyncMirror, mode: s
 
 
 def test_interrupted_resync_leaves_the_target_not_up_to_date(mirror: ResyncMirror) -> None:
-    p = mirror.primary
-    populate(p)
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)
     with open(p / "big", "r+b") as f:
         f.write(random.Random(4).randbytes(16 * MiB))
     mirror.wait_mode("alone")
@@ -582,10 +582,7 @@ def test_journal_resync_keeps_changes_made_through_a_name_removed_alone(mirror: 
     rename, renamed to an excluded name, exchanged with one): the change must reach the other names
     (the replica's share the old data). d/hard was linked before the mount (found by a walk), the
     others through it (known to the mount)."""
-    p = mirror.primary
-    populate(p)  # d/f2 and d/hard: one file
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)  # populate()d: d/f2 and d/hard are one file
     with open(p / "d" / "f2", "r+b") as f:  # changed through d/f2, which then goes
         f.write(b"changed alone" * 100)
     os.unlink(p / "d" / "f2")
@@ -686,10 +683,7 @@ def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror,
     """Three threads make random changes (renames with every flag, links, unlinks, directories,
     attributes...) through the mount while a journal or a checksum resync runs under a bandwidth
     cap, and on into live replication: the replica must end exactly like the primary."""
-    p = mirror.primary
-    populate(p)
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)
     rng = random.Random(seed)
     random_changes(p, rng, count=200)
     with open(p / "big", "r+b") as f:  # data enough for the resync to last while the threads run
@@ -721,10 +715,7 @@ def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror,
 
 
 def test_checksum_resync_renames_a_renamed_large_file_instead_of_sending_it(mirror: ResyncMirror) -> None:
-    p = mirror.primary
-    populate(p)
-    go_live(mirror)
-    mirror.stop_secondary()
+    p = alone_after_sync(mirror)
     os.rename(p / "big", p / "d" / "big-renamed")  # while alone
     (p / "d" / "same-size").write_bytes(b"\0" * BIG)  # same size, another time: not a rename
     crash_alone(mirror, lose_journal=True)  # no journal: a checksum resync
