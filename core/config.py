@@ -230,6 +230,13 @@ class ReplicationConfig(Strict):
                     "and the resync resends them whole (4096 matches page-sized writes; larger blocks mean a "
                     "smaller journal but more bytes resent for scattered small writes). A power of two.",
     )
+    busy_poll_us: float = Field(
+        200, ge=0, le=10_000,
+        description="Longest time, in microseconds, a replication agent polls for the peer's answer or the next "
+                    "request before it sleeps: cuts the latency of each synchronous write (a wake-up costs more "
+                    "than the work) for some CPU while writes stream. Adaptive: a quiet stream stops polling. "
+                    "0: never poll.",
+    )
     resync_bandwidth: float | None = Field(
         None, gt=0,
         description="Cap on the resync's file data, in MB/s (token bucket); none: as fast as the link goes. "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import messages as m
+from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
@@ -177,6 +178,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--generation", type=lambda v: int(v, 0), default=None,
                     help="the engine's data generation (primary: the one shared when replication stopped)")
     ap.add_argument("--fullsync", action="store_true", help="secondary: forget the lineage (compare everything)")
+    ap.add_argument("--busy-poll-us", type=float, default=DEFAULT_MAX_WINDOW * 1e6,
+                    help="longest time the event loop polls before it sleeps, in microseconds (0: never)")
     ap.add_argument("--retry", type=float, default=0.5, help="primary: seconds between connection attempts")
     ap.add_argument("--no-protect", dest="protect", action="store_false",
                     help="secondary: leave the directories writable for applications (no read-only bind mount)")
@@ -208,7 +211,10 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to stderr
     logging.basicConfig(level=os.environ.get("SAFEKIT_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.exit(asyncio.run(amain(sys.argv[1:])))
+    argv = sys.argv[1:]
+    window = parse(argv).busy_poll_us / 1e6
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(window)) as runner:
+        sys.exit(runner.run(amain(argv)))
 
 
 if __name__ == "__main__":

@@ -214,8 +214,8 @@ class Applier:
     def _fsync(self, op: m.Fsync) -> None:
         if op.hid is not None:
             fd = self._fd(op.hid)
-            _set_times_fd(fd, op.atime_ns, op.mtime_ns)
             (os.fdatasync if op.datasync else os.fsync)(fd)
+            _set_times_fd(fd, op.atime_ns, op.mtime_ns)
             return
         fd = open_beneath(self.root, op.path or b"", os.O_RDONLY | os.O_DIRECTORY)
         try:

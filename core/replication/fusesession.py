@@ -9,8 +9,14 @@ where the time goes):
   one preallocated buffer until EAGAIN (the kernel hands out one request per read);
 - each request's handler coroutine runs its first step inline, in its own `contextvars` context
   (fusefs keeps per-request state in a ContextVar): most requests (getattr, lookup, read, release...)
-  complete there and are answered at once, with no task. One that suspends (a write waiting for the
-  peer) is continued by a task created in that same context, owned by the session;
+  complete there and are answered at once, with no task. One that suspends on a future (a write
+  waiting for the peer's acknowledgement) is parked on it: the future's done callback runs the next
+  step, in the same context, and replies when the coroutine returns. No Task: a Task would cost two
+  more event-loop turns per request (its first step and its done callback are each scheduled with
+  call_soon), and each turn is an epoll_wait. A handler that suspends on anything else (a bare
+  `await asyncio.sleep(0)`) is continued by a Task owned by the session. Parked steps run outside
+  any Task: handlers must not use `asyncio.timeout()` or `asyncio.current_task()` directly (wrap
+  such code in a task);
 - replies go out with one `os.writev` (header + payload). An ENOENT from the kernel on reply means
   the request was interrupted or aborted meanwhile: normal.
 
@@ -80,6 +86,33 @@ def mount_fuse(fd: int, mountpoint: Path, fsname: str, subtype: str) -> None:
 def umount_detach(mountpoint: Path) -> None:
     """Lazy unmount: gone from the namespace at once, even with files open or requests in flight."""
     umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW)
+
+
+def _is_future(obj: Any) -> bool:
+    """What asyncio's Task accepts as a suspension point: a future yielded by `await`."""
+    return bool(getattr(obj, "_asyncio_future_blocking", None))
+
+
+class _Parked:
+    """A handler coroutine suspended on a future; `resume` (that future's done callback, run in the
+    request's context) is where the session takes it up again."""
+
+    __slots__ = ("coro", "ctx", "encode", "fut", "opcode", "session", "unique")
+
+    def __init__(self, session: FuseSession, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context,
+                 unique: int | None, encode: Encoder, opcode: int) -> None:
+        self.session, self.coro, self.ctx = session, coro, ctx
+        self.unique, self.encode, self.opcode = unique, encode, opcode
+        self.fut: asyncio.Future[Any] | None = None
+
+    def park(self, fut: asyncio.Future[Any]) -> None:
+        fut._asyncio_future_blocking = False  # taken, as a Task does
+        self.fut = fut
+        fut.add_done_callback(self.resume, context=self.ctx)
+
+    def resume(self, fut: asyncio.Future[Any]) -> None:
+        self.fut = None
+        self.session._resume(self, fut)
 
 
 class _Resumed(collections.abc.Coroutine):  # type: ignore[type-arg]
@@ -186,6 +219,7 @@ class FuseSession:
         self._initialized: asyncio.Future[None] | None = None
         self._ended: asyncio.Future[None] | None = None
         self._tasks: dict[asyncio.Task[Any], tuple[int | None, Encoder]] = {}
+        self._parked: set[_Parked] = set()
         self._reported: set[int] = set()
         self._table = self._handlers()
 
@@ -216,7 +250,8 @@ class FuseSession:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Requests suspended (parked or continued by a task)."""
+        return len(self._tasks) + len(self._parked)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop serving: cancel the requests in progress (their callers get an error when the
@@ -224,11 +259,24 @@ class FuseSession:
         nothing can hang on it)."""
         self._closing = True
         self._stop_reading()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            for parked in list(self._parked):
+                if parked.fut is not None and parked.fut.remove_done_callback(parked.resume):
+                    # Not resumed yet: handed to a task, which cancellation reaches like any other.
+                    self._parked.discard(parked)
+                    parked.fut._asyncio_future_blocking = True
+                    self._continue_in_task(parked.coro, parked.ctx, parked.unique, parked.encode,
+                                           parked.opcode, parked.fut)
+            # (a parked request whose future is already done resumes on its own; if it suspends
+            # again, it gets a task, cancelled at once while closing)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            else:
+                await asyncio.sleep(0)
         if self._mounted:
             self._mounted = False
             try:
@@ -327,17 +375,65 @@ class FuseSession:
         except asyncio.CancelledError:
             self._send_error(unique, errno.EINTR)
             return
+        self._suspended(coro, ctx, unique, encode, opcode, first)
+
+    def _suspended(self, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, unique: int | None,
+                   encode: Encoder, opcode: int, yielded: Any) -> None:
+        """`coro` gave `yielded` up: park it on that future, or continue it in a task."""
+        if _is_future(yielded) and not self._closing:
+            parked = _Parked(self, coro, ctx, unique, encode, opcode)
+            self._parked.add(parked)
+            parked.park(yielded)
+        else:
+            task = self._continue_in_task(coro, ctx, unique, encode, opcode, yielded)
+            if self._closing:
+                task.cancel()
+        if self.in_flight >= self.max_tasks:
+            self._stop_reading()
+
+    def _continue_in_task(self, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, unique: int | None,
+                          encode: Encoder, opcode: int, yielded: Any) -> asyncio.Task[Any]:
         assert self._loop is not None
-        task = self._loop.create_task(_Resumed(coro, first), context=ctx)  # type: ignore[arg-type]
+        task = self._loop.create_task(_Resumed(coro, yielded), context=ctx)  # type: ignore[arg-type]
         self._tasks[task] = (unique, encode)
         task.add_done_callback(functools.partial(self._task_done, opcode))
-        if len(self._tasks) >= self.max_tasks:
-            self._stop_reading()
+        return task
+
+    def _resume(self, parked: _Parked, fut: asyncio.Future[Any]) -> None:
+        """The next step of a parked handler, as a Task's would be: the future's exception (a
+        cancellation included) is thrown in, else the coroutine is sent None and takes the result
+        from the future itself."""
+        self._parked.discard(parked)
+        coro, unique = parked.coro, parked.unique
+        try:
+            if fut.cancelled():
+                yielded = coro.throw(asyncio.CancelledError())
+            elif fut.exception() is not None:
+                yielded = coro.throw(fut.exception())  # type: ignore[arg-type]
+            else:
+                yielded = coro.send(None)
+        except StopIteration as stop:
+            self._finished()
+            self._reply_result(unique, parked.encode, stop.value, parked.opcode)
+            return
+        except Exception as exc:  # noqa: BLE001 - FUSEError or a bug: this request fails, not the session
+            self._finished()
+            self._reply_exception(unique, exc, parked.opcode)
+            return
+        except asyncio.CancelledError:
+            self._finished()
+            if not self._closing:
+                self._send_error(unique, errno.EINTR)
+            return
+        self._suspended(coro, parked.ctx, unique, parked.encode, parked.opcode, yielded)
+
+    def _finished(self) -> None:
+        if self.in_flight < self.max_tasks:
+            self._resume_reading()
 
     def _task_done(self, opcode: int, task: asyncio.Task[Any]) -> None:
         unique, encode = self._tasks.pop(task)
-        if len(self._tasks) < self.max_tasks:
-            self._resume_reading()
+        self._finished()
         if task.cancelled():
             if not self._closing:  # cancelled by someone else: the caller must not wait forever
                 self._send_error(unique, errno.EINTR)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the config layer
     from safekit_cloud.core.config import ReplicationConfig
 
+from .busypoll import DEFAULT_MAX_WINDOW
 from .mount import unmount
 from .protect import marker_path as protect_marker, unprotect
 from .verify import VerifyError, verify_module
@@ -242,7 +243,8 @@ class ReplicationService:
     async def _spawn(self, name: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "safekit_cloud.core.replication.agent", "--module", self.module,
                "--state-dir", str(self.state_dir), "--protocol", self.config.protocol,
-               "--timeout", str(self.timeout), *argv]
+               "--timeout", str(self.timeout),
+               f"--busy-poll-us={getattr(self.config, 'busy_poll_us', DEFAULT_MAX_WINDOW * 1e6):g}", *argv]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C to the daemon must not reach the agent before its unmount

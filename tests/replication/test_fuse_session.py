@@ -513,7 +513,7 @@ def test_stopping_with_a_request_in_flight_does_not_hang(tmp_path: Path) -> None
             deadline = time.monotonic() + 10
             while mount.session is not None and mount.session.in_flight != 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert mount.session is not None and mount.session.in_flight == 1  # suspended: a task
+            assert mount.session is not None and mount.session.in_flight == 1  # suspended: parked
             started = time.monotonic()
             loop.call(mount.stop(), timeout=20)
             assert time.monotonic() - started < 10
@@ -524,3 +524,87 @@ def test_stopping_with_a_request_in_flight_does_not_hang(tmp_path: Path) -> None
                 writer.kill()
                 writer.wait()
     assert not mounted_fuse_at(d)
+
+
+class _Answering:
+    """A replicator whose peer answers each operation later, on the event loop: with `outcome`
+    (an exception set on the future the handler waits on, or success), optionally after a bare
+    `await asyncio.sleep(0)` first (a suspension that is not a future: continued by a task)."""
+
+    active = True
+    epoch = 1
+
+    def __init__(self, outcome: BaseException | None, yield_first: bool = False) -> None:
+        self.outcome, self.yield_first = outcome, yield_first
+        self.answered = 0
+
+    async def submit(self, *ops: Any) -> bool:
+        if self.yield_first:
+            await asyncio.sleep(0)
+        fut = asyncio.get_running_loop().create_future()
+        if self.outcome is None:
+            asyncio.get_running_loop().call_later(0.01, fut.set_result, True)
+        else:
+            asyncio.get_running_loop().call_later(0.01, fut.set_exception, self.outcome)
+        try:
+            return await fut
+        finally:
+            self.answered += 1
+
+
+@pytest.mark.parametrize("yield_first", [False, True], ids=["parked", "task"])
+def test_a_request_resumed_after_waiting_gets_the_outcome_of_what_it_waited_for(
+        tmp_path: Path, yield_first: bool) -> None:
+    from safekit_cloud.core.replication.fuseabi import FUSEError
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"x" * 10)
+    failing = _Answering(FUSEError(errno.EDQUOT), yield_first)
+    with plain_mount(d, lambda fd: ReplicatedFS(fd, failing)) as (mount, _):  # type: ignore[arg-type]
+        fd = os.open(d / "f", os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as exc:
+                os.pwrite(fd, b"y", 0)
+            assert exc.value.errno == errno.EDQUOT
+            assert failing.answered >= 1
+            failing.outcome = None  # the peer answers again: writes succeed
+            for i in range(20):
+                assert os.pwrite(fd, bytes([65 + i]), i) == 1
+        finally:
+            os.close(fd)
+        assert (d / "f").read_bytes()[:10] == bytes(range(65, 75))
+        assert _settles_to_zero(mount)  # the RELEASE after close(2) waits for its answer too
+
+
+def test_more_waiting_requests_than_the_session_takes_at_once_all_complete(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    n = 40
+    for i in range(n):
+        (d / f"f{i}").write_bytes(b"-")
+    slow = _Answering(None)
+    with plain_mount(d, lambda fd: ReplicatedFS(fd, slow)) as (mount, _):  # type: ignore[arg-type]
+        assert mount.session is not None
+        mount.session.max_tasks = 4  # beyond 4 suspended requests, /dev/fuse is not read
+
+        written: list[int] = []
+
+        def write(i: int) -> None:
+            fd = os.open(d / f"f{i}", os.O_WRONLY)
+            try:
+                written.append(os.pwrite(fd, str(i % 10).encode(), 0))
+            finally:
+                os.close(fd)
+
+        assert run_in_threads(write, n, 20) == []  # none hung
+        assert written == [1] * n
+        assert [(d / f"f{i}").read_bytes() for i in range(n)] == [str(i % 10).encode() for i in range(n)]
+        assert _settles_to_zero(mount)
+
+
+def _settles_to_zero(mount: FuseMount) -> bool:
+    deadline = time.monotonic() + 10
+    while mount.session is not None and mount.session.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return mount.session is not None and mount.session.in_flight == 0

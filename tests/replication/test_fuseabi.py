@@ -269,7 +269,7 @@ class Capture(FuseSession):
         self.buf[:len(raw)] = b"\xee" * len(raw)  # the buffer is reused: nothing may still point into it
 
 
-def test_dispatch_replies_inline_and_continues_suspended_handlers_as_tasks() -> None:
+def test_dispatch_replies_inline_and_parks_suspended_handlers_on_their_futures() -> None:
     async def main() -> None:
         ops = FakeOps()
         s = Capture(ops)
@@ -283,9 +283,9 @@ def test_dispatch_replies_inline_and_continues_suspended_handlers_as_tasks() -> 
         assert s.replies[-1] == (3, -errno.ENOENT, b"")
         s.feed(Opcode.LOOKUP, 4, 1, b"bug\0")  # a bug fails one call with EIO, the session goes on
         assert s.replies[-1] == (4, -errno.EIO, b"")
-        for fh in (10, 11):  # two writes that wait: tasks, each in its own context
+        for fh in (10, 11):  # two writes that wait: parked, each in its own context, no task
             s.feed(Opcode.WRITE, 100 + fh, 5, abi.WRITE_IN.pack(fh, 4096, 3, 0, 0, 0, 0) + b"abc")
-        assert len(s._tasks) == 2 and len(s.replies) == 4
+        assert s.in_flight == 2 and not s._tasks and len(s.replies) == 4
         s.feed(Opcode.FORGET, 200, 9, abi.FORGET_IN.pack(2))  # no reply
         s.feed(Opcode.BATCH_FORGET, 201, 0, abi.BATCH_FORGET_IN.pack(2, 0) + abi.FORGET_ONE.pack(3, 1)
                + abi.FORGET_ONE.pack(4, 5))
@@ -298,7 +298,7 @@ def test_dispatch_replies_inline_and_continues_suspended_handlers_as_tasks() -> 
         assert sorted(writes) == [(10, 4096, b"abc", 10), (11, 4096, b"abc", 11)]  # data copied, contexts apart
         assert sorted(r[:2] for r in s.replies[4:]) == [(110, 0), (111, 0)]
         assert all(abi.WRITE_OUT.unpack(r[2]) == (3, 0) for r in s.replies[4:])
-        assert not s._tasks and CURRENT.get() == 0
+        assert s.in_flight == 0 and CURRENT.get() == 0
 
     asyncio.run(main())
 
