@@ -215,6 +215,10 @@ class Applier:
         if op.hid is not None:
             fd = self._fd(op.hid)
             (os.fdatasync if op.datasync else os.fsync)(fd)
+            # The times after the fsync: a utime before it dirtied the inode again, so this fsync
+            # needed a journal commit of its own after the primary's (one disk here). Data and size
+            # are durable when the ack leaves; the times follow with the next commit, and a power
+            # loss before that leaves the lineage unclean, so the resync compares them.
             _set_times_fd(fd, op.atime_ns, op.mtime_ns)
             return
         fd = open_beneath(self.root, op.path or b"", os.O_RDONLY | os.O_DIRECTORY)
