@@ -2,7 +2,8 @@
 
 `python -m bench.fuse_only DIR` mounts the mirror's pass-through file system (the same
 ReplicatedFS and FUSE session as the primary agent, with nothing to replicate to) over DIR, prints
-`ready`, and serves until SIGTERM or SIGINT, then unmounts. replication_bench.py runs every workload
+`ready`, and serves until SIGTERM or SIGINT, then unmounts. Its event loop polls before sleeping
+as the agents' do (busypoll.py, the default window). replication_bench.py runs every workload
 on it too: the gap between this column and local is the FUSE layer's cost, the gap between this
 column and the mirror is the replication's.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from safekit_cloud.core.replication.busypoll import new_event_loop
 from safekit_cloud.core.replication.fusefs import ReplicatedFS
 from safekit_cloud.core.replication.mount import FuseMount
 
@@ -37,4 +39,5 @@ async def serve(directory: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         sys.exit("usage: python -m bench.fuse_only DIRECTORY (an existing directory to mount over)")
-    asyncio.run(serve(Path(sys.argv[1])))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(Path(sys.argv[1])))
