@@ -124,7 +124,7 @@ class DaemonClient:
         _, body = self._request("POST", path, accept=(200, 409), timeout=timeout)
         try:
             return msgspec.json.decode(body, type=CommandResult)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec's error for bad UTF-8
             raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
 
     def verify(self, module: str, timeout: float = VERIFY_TIMEOUT) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class DaemonClient:
 def decode_status(body: bytes) -> NodeOut:
     try:
         return msgspec.json.decode(body, type=NodeOut)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec's error for bad UTF-8
         raise ClientError(f"the daemon's status does not match this CLI's schema: {exc}") from None
 
 

@@ -159,7 +159,7 @@ class Engine:
         if status.payload is not None:
             try:
                 self._announced = {m.name: m for m in self._decoder.decode(status.payload).modules}
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # (msgspec's error for bad UTF-8)
                 # Authenticated but undecodable: a peer of another version. Treat its modules as unknown.
                 log.warning("peer %s: unreadable module announcement (%s)", self.peer.name, exc)
         for runtime in self.modules.values():

@@ -470,7 +470,7 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
             break
         try:
             out.append(_dec.decode(payload))
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
             break
         pos = end
     return out, len(data) - pos

@@ -441,7 +441,8 @@ def encode_into(msg: Message, buf: bytearray, offset: int) -> None:
 def decode(payload: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(payload)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+    # ValidationError is a DecodeError; invalid UTF-8 in a string field raises UnicodeDecodeError
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,11 @@ def test_coarsen_keeps_every_path_covered() -> None:
         assert len(out) <= limit
         assert all(any(p == t or p.startswith(t + b"/") or not t for t in out) for p in paths)
     assert jn.coarsen(paths, 1) == [b""]
+
+
+def test_a_record_whose_string_is_not_utf8_ends_the_log_like_a_torn_tail() -> None:
+    good = jn.encode_record(jn.RMarks(b"a", [1, 2]))
+    payload = b"\x92\xa5state\xa2\xff\xfe"  # right checksum, a string field (kind) that is not UTF-8
+    bad = jn._HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+    records, rest = jn.read_records(good + bad)
+    assert [type(r) for r in records] == [jn.RMarks] and rest == len(bad)

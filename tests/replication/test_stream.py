@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.apply import Applier
 from safekit_cloud.core.replication.auth import client_handshake
@@ -156,6 +156,7 @@ async def _authenticated_raw(port: int, payload: Callable[[FrameDecoder], bytes]
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(junk=st.binary(min_size=1, max_size=512), valid_prefix=st.booleans())
+@example(junk=b"\x91\xa2\x00\x80", valid_prefix=False)  # not UTF-8 where a string is expected: was a crash
 def test_fuzzed_frames_drop_connection_and_receiver_survives(
     dirs: tuple[Path, Path, Path], junk: bytes, valid_prefix: bool
 ) -> None:

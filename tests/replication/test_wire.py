@@ -91,6 +91,8 @@ def test_split_write() -> None:
     msgspec.msgpack.encode(["write", 1, 1, 0, b"x" * (m.MAX_CHUNK + 1), False]),
     msgspec.msgpack.encode(["rename", 1, b"a", b"b", 99]),
     msgspec.msgpack.encode({"t": "ack", "received": 1}),
+    b"\x91\xa2\x00\x80",  # a string that is not UTF-8 (msgspec raises UnicodeDecodeError): found by fuzzing
+    b"\x92\xa5error\xa2\xff\xfe",  # an Error whose message is not UTF-8
 ])
 def test_malformed_payloads_are_protocol_errors(payload: bytes) -> None:
     with pytest.raises(m.ProtocolError):

@@ -427,3 +427,11 @@ def test_init_interactive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     module = cfg.module("app")
     assert module.vip is not None and module.vip.settings["interface"] == "eth1"
     assert module.scripts.directory is None and module.replication.directories == [Path("/srv/data")]
+
+
+@pytest.mark.parametrize("body", [b'{"node": "\xff\xfe"}', b"not json", b'{"node": 1}'])
+def test_a_status_the_cli_cannot_read_is_a_clear_error_not_a_traceback(body: bytes) -> None:
+    from safekit_cloud.core.client import ClientError, decode_status
+
+    with pytest.raises(ClientError, match="does not match this CLI's schema"):
+        decode_status(body)
