@@ -462,6 +462,20 @@ def split_write(op: Write) -> list[Write]:
     ]
 
 
+def describe(op: Op) -> str:
+    """One line naming an operation for a log: its type and fields, payloads by their size only."""
+    parts = []
+    for name in op.__struct_fields__:
+        value = getattr(op, name)
+        if name in ("data", "value") and isinstance(value, (bytes, bytearray, memoryview)):
+            parts.append(f"{name}=<{len(value)} bytes>")
+        elif isinstance(value, (list, tuple)) and len(value) > 8:
+            parts.append(f"{name}=<{len(value)} items>")
+        else:
+            parts.append(f"{name}={value!r}")
+    return f"{type(op).__name__}({', '.join(parts)})"
+
+
 def op_size(op: Op) -> int:
     """Bytes an operation weighs in the in-flight bound (data plus a fixed overhead)."""
     return (len(op.data) if isinstance(op, Write) else 0) + 64

@@ -299,7 +299,12 @@ class _Apply(asyncio.BufferedProtocol):
                     raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
                 if msg.seq != expected:
                     raise m.ProtocolError(f"sequence {msg.seq} where {expected} was expected")
-                applier.apply(msg)
+                try:
+                    applier.apply(msg)
+                except (m.ProtocolError, OSError) as exc:
+                    # Which operation the replica refused: what an operator (or a test) needs to see.
+                    log.error("%s: applying %s failed: %s", self._stats.directory, m.describe(msg), exc)
+                    raise
                 expected += 1
                 if applier.replies:  # answers to resync requests, before the Ack that covers them
                     for reply in applier.replies:

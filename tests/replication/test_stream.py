@@ -111,7 +111,8 @@ def test_hostile_ops_never_touch_outside(dirs: tuple[Path, Path, Path], root_fd:
     assert not (replica / "stolen").exists()
 
 
-def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path]) -> None:
+def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     _, replica, outside = dirs
     _plant(replica, outside)
 
@@ -127,6 +128,8 @@ def test_hostile_op_over_the_wire_drops_the_stream(dirs: tuple[Path, Path, Path]
     assert not ok and reason and "receiver error" in reason
     assert "ELOOP" in str(status) or "Too many levels" in str(status) or "symbolic" in str(status)
     assert not (outside / "new").exists()
+    # The log names the operation the replica refused, payloads by size only.
+    assert "applying Create(seq=1, path=b'dirlink/new'" in caplog.text
 
 
 def _tagged_raw(dec: FrameDecoder, payload: bytes) -> bytes:
