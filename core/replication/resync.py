@@ -1316,13 +1316,14 @@ class MirrorReplicator:
                     st.add_meta(p)  # xattrs, and its times once its entries are made
                 elif o.kind == "l":
                     ops.append(m.Symlink(0, p, o.target or b"", o.uid, o.gid))
+                    st.add_meta(p)  # its mtime
                 else:
                     ops.append(m.Mknod(0, p, o.mode, 0, o.uid, o.gid))
                     if o.xattrs:
                         st.add_meta(p)
                 continue
             if (o.kind != "l" and o.mode != t.mode) or o.uid != t.uid or o.gid != t.gid or o.xattrs != t.xattrs \
-                    or (o.kind == "d" and o.mtime_ns != t.mtime_ns):
+                    or (o.kind in ("d", "l") and o.mtime_ns != t.mtime_ns):
                 st.add_meta(p)
             if o.kind != "f":
                 continue
@@ -1398,7 +1399,7 @@ class MirrorReplicator:
             return
         p = mk.path
         if stat.S_ISLNK(st.st_mode):
-            self._send(m.SetAttr(0, p, uid=st.st_uid, gid=st.st_gid))
+            self._send(m.SetAttr(0, p, uid=st.st_uid, gid=st.st_gid, mtime_ns=m.wire_time(st.st_mtime_ns)))
             return
         if stat.S_ISDIR(st.st_mode):
             # After the namespace phases: the directory's own changes there are done (live changes

@@ -1,11 +1,11 @@
 """Verify: compare the two replicas of a module online, by content hash and metadata.
 
 Each side builds a *manifest* of its tree: for every entry (the root included) its type, permission
-bits, owner, and for files the size, mtime and an xxh3-128 hash of the content; symlink targets;
+bits, owner, and mtime; for files the size and an xxh3-128 hash of the content; symlink targets;
 xattrs (name and xxh3-64 of the value); for files with several names, which earlier name they are
-a link of. Directory sizes and times, atimes and symlink times are not compared (they are not
-replicated, see docs/replication.md); device nodes are never replicated and not listed; entries
-matching the module's exclude patterns are left out on both sides.
+a link of. Directory sizes and atimes are not compared (they are not replicated, see
+docs/replication.md); device nodes are never replicated and not listed; entries matching the
+module's exclude patterns are left out on both sides.
 
 How the secondary's manifest is obtained: the primary opens a *separate short connection* to the
 secondary's receiver (same port, same HMAC handshake and per-frame authentication as the stream)
@@ -166,7 +166,7 @@ class Scanner:
             except (FileNotFoundError, OSError):
                 return None
             entry = m.Entry(path, "l", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                            target=target, xattrs=_xattrs(proc), link=link)
+                            mtime_ns=m.wire_time(st.st_mtime_ns), target=target, xattrs=_xattrs(proc), link=link)
         elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
             entry = m.Entry(path, "p" if kind == stat.S_IFIFO else "s", stat.S_IMODE(st.st_mode),
                             st.st_uid, st.st_gid, xattrs=_xattrs(proc), link=link)
@@ -392,7 +392,7 @@ def compare_entries(a: m.Entry, b: m.Entry) -> list[str]:
             out.append("size")
         if a.mtime_ns != b.mtime_ns:
             out.append("mtime")
-    if a.kind == "d" and a.mtime_ns != b.mtime_ns:
+    if a.kind in ("d", "l") and a.mtime_ns != b.mtime_ns:
         out.append("mtime")
     if a.kind == "l" and a.target != b.target:
         out.append("target")
@@ -631,7 +631,7 @@ def build_report(results: list[DirectoryResult], *, started: float, exclude: lis
             for r in results
         ],
         "excluded": list(exclude),
-        "compared": "type, content (xxh3-128), size, mode, owner, file and directory mtime, symlink target, xattrs, hard links",
+        "compared": "type, content (xxh3-128), size, mode, owner, file, directory and symlink mtime, symlink target, xattrs, hard links",
         "notes": all_notes,
         "duration_s": round(time.monotonic() - started, 3),
         "finished_at": time.time(),

@@ -144,7 +144,7 @@ def force_unmount(path: Path) -> None:
 
 def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tuple]:
     """What must be equal on both sides: type, mode, owner, size, content or target, user xattrs,
-    file and directory mtimes, and which names are hard links of one another."""
+    file, directory and symlink mtimes, and which names are hard links of one another."""
     out: dict[str, tuple] = {".": ("root mtime", os.lstat(root).st_mtime_ns)}
     inode_names: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -163,7 +163,7 @@ def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tup
                 inode_names.setdefault(st.st_ino, []).append(rel)
                 mtime = st.st_mtime_ns
             elif stat.S_ISLNK(kind):
-                body, mtime = os.readlink(full), None
+                body, mtime = os.readlink(full), st.st_mtime_ns
             elif stat.S_ISDIR(kind):
                 body, mtime = None, st.st_mtime_ns
             else:

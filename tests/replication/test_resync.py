@@ -726,3 +726,32 @@ def test_checksum_resync_renames_a_renamed_large_file_instead_of_sending_it(mirr
     assert last["mode"] == "checksum", last
     assert (mirror.replica / "d" / "big-renamed").stat().st_ino == big  # renamed there
     assert last["bytes_sent"] < BIG + BIG // 8, last  # the zero-filled file, not the renamed one too
+
+
+@pytest.mark.parametrize("lose_journal", [False, True], ids=["journal", "checksum"])
+def test_symlink_times_made_alone_reach_the_replica_through_either_resync(mirror: ResyncMirror,
+                                                                          lose_journal: bool) -> None:
+    """A symlink made alone, one whose time was set alone (utimensat without following), and one
+    moved in from an excluded name: the replica's end with the primary's mtimes, which verify and
+    describe_tree compare."""
+    p = alone_after_sync(mirror)
+    os.symlink("f3", p / "d" / "new-link")
+    os.utime(p / "d" / "link", ns=(10**18, 10**18), follow_symlinks=False)
+    os.mkdir(p / "in.tmp")
+    os.symlink("../d/f4", p / "in.tmp" / "moved-link")
+    os.utime(p / "in.tmp" / "moved-link", ns=(2 * 10**18, 2 * 10**18), follow_symlinks=False)
+    os.rename(p / "in.tmp", p / "in")  # excluded -> replicated: copied over as it is
+    if lose_journal:
+        crash_alone(mirror, lose_journal=True)
+        mirror.start_secondary()
+        last = mirror.start_and_resync()
+    else:
+        mirror.start_secondary()
+        mirror.connect()
+        mirror.wait_mode("live")
+        last = mirror.repl.last_resync
+    assert last["mode"] == ("checksum" if lose_journal else "journal"), last
+    assert_same(mirror)
+    for rel, want in (("d/link", 10**18), ("in/moved-link", 2 * 10**18)):
+        assert os.lstat(mirror.replica / rel).st_mtime_ns == want, rel
+    assert os.lstat(mirror.replica / "d" / "new-link").st_mtime_ns == os.lstat(p / "d" / "new-link").st_mtime_ns
