@@ -427,3 +427,12 @@ def test_service_verify_end_to_end(tmp_path: Path) -> None:
     assert _problems(different) == {"d/f": ("differs", ("content",))}
     assert "primary" in refused and "secondary" in refused
     assert status["last_verify"]["identical"] is False
+
+
+def test_a_symlink_without_an_mtime_from_a_node_of_the_previous_release_is_no_difference() -> None:
+    from safekit_cloud.core.replication import messages as m
+
+    new = m.Entry(b"sym", "l", 0o777, 0, 0, mtime_ns=10**18, target=b"t")
+    old = m.Entry(b"sym", "l", 0o777, 0, 0, target=b"t")  # what the previous release sends
+    assert v.compare_entries(new, old) == [] and v.compare_entries(old, new) == []
+    assert v.compare_entries(new, m.Entry(b"sym", "l", 0o777, 0, 0, mtime_ns=1, target=b"t")) == ["mtime"]
