@@ -1,7 +1,8 @@
 """The FUSE layer over /dev/fuse, through real mounts: what is negotiated, fallocate replicated in
 every mode (live, and while ALONE then resynchronised), set-user-ID cleared on writes by other users
-(HANDLE_KILLPRIV_V2) exactly as a local file system does, O_TRUNC, concurrency, and ending a mount
-with a request in flight."""
+(HANDLE_KILLPRIV_V2) exactly as a local file system does, O_TRUNC, concurrency, requests that wait
+(parked on their future, or continued by a task) and get its outcome, and ending a mount with a
+request in flight."""
 
 from __future__ import annotations
 
