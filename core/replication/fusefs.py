@@ -461,9 +461,7 @@ class ReplicatedFS(fuseabi.Operations):
                       ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         return await self._new_entry(
             parent_inode, name, ctx, False, lambda path: os.symlink(target, path, dir_fd=self.root), 0o777,
-            # Its mtime follows it (a symlink's times are set with utimensat(AT_SYMLINK_NOFOLLOW)).
-            lambda path, st: [m.Symlink(0, path, target, st.st_uid, st.st_gid),
-                              m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))])
+            lambda path, st: m.symlink_ops(path, target, st))
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:

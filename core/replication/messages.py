@@ -476,6 +476,12 @@ def describe(op: Op) -> str:
     return f"{type(op).__name__}({', '.join(parts)})"
 
 
+def symlink_ops(path: bytes, target: bytes, st: os.stat_result) -> list[Op]:
+    """What makes symlink `path` on the replica as it is here (`st` its lstat): the link, then its
+    mtime (set there with utimensat(AT_SYMLINK_NOFOLLOW); the atime is not replicated)."""
+    return [Symlink(0, path, target, st.st_uid, st.st_gid), SetAttr(0, path, mtime_ns=wire_time(st.st_mtime_ns))]
+
+
 def op_size(op: Op) -> int:
     """Bytes an operation weighs in the in-flight bound (data plus a fixed overhead)."""
     return (len(op.data) if isinstance(op, Write) else 0) + 64

@@ -94,7 +94,6 @@ def _tree_ops(root: int, path: bytes, exclude: Excluder | None, linked_name: Lin
         yield from _xattrs(root, path)
         yield m.SetAttr(0, path, **m.wire_times(st))
     elif kind == stat.S_IFLNK:
-        yield m.Symlink(0, path, os.readlink(path, dir_fd=root), st.st_uid, st.st_gid)
-        yield m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))
+        yield from m.symlink_ops(path, os.readlink(path, dir_fd=root), st)
     elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
         yield m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from safekit_cloud.core.replication.busypoll import (
+    DEFAULT_MAX_WINDOW,
     GROW_START,
     BusyPollSelector,
     new_event_loop,
@@ -142,6 +143,14 @@ def test_a_slow_stream_stops_the_polling() -> None:
     assert sel.stats.waits >= 150
     # Without the adaptive window: 200 waits x 200 us = 40 ms of polling.
     assert sel.stats.polled_s < 0.01, sel.stats
+
+
+def test_the_config_default_is_the_agents_default() -> None:
+    from safekit_cloud.core.config import ReplicationConfig
+    from safekit_cloud.core.replication.agent import parse
+
+    assert ReplicationConfig().busy_poll_us == DEFAULT_MAX_WINDOW * 1e6
+    assert parse(["--role", "secondary", "--module", "m"]).busy_poll_us == DEFAULT_MAX_WINDOW * 1e6
 
 
 @pytest.mark.parametrize("value", ["-1", "20000"])
