@@ -28,6 +28,7 @@ from .messages import MAX_FRAME, Message, ProtocolError, decode, encode_into
 _HEADER = struct.Struct(">I")
 READ_CHUNK = 1 << 20
 TAG_SIZE = 16
+_NO_TAG = bytes(TAG_SIZE)  # room for the tag, appended before sealing
 
 
 class FrameCipher:
@@ -64,7 +65,9 @@ class FrameCipher:
 
 
 def frame(msg: Message, cipher: FrameCipher | None = None) -> bytearray:
-    # Encoded straight after a reserved header: one copy of a write's data, not two.
+    # Encoded straight after a reserved header (one copy of a write's data), then sealed where it
+    # lies (OpenSSL allows the output to be the input): no second frame-sized buffer to allocate
+    # and zero per frame.
     buf = bytearray(4)
     encode_into(msg, buf, 4)
     size = len(buf) - 4
@@ -73,11 +76,11 @@ def frame(msg: Message, cipher: FrameCipher | None = None) -> bytearray:
     if cipher is None:
         _HEADER.pack_into(buf, 0, size)
         return buf
-    out = bytearray(4 + size + TAG_SIZE)
-    _HEADER.pack_into(out, 0, size + TAG_SIZE)
-    with memoryview(buf) as plain, memoryview(out) as view:
-        cipher.seal_into(view[:4], plain[4:], view[4:])
-    return out
+    buf += _NO_TAG
+    _HEADER.pack_into(buf, 0, size + TAG_SIZE)
+    with memoryview(buf) as view:
+        cipher.seal_into(view[:4], view[4:4 + size], view[4:])
+    return buf
 
 
 class FrameDecoder:
