@@ -112,6 +112,7 @@ class _File:
     sync: bool
     writable: bool
     epoch: int = -1  # the replicator epoch in which the peer holds this handle open (-1: never)
+    orphan: bool = False  # its file has no name left (deleted while open): none can come back
 
 
 class ReplicatedFS(fuseabi.Operations):
@@ -269,6 +270,29 @@ class ReplicatedFS(fuseabi.Operations):
         f.epoch = self.repl.epoch
         return [m.Open(0, fh, path)]  # type: ignore[arg-type]
 
+    async def _know_a_name(self, f: _File) -> None:
+        """Before a change through `f`: if the inode table knows no name of its file, learn one,
+        when the file still has one. The table holds the names the kernel looked up through the
+        mount; a file opened by one name and also named by a hard link never looked up (made
+        before the mount) has, once the name it was opened by is gone, no known name, and a
+        change through the handle would then reach the peer by none (the peer opens a handle by
+        name after a reconnection, or the first time it is written) and be journaled under none.
+        Found by a walk of the tree, once per file in that state; a file deleted while open is
+        recognised by one fstat."""
+        if f.orphan or self.inodes.path(f.ino) is not None or not self.repl.active:
+            return
+        try:
+            st = os.fstat(f.fd)
+        except OSError:
+            return
+        if st.st_nlink == 0:
+            f.orphan = True  # no name on either side: its changes are not replicated
+            return
+        names = await asyncio.to_thread(_names_of, self.root, st.st_ino, b"")
+        if self.inodes.path(f.ino) is None:  # (a lookup meanwhile may have taught it one)
+            for name in names:
+                self.inodes.add_path(f.ino, name)
+
     def _new_owner(self, ctx: fuseabi.RequestContext, parent: bytes) -> tuple[int, int, bool]:
         """uid, gid of a new entry as the kernel would pick them for the caller, and whether the parent
         is set-group-ID (its gid and, for directories, the bit are inherited)."""
@@ -315,7 +339,16 @@ class ReplicatedFS(fuseabi.Operations):
                       fh: int | None, ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         f = self._files.get(fh) if fh is not None else None
         if f is None and self.inodes.path(inode) is None:
-            raise fuseabi.FUSEError(errno.ENOENT)
+            # fchmod, fchown, futimens come by inode, without the handle: through an open handle
+            # of that inode, as a local file system allows (its names may all be gone, or be
+            # hard links the mount never looked up).
+            open_fhs = self._open_by_ino.get(inode)
+            if not open_fhs:
+                raise fuseabi.FUSEError(errno.ENOENT)
+            fh = min(open_fhs)
+            f = self._files[fh]
+        if f is not None:
+            await self._know_a_name(f)
         size = attr.st_size if fields.update_size else None
         path, _ = await self._settled(
             lambda: (self.inodes.path(inode), None if f is None else self.inodes.path(f.ino)),
@@ -376,6 +409,7 @@ class ReplicatedFS(fuseabi.Operations):
         st = os.fstat(f.fd)
         if fuseabi.killed_mode(st.st_mode) == st.st_mode:
             return None
+        await self._know_a_name(f)
         (path,) = await self._settled(lambda: (self.inodes.path(f.ino),),
                                       lambda ps: self._intend_meta(ps[0], False))
         st = os.fstat(f.fd)
@@ -664,6 +698,8 @@ class ReplicatedFS(fuseabi.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
+        if not f.orphan and self.inodes.path(f.ino) is None:
+            await self._know_a_name(f)
         if getattr(self.repl, "journaling", False):
             await self._intend_write(f, off, len(buf))
         pre = self._open_op(f, fh)
@@ -727,6 +763,7 @@ class ReplicatedFS(fuseabi.Operations):
         if mode not in _FALLOC_MODES:
             raise fuseabi.FUSEError(errno.EOPNOTSUPP)
         f = self._files[fh]
+        await self._know_a_name(f)
         if getattr(self.repl, "journaling", False):
             await self._intend_fallocate(f, mode, off, length)
         pre = self._open_op(f, fh)
@@ -788,6 +825,8 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         f = self._files[fh]
+        if f.epoch != self.repl.epoch:  # the peer will need a name to open it by
+            await self._know_a_name(f)
         pre = self._open_op(f, fh)
         if pre is None:
             (os.fdatasync if datasync else os.fsync)(f.fd)
@@ -817,6 +856,7 @@ class ReplicatedFS(fuseabi.Operations):
                 # Changed through this handle while the peer held it, which a lost link made it
                 # forget: our times would never reach it by the Close. Sent by name instead
                 # (recorded in the journal while alone).
+                await self._know_a_name(f)
                 (path,) = await self._settled(lambda: (self.inodes.path(f.ino),),
                                               lambda ps: self._intend_meta(ps[0], False))
                 if self._replicated(path):

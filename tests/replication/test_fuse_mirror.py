@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import shutil
 import time
 from pathlib import Path
@@ -205,6 +206,9 @@ def test_open_unlinked_file_and_rename_while_open(clean: Mirror) -> None:
         os.unlink(p / "h")
         f.write(b"y")  # the file has no name any more: nothing visible to replicate
         f.flush()
+        os.fchmod(f.fileno(), 0o600)  # works as on a local file (no name to reach it by)
+        os.utime(f.fileno(), ns=(10**18, 10**18))
+        assert stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600
     assert (clean.replica / "g").read_bytes() == b"12"
     assert_same(clean)
 

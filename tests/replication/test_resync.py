@@ -8,6 +8,7 @@ import contextvars
 import os
 import random
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -617,6 +618,35 @@ def test_journal_resync_keeps_changes_made_through_a_name_removed_alone(mirror: 
     assert (mirror.replica / "n3-link").read_bytes() == b"before, appended alone"
     assert (mirror.replica / "n5-link").read_bytes() == b"before, appended alone"
     assert (mirror.replica / "n5").read_bytes() == b"excluded"  # the other side of the exchange
+
+
+def test_writes_through_a_handle_whose_only_known_name_went_reach_its_other_name(mirror: ResyncMirror) -> None:
+    """d/f2 and d/hard are one file, linked before the mount: the mount only knows the name it was
+    opened by. That name goes while the file stays open; then the link is lost and comes back (a
+    new connection: the secondary holds none of our handles any more). Writes through the handle,
+    alone and after the reconnection, must reach the replica's d/hard."""
+    populate(mirror.primary)
+    go_live(mirror)
+    p = mirror.primary
+    fd = os.open(p / "d" / "f2", os.O_WRONLY)
+    try:
+        os.unlink(p / "d" / "f2")
+        os.pwrite(fd, b"live, known name gone", 0)
+        os.fchmod(fd, 0o640)  # by the inode (no handle in the request): by the open handle here
+        mirror.stop_secondary()
+        mirror.wait_mode("alone")
+        os.pwrite(fd, b"alone", 1000)
+        mirror.start_secondary()
+        mirror.connect()
+        mirror.wait_mode("live")
+        os.pwrite(fd, b"after the reconnection", 2000)
+    finally:
+        os.close(fd)
+    assert_same(mirror)
+    data = (mirror.replica / "d" / "hard").read_bytes()
+    assert data[:21] == b"live, known name gone" and data[1000:1005] == b"alone"
+    assert data[2000:2022] == b"after the reconnection"
+    assert stat.S_IMODE((mirror.replica / "d" / "hard").stat().st_mode) == 0o640
 
 
 def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
