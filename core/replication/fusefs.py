@@ -117,6 +117,9 @@ class _File:
 
 class ReplicatedFS(fuseabi.Operations):
     enable_writeback_cache = False  # facts.md: hurts fsync-heavy loads
+    # The kernel enforces POSIX ACLs (fusesession.WANTED); the backing file system keeps modes and
+    # ACLs in step, and gives new entries their default ACL (_inherits_acl).
+    enable_posix_acl = True
 
     def __init__(self, root_fd: int, replicator: Replicator | None = None,
                  exclude: Excluder | None = None, timeout: float = 10.0) -> None:
@@ -300,14 +303,27 @@ class ReplicatedFS(fuseabi.Operations):
         setgid = bool(pst.st_mode & stat.S_ISGID)
         return ctx.uid, (pst.st_gid if setgid else ctx.gid), setgid
 
-    def _fix_owner_mode(self, path: bytes, uid: int, gid: int, mode: int, fd: int | None = None) -> os.stat_result:
+    def _inherits_acl(self, parent: bytes) -> bool:
+        """`parent` has a default ACL: an entry made in it takes the ACL's permissions, masked by
+        the mode asked for (acl(5)). It is then made with that mode, not made private and then
+        chmod-ed to it, which would set its owner, mask and other entries to the mode alone (a
+        default `other::---` would not keep a new file private)."""
+        target, follow = self._abs(parent)
+        try:
+            os.getxattr(target, b"system.posix_acl_default", follow_symlinks=follow)
+        except OSError:
+            return False
+        return True
+
+    def _fix_owner_mode(self, path: bytes, uid: int, gid: int, mode: int, fd: int | None = None,
+                        chmod: bool = True) -> os.stat_result:
         st = os.fstat(fd) if fd is not None else self._lstat(path)
         if (st.st_uid, st.st_gid) != (uid, gid):
             if fd is not None:
                 os.fchown(fd, uid, gid)
             else:
                 os.chown(path, uid, gid, dir_fd=self.root, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+        if chmod and not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
             if fd is not None:
                 os.fchmod(fd, mode)
             else:
@@ -452,11 +468,12 @@ class ReplicatedFS(fuseabi.Operations):
     # ---- namespace ----
 
     async def _new_entry(self, parent_inode: int, name: bytes, ctx: fuseabi.RequestContext, is_dir: bool,
-                         make: Callable[[bytes], None], mode: int,
+                         make: Callable[[bytes, int | None], None], mode: int,
                          replicate: Callable[[bytes, os.stat_result], list[m.Op]]) -> fuseabi.EntryAttributes:
-        """mkdir, mknod, symlink: `make` the entry here, give it the owner and mode the kernel's rules
-        give a new entry (a set-group-ID parent passes its bit on to directories), then replicate it
-        and the parent directory's new time."""
+        """mkdir, mknod, symlink: `make` the entry here (with `mode` under a default ACL, else
+        private: None), give it the owner and mode the kernel's rules give a new entry (a
+        set-group-ID parent passes its bit on to directories), then replicate it and the parent
+        directory's new time."""
         def names() -> tuple[bytes, bytes]:
             parent = self._path(parent_inode)
             return parent, join(parent, name)
@@ -466,8 +483,9 @@ class ReplicatedFS(fuseabi.Operations):
             parent, path = await self._settled(names, lambda ps: self._intend_ns(ps[1]))
         uid, gid, setgid = self._new_owner(ctx, parent)
         replicated = self._replicated(path, is_dir)
-        make(path)
-        st = self._fix_owner_mode(path, uid, gid, mode | (stat.S_ISGID if setgid and is_dir else 0))
+        acl = self._inherits_acl(parent)
+        make(path, mode if acl else None)
+        st = self._fix_owner_mode(path, uid, gid, mode | (stat.S_ISGID if setgid and is_dir else 0), chmod=not acl)
         attrs = self._learn(st, path)
         await self._submit_ns(replicate(path, st) if replicated else [], path)
         return attrs
@@ -476,7 +494,8 @@ class ReplicatedFS(fuseabi.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         return await self._new_entry(
-            parent_inode, name, ctx, True, lambda path: os.mkdir(path, 0o700, dir_fd=self.root), stat.S_IMODE(mode),
+            parent_inode, name, ctx, True, lambda path, made: os.mkdir(path, 0o700 if made is None else made, dir_fd=self.root),
+            stat.S_IMODE(mode),
             lambda path, st: [m.Mkdir(0, path, st.st_mode, st.st_uid, st.st_gid),
                               m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))])
 
@@ -487,14 +506,15 @@ class ReplicatedFS(fuseabi.Operations):
             raise fuseabi.FUSEError(errno.EPERM)  # device nodes are refused: the replica would refuse them
         return await self._new_entry(
             parent_inode, name, ctx, False,
-            lambda path: os.mknod(path, stat.S_IFMT(mode) | 0o600, dir_fd=self.root), stat.S_IMODE(mode),
+            lambda path, made: os.mknod(path, stat.S_IFMT(mode) | (0o600 if made is None else made), dir_fd=self.root),
+            stat.S_IMODE(mode),
             lambda path, st: [m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid)])
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         return await self._new_entry(
-            parent_inode, name, ctx, False, lambda path: os.symlink(target, path, dir_fd=self.root), 0o777,
+            parent_inode, name, ctx, False, lambda path, _: os.symlink(target, path, dir_fd=self.root), 0o777,
             lambda path, st: m.symlink_ops(path, target, st))
 
     @_fuse_errors
@@ -664,9 +684,10 @@ class ReplicatedFS(fuseabi.Operations):
             # peer's copy of the path is made equal to ours again.
             peer = Started(self.repl.submit(m.Create(0, path, want, uid, gid, hid=fh)))
         try:
-            fd = os.open(path, bflags | (flags & os.O_TRUNC), 0o600, dir_fd=self.root)
+            acl = self._inherits_acl(parent)
+            fd = os.open(path, bflags | (flags & os.O_TRUNC), stat.S_IMODE(mode) if acl else 0o600, dir_fd=self.root)
             try:
-                st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode), fd)
+                st = self._fix_owner_mode(path, uid, gid, stat.S_IMODE(mode), fd, chmod=not acl)
             except OSError:
                 os.close(fd)
                 raise

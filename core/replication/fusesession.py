@@ -61,11 +61,18 @@ BUFFER_SIZE = MAX_WRITE + 64 * 1024  # a full write (header + write_in + data), 
 #   PARALLEL_DIROPS     lookups and readdirs of one directory are not serialised by the kernel
 #   DO_READDIRPLUS      readdir returns attributes too (no LOOKUP per entry); always, not "auto"
 #   AUTO_INVAL_DATA, ASYNC_DIO  what libfuse asked for under pyfuse3: cache behaviour unchanged
+#   POSIX_ACL           (if ops.enable_posix_acl) the kernel enforces POSIX ACLs, read through our
+#                       getxattr and cached: without it, default_permissions checks the mode bits
+#                       alone, which denies a user an ACL entry grants and lets the owning group do
+#                       what the mask allows named entries only. The file system must keep modes
+#                       and ACLs in step and apply default ACLs to new entries (fusefs: the backing
+#                       file system does both); the kernel still applies the caller's umask to a
+#                       new entry's mode (no DONT_MASK), as under libfuse
 # Not asked for: ATOMIC_O_TRUNC (fusefs.open does not truncate: the kernel then sends the truncate
 # as a SETATTR, which is journaled and replicated like any other), EXPORT_SUPPORT (no "."/".."
 # lookups), DONT_MASK (the kernel applies the caller's umask to the mode it sends, as before),
 # WRITEBACK_CACHE (unless ops.enable_writeback_cache: facts.md, it hurts fsync-heavy loads),
-# POSIX_ACL (default_permissions), SETXATTR_EXT (its larger setxattr_in is not parsed here),
+# POSIX_ACL unless ops.enable_posix_acl, SETXATTR_EXT (its larger setxattr_in is not parsed here),
 # SPLICE_*, INIT_EXT (no flags2 bit is wanted).
 WANTED = (InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.HANDLE_KILLPRIV_V2
           | InitFlag.PARALLEL_DIROPS | InitFlag.DO_READDIRPLUS | InitFlag.AUTO_INVAL_DATA | InitFlag.ASYNC_DIO)
@@ -500,6 +507,8 @@ class FuseSession:
         want = int(WANTED)
         if getattr(self.ops, "enable_writeback_cache", False):
             want |= InitFlag.WRITEBACK_CACHE
+        if getattr(self.ops, "enable_posix_acl", False):
+            want |= InitFlag.POSIX_ACL
         if getattr(self.ops, "kill_suidgid", None) is None:
             want &= ~InitFlag.HANDLE_KILLPRIV_V2  # the kernel must keep doing it then
         granted = init.flags & want

@@ -142,8 +142,12 @@ def force_unmount(path: Path) -> None:
         pass  # best effort, after a failed test
 
 
+COMPARED_XATTRS = ("user.", "system.posix_acl_access", "system.posix_acl_default")
+
+
 def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tuple]:
-    """What must be equal on both sides: type, mode, owner, size, content or target, user xattrs,
+    """What must be equal on both sides: type, mode, owner, size, content or target, user xattrs
+    and POSIX ACLs,
     file, directory and symlink mtimes, and which names are hard links of one another."""
     out: dict[str, tuple] = {".": ("root mtime", os.lstat(root).st_mtime_ns)}
     inode_names: dict[int, list[str]] = {}
@@ -169,7 +173,7 @@ def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tup
             else:
                 body, mtime = None, None
             xattrs = () if stat.S_ISLNK(kind) else tuple(sorted(
-                (n, os.getxattr(full, n)) for n in os.listxattr(full) if n.startswith("user.")))
+                (n, os.getxattr(full, n)) for n in os.listxattr(full) if n.startswith(COMPARED_XATTRS)))
             out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                         st.st_size if not stat.S_ISDIR(kind) else None, body, xattrs, mtime)
     for names in inode_names.values():

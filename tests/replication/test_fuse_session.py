@@ -86,10 +86,10 @@ def test_negotiated_flags(mirror: Mirror) -> None:
     session = mirror.mount.session
     assert session is not None and session.proto_minor >= 33
     for flag in (InitFlag.HANDLE_KILLPRIV_V2, InitFlag.MAX_PAGES, InitFlag.DO_READDIRPLUS, InitFlag.ASYNC_READ,
-                 InitFlag.PARALLEL_DIROPS, InitFlag.BIG_WRITES):
+                 InitFlag.PARALLEL_DIROPS, InitFlag.BIG_WRITES, InitFlag.POSIX_ACL):
         assert session.flags & flag, flag.name
     for flag in (InitFlag.ATOMIC_O_TRUNC, InitFlag.WRITEBACK_CACHE, InitFlag.EXPORT_SUPPORT, InitFlag.DONT_MASK,
-                 InitFlag.POSIX_ACL, InitFlag.SETXATTR_EXT):
+                 InitFlag.SETXATTR_EXT):
         assert not session.flags & flag, flag.name
 
 

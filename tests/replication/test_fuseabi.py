@@ -335,6 +335,13 @@ def test_init_negotiates_only_what_is_offered_and_wanted() -> None:
         assert out.flags == InitFlag.ASYNC_READ | InitFlag.MAX_PAGES | InitFlag.DO_READDIRPLUS
         assert (out.max_write, out.max_pages, out.max_readahead, out.flags2) == (MAX_WRITE, 256, 131072, 0)
         assert s._initialized.done()
+        acl_ops = FakeOps()
+        acl_ops.enable_posix_acl = True  # type: ignore[attr-defined]
+        s3 = Capture(acl_ops)
+        s3._loop, s3._initialized, s3._ended = loop, loop.create_future(), loop.create_future()
+        s3.feed(Opcode.INIT, 1, 0, abi.INIT_IN.pack(7, 45, 131072, offered, 0xFF))
+        acl_out = abi.InitOut._make(abi.INIT_OUT.unpack(s3.replies[-1][2]))
+        assert acl_out.flags == out.flags | InitFlag.POSIX_ACL  # asked for by a file system that keeps ACLs
         s2 = Capture(FakeOps())
         s2._loop, s2._initialized, s2._ended = loop, loop.create_future(), loop.create_future()
         s2.feed(Opcode.INIT, 1, 0, abi.INIT_IN_V1.pack(7, 19, 0, offered))
