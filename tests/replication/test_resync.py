@@ -785,3 +785,33 @@ def test_symlink_times_made_alone_reach_the_replica_through_either_resync(mirror
     for rel, want in (("d/link", 10**18), ("in/moved-link", 2 * 10**18)):
         assert os.lstat(mirror.replica / rel).st_mtime_ns == want, rel
     assert os.lstat(mirror.replica / "d" / "new-link").st_mtime_ns == os.lstat(p / "d" / "new-link").st_mtime_ns
+
+
+@pytest.mark.parametrize("lose_journal", [False, True], ids=["journal", "checksum"])
+def test_acls_set_alone_reach_the_replica_through_either_resync(mirror: ResyncMirror, lose_journal: bool) -> None:
+    """An ACL set on a file alone, a default ACL set on a directory alone and a file made in it
+    (which inherits it): the replica ends with the same ACLs and modes (describe_tree compares them)."""
+    from .test_acl import ACCESS, DEFAULT, GROUP_OBJ, MASK, NOBODY, OTHER, UNDEFINED, USER, USER_OBJ, acl
+
+    p = alone_after_sync(mirror)
+    named = acl((USER_OBJ, 6, UNDEFINED), (USER, 6, NOBODY), (GROUP_OBJ, 4, UNDEFINED), (MASK, 6, UNDEFINED),
+                (OTHER, 0, UNDEFINED))
+    os.setxattr(p / "d" / "f1", ACCESS, named)
+    private = acl((USER_OBJ, 7, UNDEFINED), (USER, 7, NOBODY), (GROUP_OBJ, 5, UNDEFINED), (MASK, 7, UNDEFINED),
+                  (OTHER, 0, UNDEFINED))
+    os.setxattr(p / "d" / "sub", DEFAULT, private)
+    (p / "d" / "sub" / "inherits").write_bytes(b"made alone")
+    if lose_journal:
+        crash_alone(mirror, lose_journal=True)
+        mirror.start_secondary()
+        last = mirror.start_and_resync()
+    else:
+        mirror.start_secondary()
+        mirror.connect()
+        mirror.wait_mode("live")
+        last = mirror.repl.last_resync
+    assert last["mode"] == ("checksum" if lose_journal else "journal"), last
+    assert_same(mirror)
+    assert os.getxattr(mirror.replica / "d" / "f1", ACCESS) == named
+    assert os.getxattr(mirror.replica / "d" / "sub", DEFAULT) == private
+    assert stat.S_IMODE((mirror.replica / "d" / "sub" / "inherits").stat().st_mode) & 0o007 == 0
