@@ -213,8 +213,22 @@ class ScriptsConfig(Strict):
     stop_timeout: float = Field(60.0, gt=0, description="The same for stop scripts.")
 
 
+# Kernel file systems: nothing of an application's data lives there, and a mount over them breaks the node.
+VIRTUAL_TOPS = frozenset({"proc", "sys", "dev"})
+
+
+def overlapping(a: Path, b: Path) -> bool:
+    """The same directory, or one inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
 class ReplicationConfig(Strict):
-    directories: list[Path] = Field(default_factory=list, description="Absolute paths replicated.")
+    directories: list[Path] = Field(
+        default_factory=list,
+        description="Absolute paths replicated: the application's data directories. None may be inside another, "
+                    "in this module or another one (exclude leaves parts of a tree out); not / nor below /proc, "
+                    "/sys, /dev.",
+    )
     exclude: list[str] = Field(default_factory=list, description='Patterns not replicated ("tmp/", "*.tmp").')
     protocol: Literal["A", "B", "C"] = Field("C", description="C: synchronous (applied on the peer); B: received; A: asynchronous.")
     port: int = Field(4801, ge=1, le=65535, description="TCP port of the replication stream.")
@@ -252,10 +266,19 @@ class ReplicationConfig(Strict):
 
     @field_validator("directories")
     @classmethod
-    def _absolute(cls, value: list[Path]) -> list[Path]:
+    def _directories(cls, value: list[Path]) -> list[Path]:
         for path in value:
             if not path.is_absolute():
                 raise ValueError(f"{path} is not an absolute path")
+            if ".." in path.parts:
+                raise ValueError(f"{path} has a '..' component: write the directory's own path")
+            if path == Path("/") or path.parts[1] in VIRTUAL_TOPS:
+                raise ValueError(f"{path} cannot be replicated: name the application's own data directories")
+        for i, path in enumerate(value):
+            for other in value[:i]:
+                if overlapping(path, other):
+                    raise ValueError(f"{path} and {other} overlap: list the outer one only (its whole tree is "
+                                     "replicated; leave parts out with exclude)")
         return value
 
 
@@ -415,6 +438,20 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         checkers = _entries(module.get("checkers"))
         problems += _duplicates([(("modules", i, "checkers", j, "name"), c.get("name")) for j, c in checkers],
                                 "checker names in a module")
+
+    replicated: list[tuple[int, Path]] = []  # (module index, directory) of the modules seen so far
+    for i, module in modules:
+        directories = _dict(module.get("replication")).get("directories")
+        for d in directories if isinstance(directories, list) else []:
+            if not isinstance(d, (str, Path)) or not Path(d).is_absolute():
+                continue  # field validation reports it
+            path = Path(d)
+            clash = next(((j, other) for j, other in replicated if j != i and overlapping(path, other)), None)
+            if clash is not None:
+                problems.append((("modules", i, "replication", "directories"),
+                                 f"{path} overlaps {clash[1]} of modules[{clash[0]}]: a directory is replicated "
+                                 "by one module only (move it to that module, or make them one module)"))
+            replicated.append((i, path))
 
     default_port = HeartbeatConfig.model_fields["port"].default
     heartbeat_port = _int(_dict(data.get("heartbeat")).get("port", default_port))

@@ -294,3 +294,27 @@ def test_non_yaml_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "just a string\n", "- a\n- list\n"])
 def test_yaml_that_is_not_a_mapping_is_a_config_error(text: str) -> None:
     assert "must be a YAML mapping" in problems_of(text)[0]
+
+
+def test_replicated_directories_that_overlap_in_a_module_are_refused() -> None:
+    problems = problems_of(MINIMAL + "    replication: {directories: [/srv/app, /srv/app/data]}\n")
+    problem = only(problems, "modules[0].replication.directories")
+    assert "/srv/app/data and /srv/app overlap: list the outer one only" in problem
+    problems = problems_of(MINIMAL + "    replication: {directories: [/srv/app, /srv/app]}\n")
+    assert "overlap" in only(problems, "modules[0].replication.directories")
+
+
+def test_a_directory_replicated_by_two_modules_is_refused() -> None:
+    problems = problems_of(MINIMAL + "    replication: {directories: [/srv/app]}\n"
+                           "  - name: other\n    replication: {directories: [/srv/app/logs], port: 4802}\n")
+    problem = only(problems, "modules[1].replication.directories")
+    assert "/srv/app/logs overlaps /srv/app of modules[0]: a directory is replicated by one module only" in problem
+
+
+@pytest.mark.parametrize("directory, why", [
+    ("/", "cannot be replicated"), ("/proc/self", "cannot be replicated"), ("/dev", "cannot be replicated"),
+    ("/srv/../etc", "has a '..' component"), ("srv/app", "is not an absolute path"),
+])
+def test_replicated_directories_that_cannot_be_replicated_are_refused(directory: str, why: str) -> None:
+    problems = problems_of(MINIMAL + f"    replication: {{directories: [{directory}]}}\n")
+    assert why in only(problems, "modules[0].replication.directories")
