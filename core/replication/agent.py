@@ -12,7 +12,10 @@ the key arrives on stdin (never on the command line), events leave on stdout as 
 SIGTERM stops cleanly (unmount, close the stream).
 
 The primary keeps (re)connecting to the secondary's receiver whenever it is not connected (every
-`--retry` seconds, at once after a loss); each connection starts with a resync (resync.py).
+`--retry` seconds while it cannot connect, at once after the loss of a healthy link); each connection
+starts with a resync (resync.py). A connection lost before its replication stayed live for
+`HEALTHY_SECONDS` (the secondary refusing a change: its disk full, say) is retried after a doubling
+delay, up to `MAX_RETRY_DELAY`: each attempt costs a resync on both nodes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ from .resync import MirrorReplicator
 from .sender import Sender
 
 log = logging.getLogger(__name__)
+
+HEALTHY_SECONDS = 10.0  # live this long, a lost connection is retried at once
+MAX_RETRY_DELAY = 30.0
+
+
+def reconnect_delay(failures: int, base: float, cap: float = MAX_RETRY_DELAY) -> float:
+    """Seconds to wait before the next connection after `failures` connections in a row were lost
+    before they were healthy: none after a healthy one, then `base`, doubling up to `cap`."""
+    if failures <= 0:
+        return 0.0
+    return min(cap, base * 2 ** min(failures - 1, 32))
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -96,11 +110,27 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
 
 async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl: MirrorReplicator,
                         stop: asyncio.Event) -> None:
-    """Connect whenever not connected: at once after a loss, then every `--retry` seconds. A failed
+    """Connect whenever not connected: every `--retry` seconds while the peer cannot be reached; after
+    the loss of a connection, at once if it was healthy, else after `reconnect_delay`. A failed
     first attempt is reported as "lost" once; a broken link is reported by the replicator."""
     host, _, port = args.peer.rpartition(":")
     announced = False
+    failures = 0  # connections in a row lost before they were healthy
+    attached = False
     while not stop.is_set():
+        if attached and repl.sender is None:  # the connection we made is lost
+            attached = False
+            live = repl.last_live_seconds
+            failures = 0 if live is not None and live >= HEALTHY_SECONDS else failures + 1
+            delay = reconnect_delay(failures, args.retry)
+            if delay:
+                log.warning("link to %s lost %d time(s) in a row before replication got going: next attempt "
+                            "in %g s", args.peer, failures, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
         if repl.sender is None:
             try:
                 sender = await Sender.connect(host.strip("[]"), int(port), key, args.module, name,
@@ -114,6 +144,7 @@ async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl:
                     await sender.close()
                     return
                 repl.attach(sender)
+                attached = True
                 emit("connected", peer=args.peer)
                 announced = True
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(repl.lost_event.wait())]

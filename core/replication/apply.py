@@ -97,7 +97,10 @@ class Applier:
         fd = self._fd(op.hid)
         done = os.pwrite(fd, op.data, op.off)
         if done != len(op.data):
-            raise OSError(errno.EIO, f"short write ({done} of {len(op.data)} bytes)")
+            # The rest once more: a full disk (or quota, or file size limit) then says so itself.
+            done += os.pwrite(fd, memoryview(op.data)[done:], op.off + done)
+            if done != len(op.data):
+                raise OSError(errno.EIO, f"short write ({done} of {len(op.data)} bytes)")
         self._behind.wrote(fd, op.off, done)
         if op.sync:
             os.fdatasync(fd)

@@ -29,6 +29,8 @@ from .verify import serve_manifest
 
 log = logging.getLogger(__name__)
 
+LINGER_SECONDS = 2.0  # after refusing a stream: how long to wait for the primary to close first
+
 EventCallback = Callable[[str, dict[str, object]], None]
 
 
@@ -163,11 +165,13 @@ class Receiver:
         assert task is not None
         self._active[hello.directory] = (task, writer)
         stats = self.stats[hello.directory]
-        stats.peer, stats.connected, stats.since, stats.last_error = peer, True, time.time(), ""
+        # last_error stays: what ended the previous stream is worth seeing while a new one tries.
+        stats.peer, stats.connected, stats.since = peer, True, time.time()
         applier = ResyncApplier(self._root_fds[hello.directory], self.journals.get(hello.directory), self.generation,
                                 lambda e, d: self._emit(e, **d), stats.directory)
         log.info("replication stream for %s from %s (protocol %s)", stats.directory, peer, hello.protocol)
         self._emit("connected", directory=stats.directory, peer=peer)
+        refused = False
         try:
             writer.write(decoder.frame(m.Welcome(next_seq=1)))
             await self._pump(reader, writer, decoder, backlog, applier, stats, hello.protocol == "B")
@@ -177,6 +181,7 @@ class Receiver:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("replication stream for %s from %s dropped: %s", stats.directory, peer, reason)
             self._refuse(writer, reason, decoder)
+            refused = True
         except asyncio.CancelledError:
             reason = "replaced by a new stream"
             raise
@@ -192,6 +197,8 @@ class Receiver:
             # `in_sync`: it was up to date; `clean`: the primary said goodbye (a stop, a swap).
             self._emit("disconnected", directory=stats.directory, reason=reason, in_sync=applier.in_sync,
                        clean=applier.bye, stopping=self._stopping)
+        if refused:
+            await self._linger(writer)
 
     async def _replace(self, directory: bytes) -> None:
         old = self._active.pop(directory, None)
@@ -229,6 +236,21 @@ class Receiver:
                 raise ConnectionError(f"nothing received for {self.idle_timeout:g} s")
             await asyncio.wait([proto.done], timeout=left)
         proto.done.result()  # raises what went wrong
+
+    @staticmethod
+    async def _linger(writer: asyncio.StreamWriter, timeout: float = LINGER_SECONDS) -> None:
+        """After the final Error of a stream: half-close, and wait for the primary to close (or
+        `timeout`). Closed at once while frames the primary sent are unread, the socket would reset
+        the connection, and the primary, still sending, would report a broken pipe instead of the
+        reason. What arrives meanwhile is not applied (the stream's protocol is done)."""
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, RuntimeError, OSError):
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not writer.transport.is_closing() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
 
     @staticmethod
     def _refuse(writer: asyncio.StreamWriter, reason: str, decoder: FrameDecoder | None = None) -> None:

@@ -613,6 +613,8 @@ class MirrorReplicator:
         self._task: asyncio.Task[None] | None = None
         self._known_paths: set[bytes] = set()  # paths the replayed log touched (hard link search)
         self.lost_event = asyncio.Event()
+        self.live_at: float | None = None  # monotonic time the current connection went live
+        self.last_live_seconds: float | None = None  # how long the last lost connection was live (None: never)
         # Activity log while live (journal.py): the current epoch (its paths: `_al_paths`).
         self._al_epoch = 0
         self._al_wake = asyncio.Event()
@@ -1020,6 +1022,8 @@ class MirrorReplicator:
         if self.sender is None:
             return
         self.sender = None
+        self.last_live_seconds = None if self.live_at is None else time.monotonic() - self.live_at
+        self.live_at = None
         self.epoch += 1
         self._stop_activity_log()
         if self.mode == "live":
@@ -1160,6 +1164,7 @@ class MirrorReplicator:
         await self._barrier()
         j.start_session(new_sync, self.generation)
         self.mode, self.phase = "live", ""
+        self.live_at = time.monotonic()
         self._al_epoch = 0  # start_session emptied the journal's activity log
         if self.sender is not None:
             self._al_task = asyncio.create_task(self._activity_epochs(self.sender), name="activity-log")

@@ -81,3 +81,65 @@ def test_service_primary_and_secondary(tmp_path: Path) -> None:
     assert elapsed < 3.0
     assert lost
     assert (data / "f").read_bytes() == b"hello" and (data / "g").read_bytes() == b"world"
+
+
+def test_a_full_secondary_disk_is_retried_with_a_growing_delay_then_recovers(tmp_path: Path) -> None:
+    """The secondary's disk fills up (a 1 MiB tmpfs): it refuses the stream with the reason, the
+    primary goes on alone and retries after a doubling delay (every attempt costs a resync on both
+    nodes; before, it reconnected at once: over a thousand resyncs in 8 s). Once space is back the
+    link recovers by itself and the replica is identical."""
+    import subprocess
+
+    data, disk = tmp_path / "data", tmp_path / "disk"
+    replica = disk / "replica"  # below the tmpfs' root: the read-only bind over it is not the disk's mount
+    data.mkdir()
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+    lost: list[str] = []
+
+    async def scenario() -> tuple[int, str, dict, bool]:
+        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2",
+                                       listen_address="127.0.0.1", receive_into={data: replica})
+        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1",
+                                     on_link_lost=lost.append, timeout=1.0)
+        await secondary.become_secondary()
+        try:
+            await primary.become_primary()
+            for _ in range(50):
+                if primary.status()["connected"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert primary.status()["connected"]
+            await _blocking((data / "big").write_bytes, os.urandom(2 << 20))  # returns: the primary goes alone
+            await asyncio.sleep(6)
+            refused, last = len(lost), primary.status()["last_lost"]
+            receiver_status = secondary.status()["agents"]["receiver"]["streams"][str(data)]
+            await _blocking(subprocess.run, ["mount", "-o", "remount,size=64m", str(disk)])
+            for _ in range(400):  # the delay had reached 4-8 s: back within ~10 s
+                if primary.status()["synced"]:
+                    break
+                await asyncio.sleep(0.1)
+            same = describe_tree(data) == describe_tree(replica)
+            return refused, last, receiver_status, same
+        finally:
+            await primary.stop()
+            await secondary.stop()
+
+    try:
+        refused, last, receiver_status, same = asyncio.run(scenario())
+    finally:
+        force_unmount(data)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert 2 <= refused <= 6, lost
+    assert "No space left on device" in last, last
+    assert "No space left on device" in receiver_status["last_error"], receiver_status
+    assert same
+
+
+def test_reconnect_delay_doubles_up_to_a_cap() -> None:
+    from safekit_cloud.core.replication.agent import reconnect_delay
+
+    assert [reconnect_delay(n, 0.5) for n in range(9)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert reconnect_delay(10**6, 0.5) == 30.0
