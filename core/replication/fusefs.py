@@ -112,7 +112,9 @@ class _File:
     sync: bool
     writable: bool
     epoch: int = -1  # the replicator epoch in which the peer holds this handle open (-1: never)
-    orphan: bool = False  # its file has no name left (deleted while open): none can come back
+    # No name of its file in the tree (deleted while open, or named only outside the replicated
+    # directory): not looked for again. A name given later through the mount is learnt as usual.
+    nameless: bool = False
 
 
 class ReplicatedFS(fuseabi.Operations):
@@ -282,19 +284,20 @@ class ReplicatedFS(fuseabi.Operations):
         name after a reconnection, or the first time it is written) and be journaled under none.
         Found by a walk of the tree, once per file in that state; a file deleted while open is
         recognised by one fstat."""
-        if f.orphan or self.inodes.path(f.ino) is not None or not self.repl.active:
+        if f.nameless or self.inodes.path(f.ino) is not None or not self.repl.active:
             return
         try:
             st = os.fstat(f.fd)
         except OSError:
             return
         if st.st_nlink == 0:
-            f.orphan = True  # no name on either side: its changes are not replicated
+            f.nameless = True  # no name on either side: its changes are not replicated
             return
         names = await asyncio.to_thread(_names_of, self.root, st.st_ino, b"")
         if self.inodes.path(f.ino) is None:  # (a lookup meanwhile may have taught it one)
             for name in names:
                 self.inodes.add_path(f.ino, name)
+            f.nameless = not names  # its other names are outside the tree: one walk, not one per write
 
     def _new_owner(self, ctx: fuseabi.RequestContext, parent: bytes) -> tuple[int, int, bool]:
         """uid, gid of a new entry as the kernel would pick them for the caller, and whether the parent
@@ -719,7 +722,7 @@ class ReplicatedFS(fuseabi.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
-        if not f.orphan and self.inodes.path(f.ino) is None:
+        if not f.nameless and self.inodes.path(f.ino) is None:
             await self._know_a_name(f)
         if getattr(self.repl, "journaling", False):
             await self._intend_write(f, off, len(buf))

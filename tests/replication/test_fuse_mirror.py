@@ -213,6 +213,33 @@ def test_open_unlinked_file_and_rename_while_open(clean: Mirror) -> None:
     assert_same(clean)
 
 
+def test_a_file_named_only_outside_the_tree_is_looked_for_once(clean: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened by its name in the tree, which then goes, while a hard link outside the replicated
+    directory keeps it: nothing of the tree names it, its writes are not replicated, and the walk
+    that finds that out runs once, not once per write."""
+    from safekit_cloud.core.replication import fusefs
+
+    walks: list[int] = []
+    walk = fusefs._names_of
+    monkeypatch.setattr(fusefs, "_names_of", lambda root, ino, but: walks.append(ino) or walk(root, ino, but))
+    p = clean.primary
+    (p / "f").write_bytes(b"x")
+    outside = p.parent / "outside-link"  # the same file system, beside the replicated directory
+    os.link(f"/proc/self/fd/{clean.mount._root_fd}/f", outside)
+    try:
+        with open(p / "f", "r+b", buffering=0) as f:
+            os.unlink(p / "f")
+            for i in range(20):
+                f.write(b"y")
+            os.fsync(f.fileno())
+        assert len(walks) == 1
+        assert outside.read_bytes() == b"y" * 20
+        assert not (clean.replica / "f").exists()
+        assert_same(clean)
+    finally:
+        outside.unlink()
+
+
 MMAP_SCRIPT = """
 import mmap, os, sys
 with open(sys.argv[1], "r+b") as f:
