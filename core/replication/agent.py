@@ -230,6 +230,10 @@ async def amain(argv: list[str]) -> int:
             await run_primary(args, key, stop)
         else:
             await run_secondary(args, key, stop)
+    except OSError as exc:  # the node's side (a directory missing, a port taken): the message says it
+        log.error("replication agent failed: %s", exc)
+        emit("failed", reason=str(exc))
+        return 1
     except Exception as exc:
         log.exception("replication agent failed")
         emit("failed", reason=f"{type(exc).__name__}: {exc}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .fusefs import ReplicatedFS
 from .fusesession import FuseSession, umount_detach
+from .paths import open_replicated_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class FuseMount:
     async def start(self) -> None:
         unmount(self.directory)
         # Opened before the mount: from now on this descriptor is the only way to the real files.
-        self._root_fd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_fd = open_replicated_dir(self.directory)
         try:
             self.fs = self.make_fs(self._root_fd)
             self.session = FuseSession(self.fs, self.directory, fsname=FSNAME, subtype="safekit",

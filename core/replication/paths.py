@@ -135,3 +135,13 @@ def parent_dir(dir_fd: int, path: bytes) -> Iterator[tuple[int, bytes]]:
 
 def openat2_available() -> bool:
     return _have_openat2
+
+
+def open_replicated_dir(path: str | os.PathLike[str]) -> int:
+    """An O_PATH descriptor of a replicated directory itself, or an OSError saying what to do."""
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"replicated directory {os.fspath(path)}: {exc.strerror}: create it on this "
+                                 "node (with the application's owner and mode), or correct "
+                                 "replication.directories") from None

@@ -22,7 +22,7 @@ from . import messages as m
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
 from .journal import Journal, journal_path
-from .paths import open_beneath
+from .paths import open_beneath, open_replicated_dir
 from .resync import ResyncApplier
 from .syscalls import syncfs
 from .verify import serve_manifest
@@ -83,7 +83,7 @@ class Receiver:
         """Listen; returns the bound port (useful with port 0)."""
         raise_fd_limit()
         for name, path in self._dirs.items():
-            self._root_fds[name] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._root_fds[name] = open_replicated_dir(path)
             if self.state_dir is not None:
                 j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
                 if self.fullsync:

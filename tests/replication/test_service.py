@@ -143,3 +143,23 @@ def test_reconnect_delay_doubles_up_to_a_cap() -> None:
 
     assert [reconnect_delay(n, 0.5) for n in range(9)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert reconnect_delay(10**6, 0.5) == 30.0
+
+
+def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) -> None:
+    cfg = ReplicationConfig(directories=[tmp_path / "missing"], port=free_port())
+
+    async def attempt(role: str) -> str:
+        svc = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / role, listen_address="127.0.0.1")
+        try:
+            await (svc.become_primary() if role == "primary" else svc.become_secondary())
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            await svc.stop()
+        return "no error"
+
+    for role in ("primary", "secondary"):
+        reason = asyncio.run(attempt(role))
+        want = f"replicated directory {tmp_path / 'missing'}: No such file or directory: create it on this node"
+        assert want in reason, reason
+        assert "Traceback" not in reason
