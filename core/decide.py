@@ -246,7 +246,7 @@ def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
     elif event.kind == E.SCRIPT_FAILED and event.detail in ("prestart", "start_both"):
         return Decision(S.STOP, (run("stop_both"),), f"{event.detail} failed: module stopped (see the module log)",
                         persisted=replace(local.persisted, last_state=S.STOP), waiting_for="", intent=Intent.NONE)
-    elif event.kind in (E.RESYNC_DONE, E.REPLICATION_LOST, E.SCRIPT_FAILED):
+    elif event.kind in (E.RESYNC_DONE, E.REPLICATION_LOST, E.REPLICATION_FAILED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored in WAIT")
     if local.waiting_for == "witness":
         return _wait_for_witness(local, peer)
@@ -351,6 +351,15 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if event.kind == E.REPLICATION_LOST:
         return stay(local, "replication link lost: this secondary is no longer up to date",
                     persisted=replace(local.persisted, data=DataStatus.STALE))
+    if event.kind == E.REPLICATION_FAILED:
+        # The receiver died: the primary goes on alone until it is back, so this copy falls behind.
+        stale = replace(local.persisted, data=DataStatus.STALE)
+        if local.restarts_exhausted:
+            return stay(local, f"replication agent failed ({event.detail}) again, restart limit reached: "
+                        "not restarted, this secondary is no longer up to date (see the module log)", persisted=stale)
+        return stay(local, f"replication agent failed ({event.detail}): receiver restarted; up to date again "
+                    "once resynchronised", actions=(Action(A.COUNT_RESTART), Action(A.REPLICATE_AS_SECONDARY)),
+                    persisted=stale)
     if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored on the secondary")
     if peer_serving(peer):
@@ -402,6 +411,8 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return _checker_failed(local, peer, event.detail)
     if event.kind == E.SCRIPT_FAILED:
         return _start_failed(local, event.detail)
+    if event.kind == E.REPLICATION_FAILED:
+        return _replication_failed(local, peer, event.detail)
     if event.kind in (E.RESYNC_DONE, E.CHECKER_RECOVERED):
         return stay(local, f"{event.kind.value} noted")
     if peer_serving(peer):
@@ -469,6 +480,26 @@ def _checker_failed(local: LocalView, peer: PeerView, detail: str) -> Decision:
         return hand_over(local, f"checker failed ({reason}), {why}: failing over to {peer.name}")
     return wait(local, f"checker failed ({reason}), {why}, and no up-to-date secondary can take over: "
                 f"application stopped; fix it, then `safekit-cloud stop` and `start`", "restarts", STOP_PRIMARY)
+
+
+def _replication_failed(local: LocalView, peer: PeerView, why: str) -> Decision:
+    """This node's replication agent died: the mount it served is gone (the application's files
+    answer ENOTCONN) and the link with it. Restarted like a checker's restart, on a new mount: the
+    application stopped, replication started again (journaling: ALONE, a new generation if it was
+    replicating, the secondary resynchronised when it reconnects), the application started. Past
+    the restart limit: handed over to an up-to-date secondary, else stopped."""
+    if not local.restarts_exhausted:
+        generation = (Action(A.NEW_GENERATION),) if local.state == S.PRIM else ()
+        actions = generation + (Action(A.COUNT_RESTART), Action(A.STOP_CHECKERS), run("stop_prim"),
+                                Action(A.REPLICATE_AS_PRIMARY), run("start_prim"), Action(A.START_CHECKERS))
+        return Decision(S.ALONE, actions, f"replication agent failed ({why}): application restarted on a new mount",
+                        persisted=replace(local.persisted, last_state=S.ALONE, can_start_alone=True))
+    if local.state == S.PRIM and peer_uptodate_second(local, peer):
+        return hand_over(local, f"replication agent failed ({why}), restart limit reached: failing over to "
+                         f"{peer.name}")
+    return wait(local, f"replication agent failed ({why}), restart limit reached, and no up-to-date secondary "
+                "can take over: application stopped; see the module log, then `safekit-cloud stop` and `start`",
+                "restarts", STOP_PRIMARY)
 
 
 def _start_failed(local: LocalView, step: str) -> Decision:

@@ -101,7 +101,8 @@ class Engine:
                                [n.name for n in self.config.nodes])
 
     def _replication(self, module: ModuleConfig, on_lost: Callable[[str], None],
-                     on_resync_done: Callable[[], None]) -> ReplicationService | None:
+                     on_resync_done: Callable[[], None],
+                     on_agent_failed: Callable[[str], None]) -> ReplicationService | None:
         """The module's replication service, or None when it replicates nothing."""
         if not module.replication.directories:
             return None
@@ -112,7 +113,7 @@ class Engine:
             module.name, module.replication, peer_address=self.peer.addresses[network], key=self.key,
             state_dir=self.state_dir / module.name / "replication", on_link_lost=on_lost,
             listen_address=self.config.node(self.node).addresses[network], timeout=module.replication.timeout,
-            on_resync_done=on_resync_done,
+            on_resync_done=on_resync_done, on_agent_failed=on_agent_failed,
         )
 
     # ---- life cycle ------------------------------------------------------------------------------

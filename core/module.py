@@ -73,6 +73,7 @@ class ModuleRuntime:
         self.replication = replication(
             config, lambda why: self._post(Event(E.REPLICATION_LOST, why)),
             lambda: self._post(Event(E.RESYNC_DONE)),
+            lambda why: self._post(Event(E.REPLICATION_FAILED, why)),
         ) if replication is not None else None
         self.store = ModuleStore(state_dir, config.name)
         self.log_path = self.store.folder / "module.log"

@@ -52,6 +52,7 @@ class EventKind(str, enum.Enum):
     CHECKER_RECOVERED = "checker_recovered"  # every checker that asked for WAIT is ok again
     SCRIPT_FAILED = "script_failed"  # detail = script name
     REPLICATION_LOST = "replication_lost"  # replication link broke while heartbeats continue
+    REPLICATION_FAILED = "replication_failed"  # this node's replication agent died; detail = why
     RESYNC_DONE = "resync_done"  # this secondary's data is now identical to the primary's
 
 

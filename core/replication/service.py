@@ -51,9 +51,12 @@ class ReplicationService:
                  state_dir: Path | str, on_link_lost: Callable[[str], None] | None = None,
                  listen_address: str = "0.0.0.0", timeout: float = 10.0,
                  receive_into: dict[Path, Path] | None = None,
-                 on_resync_done: Callable[[], None] | None = None) -> None:
+                 on_resync_done: Callable[[], None] | None = None,
+                 on_agent_failed: Callable[[str], None] | None = None) -> None:
         """`receive_into` redirects, on the secondary, a replicated directory to another local path
-        (two nodes on one machine without mount namespaces, tests); normally the path is the same."""
+        (two nodes on one machine without mount namespaces, tests); normally the path is the same.
+        `on_agent_failed(reason)`: an agent of this node died (its mount or its receiver is gone:
+        the engine restarts the module's replication); without it, reported as a lost link."""
         self.module = module_name
         self.config = config
         self.peer_address = peer_address
@@ -61,6 +64,7 @@ class ReplicationService:
         self.state_dir = Path(state_dir)
         self.on_link_lost = on_link_lost
         self.on_resync_done = on_resync_done  # the agent reported "resync_done": the replica is current
+        self.on_agent_failed = on_agent_failed
         self.listen_address = listen_address
         self.timeout = timeout
         self.receive_into = {Path(k): Path(v) for k, v in (receive_into or {}).items()}
@@ -161,7 +165,8 @@ class ReplicationService:
         return out
 
     def status(self) -> dict[str, Any]:
-        agents = {a.name: dict(a.status, alive=a.proc.returncode is None, failed=a.failed) for a in self._agents}
+        agents = {a.name: dict(a.status, alive=a.proc.returncode is None, failed=a.failed, pid=a.proc.pid)
+                  for a in self._agents}
         primary = [a.status for a in self._agents if self.role == "primary"]
         return {
             "role": self.role,
@@ -277,7 +282,16 @@ class ReplicationService:
         if self.role != "stopping" and agent in self._agents:
             agent.failed = agent.failed or f"exited with {agent.proc.returncode}"
             agent.ready.set()
-            self._link_lost(f"agent {agent.name} {agent.failed}")
+            reason = f"agent {agent.name} {agent.failed}"
+            if self.on_agent_failed is None or self.role not in ("primary", "secondary"):
+                self._link_lost(reason)
+                return
+            self._lost_reasons.append(reason)  # shown as last_lost, like a lost link
+            del self._lost_reasons[:-20]
+            try:
+                self.on_agent_failed(reason)
+            except Exception:
+                log.exception("on_agent_failed callback failed")
 
     def _on_event(self, agent: _Agent, event: dict[str, Any]) -> None:
         kind = event.pop("event", "")

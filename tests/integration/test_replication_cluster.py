@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -197,3 +198,61 @@ def test_writes_resume_when_heartbeats_lose_the_secondary_not_after_the_ack_time
         made.wait_states({"n1": "ALONE"}, timeout=10)
     finally:
         made.close()
+
+
+def test_a_killed_replication_agent_is_restarted_and_replication_resumes(cluster: LabCluster) -> None:
+    """kill -9 of the primary's FUSE agent: its mount is gone (the application's files answer
+    ENOTCONN). The module restarts the application on a new mount (journaling: ALONE), the new
+    agent resynchronises the secondary, and the pair replicates again; nothing written is lost."""
+    app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'before')!r}, 'w') as f:
+    f.write('before'); f.flush(); os.fsync(f.fileno())
+""")
+    agents = (cluster.status("n1") or {})["modules"][0]["replication"]["agents"]
+    pid = agents[str(cluster.data_dir)]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the daemon under test started it
+    deadline = time.monotonic() + 60
+    while True:
+        agents = ((cluster.status("n1") or {}).get("modules") or [{}])[0].get("replication", {}).get("agents", {})
+        agent = agents.get(str(cluster.data_dir), {})
+        if agent.get("pid") not in (None, pid) and agent.get("alive"):
+            break
+        assert time.monotonic() < deadline, f"no new agent: {agents}"
+        time.sleep(0.2)
+    app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'after')!r}, 'w') as f:
+    f.write('after'); f.flush(); os.fsync(f.fileno())
+""")
+    cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=60)
+    result = verify(cluster, "n1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.disk("n2") / "after").read_text() == "after"
+    log = cluster.cli("n1", "log").stdout
+    assert "replication agent failed" in log and "restarted on a new mount" in log, log[-2000:]
+
+
+def test_a_killed_receiver_is_restarted_and_the_secondary_catches_up(cluster: LabCluster) -> None:
+    """kill -9 of the secondary's receiver: the primary goes on alone, the secondary restarts its
+    receiver and is resynchronised (before, it stayed down and the pair never replicated again)."""
+    agents = (cluster.status("n2") or {})["modules"][0]["replication"]["agents"]
+    pid = agents["receiver"]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the daemon under test started it
+    app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'while-down')!r}, 'w') as f:
+    f.write('written while the receiver was down'); f.flush(); os.fsync(f.fileno())
+""")
+    deadline = time.monotonic() + 60
+    while True:
+        receiver = ((cluster.status("n2") or {}).get("modules") or [{}])[0].get("replication", {}) \
+            .get("agents", {}).get("receiver", {})
+        if receiver.get("pid") not in (None, pid) and receiver.get("alive"):
+            break
+        assert time.monotonic() < deadline, f"no new receiver: {receiver}"
+        time.sleep(0.2)
+    cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=60)
+    assert (cluster.disk("n2") / "while-down").read_text() == "written while the receiver was down"
+    result = verify(cluster, "n1")
+    assert result.returncode == 0, result.stdout + result.stderr

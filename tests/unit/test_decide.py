@@ -47,6 +47,8 @@ START_ALONE = ["new_generation", "take_vip", "replicate_as_primary", "run_script
 START_SECOND = ["replicate_as_secondary", "run_script(start_second)"]
 STOP_SECOND = ["run_script(stop_second)", "stop_replication"]
 BOOT = ["release_vip", "run_script(prestart)", "run_script(start_both)"]
+RESTART_ON_NEW_MOUNT = ["count_restart", "stop_checkers", "run_script(stop_prim)", "replicate_as_primary",
+                        "run_script(start_prim)", "start_checkers"]
 RESTART_DETAIL = checker_detail(CheckerAction.RESTART, "http", "timeout after 2s")
 EXAMPLES = int(os.environ.get("DECIDE_EXAMPLES", "300"))  # raise for a deeper search of the properties
 
@@ -149,7 +151,7 @@ TABLE: dict[tuple[S, E], Expect] = {
                                      persisted=FORCED_SECOND_WAIT),
     **{(S.STOP, e): noop(S.STOP, "stopped") for e in (
         E.PEER_CHANGED, E.PEER_LOST, E.TICK, E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED,
-        E.REPLICATION_LOST, E.RESYNC_DONE)},
+        E.REPLICATION_LOST, E.REPLICATION_FAILED, E.RESYNC_DONE)},
     # WAIT (for the peer, start-up wait not over): admin commands, else keep waiting.
     (S.WAIT, E.START): noop(S.WAIT, "already started"),
     (S.WAIT, E.STOP): Expect(S.STOP, ("stop_checkers", "run_script(stop_both)"), exact=True,
@@ -168,6 +170,7 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.WAIT, E.CHECKER_RECOVERED): noop(S.WAIT),
     (S.WAIT, E.SCRIPT_FAILED): noop(S.WAIT),
     (S.WAIT, E.REPLICATION_LOST): noop(S.WAIT),
+    (S.WAIT, E.REPLICATION_FAILED): noop(S.WAIT),
     (S.WAIT, E.RESYNC_DONE): noop(S.WAIT),
     # ALONE (no peer): keeps serving; leaves only on stop, force second or a failed start_prim.
     (S.ALONE, E.START): noop(S.ALONE, "already started"),
@@ -188,6 +191,9 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.ALONE, E.CHECKER_RECOVERED): noop(S.ALONE),
     (S.ALONE, E.SCRIPT_FAILED): FAILED_START,
     (S.ALONE, E.REPLICATION_LOST): noop(S.ALONE),  # already writing alone: no new generation
+    # The agent serving the mount died: the application restarted on a new mount.
+    (S.ALONE, E.REPLICATION_FAILED): Expect(S.ALONE, tuple(RESTART_ON_NEW_MOUNT), exact=True,
+                                            reason="application restarted on a new mount"),
     (S.ALONE, E.RESYNC_DONE): noop(S.ALONE),
     # PRIM (peer an up-to-date secondary).
     (S.PRIM, E.START): noop(S.PRIM, "already started"),
@@ -211,6 +217,9 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.PRIM, E.SCRIPT_FAILED): FAILED_START,
     (S.PRIM, E.REPLICATION_LOST): Expect(S.ALONE, ("new_generation",), exact=True, reason="replication",
                                          persisted={"can_start_alone": True, "last_state": S.ALONE}),
+    (S.PRIM, E.REPLICATION_FAILED): Expect(S.ALONE, tuple(["new_generation"] + RESTART_ON_NEW_MOUNT), exact=True,
+                                           reason="application restarted on a new mount",
+                                           persisted={"can_start_alone": True, "last_state": S.ALONE}),
     (S.PRIM, E.RESYNC_DONE): noop(S.PRIM),
     # SECOND (peer primary, data up to date).
     (S.SECOND, E.START): noop(S.SECOND, "already started"),
@@ -233,6 +242,8 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.SECOND, E.CHECKER_RECOVERED): noop(S.SECOND, "ignored"),
     (S.SECOND, E.SCRIPT_FAILED): noop(S.SECOND, "ignored"),
     (S.SECOND, E.REPLICATION_LOST): Expect(S.SECOND, exact=True, persisted={"data": DataStatus.STALE}),
+    (S.SECOND, E.REPLICATION_FAILED): Expect(S.SECOND, ("count_restart", "replicate_as_secondary"), exact=True,
+                                             persisted={"data": DataStatus.STALE}, reason="receiver restarted"),
     (S.SECOND, E.RESYNC_DONE): Expect(S.SECOND, ("adopt_peer_generation",), exact=True,
                                       persisted={"data": DataStatus.UPTODATE, "discard_local_data": False}),
 }
@@ -1361,3 +1372,35 @@ def test_secondary_of_a_primary_writing_under_a_new_generation_becomes_stale_and
     assert synced.persisted is not None and synced.persisted.data == DataStatus.UPTODATE
     adopted = replace(stale, persisted=replace(synced.persisted, generation=newer))
     assert decide(adopted, peer_view(state=S.ALONE, generation=newer), E.PEER_CHANGED).persisted is None
+
+
+# ---- this node's replication agent died ------------------------------------------------------------
+
+def test_a_dead_replication_agent_past_the_restart_limit_fails_over_or_stops() -> None:
+    local, peer = context(S.PRIM, E.REPLICATION_FAILED)
+    event = Event(E.REPLICATION_FAILED, "agent /srv/data exited with -9")
+    d = decide(replace(local, restarts_exhausted=True), peer, event)
+    check(Expect(S.SECOND, tuple(STOP_PRIM + START_SECOND), exact=True, intent=Intent.HANDOVER,
+                 reason="failing over to n2"), local, d)
+    assert "exited with -9" in d.reason
+    alone, _ = context(S.ALONE, E.REPLICATION_FAILED)
+    d = decide(replace(alone, restarts_exhausted=True), peer_view(data=DataStatus.STALE), event)
+    check(Expect(S.WAIT, tuple(STOP_PRIM), exact=True, waiting="restarts", reason="restart limit"), alone, d)
+
+
+def test_a_dead_receiver_past_the_restart_limit_is_left_down() -> None:
+    local, peer = context(S.SECOND, E.REPLICATION_FAILED)
+    d = decide(replace(local, restarts_exhausted=True), peer, Event(E.REPLICATION_FAILED, "receiver exited"))
+    check(Expect(S.SECOND, (), exact=True, persisted={"data": DataStatus.STALE}, reason="not restarted"), local, d)
+
+
+def test_a_dead_agent_is_restarted_then_the_pair_replicates_again() -> None:
+    pair = Pair("n1")
+    pair.serving_pair()
+    d = pair.do("n1", E.REPLICATION_FAILED, "agent /srv/data exited with -9")
+    assert d.next_state == S.ALONE and "replicate_as_primary" in names(d), pair.trace()
+    pair.do("n2", E.PEER_CHANGED)  # the primary writes under a new generation: n2 is stale
+    assert pair.nodes["n2"].persisted.data == DataStatus.STALE, pair.trace()
+    pair.do("n2", E.RESYNC_DONE)  # the new agent reconnected and resynchronised it
+    pair.do("n1", E.PEER_CHANGED)
+    assert pair.states() == (S.PRIM, S.SECOND), pair.trace()
