@@ -9,7 +9,8 @@ the key arrives on stdin (never on the command line), events leave on stdout as 
   {"event": "status", ...} every second, {"event": "stopped"} at the end; the secondary's "ready" and
   "status" list the directories it made read-only for applications ("protected", see protect.py),
   and {"event": "warning", "reason"} says when it could not.
-SIGTERM stops cleanly (unmount, close the stream).
+SIGTERM stops cleanly (unmount, close the stream); so does the death of the daemon (PR_SET_PDEATHSIG,
+or our stdout breaking).
 
 The primary keeps (re)connecting to the secondary's receiver whenever it is not connected (every
 `--retry` seconds while it cannot connect, at once after the loss of a healthy link); each connection
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import faulthandler
 import json
 import logging
@@ -44,6 +46,7 @@ from .sender import Sender
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
 HEALTHY_SECONDS = 10.0  # live this long, a lost connection is retried at once
 MAX_RETRY_DELAY = 30.0
 
@@ -57,8 +60,39 @@ def reconnect_delay(failures: int, base: float, cap: float = MAX_RETRY_DELAY) ->
 
 
 def emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _daemon_gone()
+
+
+def _daemon_gone() -> None:
+    """Our stdout's reader, the daemon, is gone (a crash, kill -9): stop as on SIGTERM. Left on its
+    own an agent would go on serving and replicating for a node nobody manages any more (its peer
+    takes over meanwhile); the restarted daemon cleans up and starts afresh."""
+    if sys.stdout is not _devnull():
+        log.error("the daemon is gone (its end of our stdout is closed): stopping")
+        sys.stdout = _devnull()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_DEVNULL: list[Any] = []
+
+
+def _devnull() -> Any:
+    if not _DEVNULL:
+        _DEVNULL.append(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    return _DEVNULL[0]
+
+
+def die_with_the_daemon() -> None:
+    """SIGTERM as soon as the daemon that started us dies, not at our next status line."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the broken stdout says it a second later
 
 
 async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event) -> None:
@@ -243,6 +277,7 @@ async def amain(argv: list[str]) -> int:
 
 
 def main() -> None:
+    die_with_the_daemon()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to stderr
     logging.basicConfig(level=os.environ.get("SAFEKIT_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -256,3 +256,39 @@ with open({str(cluster.data_dir / 'while-down')!r}, 'w') as f:
     assert (cluster.disk("n2") / "while-down").read_text() == "written while the receiver was down"
     result = verify(cluster, "n1")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_agents_stop_with_a_killed_daemon_and_the_node_rejoins(cluster: LabCluster) -> None:
+    """kill -9 of the primary's daemon: its replication agent stops too (it must not go on serving
+    and replicating for a node nobody manages while the peer takes over), the peer takes over, and
+    the restarted daemon rejoins as secondary with identical data."""
+    app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'before')!r}, 'w') as f:
+    f.write('before'); f.flush(); os.fsync(f.fileno())
+""")
+    pid = (cluster.status("n1") or {})["modules"][0]["replication"]["agents"][str(cluster.data_dir)]["pid"]
+    log_before = cluster.daemon_log("n1").stat().st_size  # the agents write their log there too
+    cluster.kill_daemon("n1")
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and "zombie" not in _proc_state(pid):
+        assert time.monotonic() < deadline, "the agent outlived its daemon"
+        time.sleep(0.05)
+    with open(cluster.daemon_log("n1"), errors="replace") as f:
+        f.seek(log_before)
+        after = f.read()
+    assert "Traceback" not in after, after[-3000:]  # a clean stop (its mount removed), not a crash
+    cluster.wait_states({"n2": "ALONE"}, timeout=20)
+    cluster.start_daemon("n1")
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
+    assert (cluster.disk("n1") / "before").read_text() == "before"
+    result = verify(cluster, "n2")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line for line in f if line.startswith("State:")), "").lower()
+    except OSError:
+        return "gone"
