@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import errno
 import faulthandler
 import json
 import logging
@@ -38,7 +39,7 @@ from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
-from .mount import FuseMount
+from .mount import FuseMount, fuse_mount_listed
 from .protect import marker_path as protect_marker, protect, unprotect
 from .receiver import Receiver
 from .resync import MirrorReplicator
@@ -121,17 +122,26 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, peer_gone)
     mount = FuseMount(directory, make_fs)
+    where = os.fsencode(os.path.realpath(directory))  # resolved before the mount: never through it
     await mount.start()
     emit("ready", dirty=True, journal=journal.describe())
     connector = asyncio.create_task(_connect_loop(args, key, name, repl, stop), name="repl-connect")
+    stopped = asyncio.create_task(stop.wait(), name="repl-stop")
+    ended = asyncio.create_task(mount.wait(), name="repl-mount-ended")
     try:
         while not stop.is_set():
             emit("status", **repl.status())
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+            await asyncio.wait([stopped, ended], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set() and (ended.done() or not fuse_mount_listed(where)):
+                # Unmounted from outside: what was written to the directory since went around us, into
+                # no journal. The next resync compares everything, and the module restarts on a new mount.
+                journal.invalidate(f"the mount over {directory} was removed from outside the agent")
+                raise OSError(errno.ENOTCONN, f"the mount over {directory} was removed from outside the agent: "
+                                              "changes made since may have bypassed replication (the next "
+                                              "resync compares every file)")
     finally:
+        for task in (stopped, ended):
+            task.cancel()
         # Not cancelled while it connects (a cancel racing open_connection's result can leave the
         # task stuck on Python 3.11): it sees `stop` and returns; cancelled only if it lingers.
         stop.set()

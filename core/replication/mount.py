@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,13 @@ FSNAME = "safekit"
 
 def mounted_fuse_at(directory: Path) -> bool:
     """True if a FUSE file system of ours is mounted exactly at `directory` (from mountinfo)."""
-    target = os.fsencode(os.path.realpath(directory))
+    return fuse_mount_listed(os.fsencode(os.path.realpath(directory)))
+
+
+def fuse_mount_listed(target: bytes) -> bool:
+    """True if mountinfo lists a FUSE file system of ours at `target`, an absolute path with no
+    symlink in it. Reads /proc only: safe from the loop that serves that very mount (resolving the
+    path would ask the mount itself)."""
     try:
         lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
     except OSError:
@@ -32,10 +39,15 @@ def mounted_fuse_at(directory: Path) -> bool:
     for line in lines:
         fields = line.split()
         sep = fields.index(b"-") if b"-" in fields else -1
-        if sep > 4 and fields[4] == target and fields[sep + 1].startswith(b"fuse") \
+        if sep > 4 and _unescape(fields[4]) == target and fields[sep + 1].startswith(b"fuse") \
                 and fields[sep + 2] == FSNAME.encode():
             return True
     return False
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040...)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def unmount(directory: Path) -> None:

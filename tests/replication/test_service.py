@@ -163,3 +163,54 @@ def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) ->
         want = f"replicated directory {tmp_path / 'missing'}: No such file or directory: create it on this node"
         assert want in reason, reason
         assert "Traceback" not in reason
+
+
+def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_everything(tmp_path: Path) -> None:
+    """`umount -l` of the primary's mount by someone else: what the application writes there next goes
+    around replication into no journal. The agent reports it as failed (the engine restarts the
+    module on a new mount) and its journal is no longer trusted, so the next resync compares every
+    file and the replica gets those writes too. (A space in the path: mountinfo escapes it.)"""
+    import subprocess
+
+    data, replica = tmp_path / "data dir", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+    failed: list[str] = []
+
+    async def scenario() -> tuple[dict, bool]:
+        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2",
+                                       listen_address="127.0.0.1", receive_into={data: replica})
+        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1",
+                                     on_agent_failed=failed.append, timeout=1.0)
+        await secondary.become_secondary()
+        try:
+            await primary.become_primary()
+            for _ in range(100):
+                if primary.status()["synced"]:
+                    break
+                await asyncio.sleep(0.1)
+            await _blocking((data / "through-the-mount").write_bytes, b"replicated")
+            await _blocking(subprocess.check_call, ["umount", "-l", str(data)])
+            await _blocking((data / "around-it").write_bytes, b"written to the bare directory")
+            for _ in range(50):
+                if failed:
+                    break
+                await asyncio.sleep(0.1)
+            assert failed and "removed from outside" in failed[0], failed
+            await primary.become_primary()  # what the engine does on replication_failed
+            for _ in range(100):
+                if primary.status()["synced"]:
+                    break
+                await asyncio.sleep(0.1)
+            return primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
+        finally:
+            await primary.stop()
+            await secondary.stop()
+
+    try:
+        last, same = asyncio.run(scenario())
+    finally:
+        force_unmount(data)
+    assert last["modes"] == ["checksum"], last
+    assert same and (replica / "around-it").read_bytes() == b"written to the bare directory"
