@@ -448,9 +448,9 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             path = Path(d)
             clash = next(((j, other) for j, other in replicated if j != i and overlapping(path, other)), None)
             if clash is not None:
-                problems.append((("modules", i, "replication", "directories"),
-                                 f"{path} overlaps {clash[1]} of modules[{clash[0]}]: a directory is replicated "
-                                 "by one module only (move it to that module, or make them one module)"))
+                why = (f"{path} overlaps {clash[1]} of modules[{clash[0]}]: a directory is replicated by one "
+                       "module only (move it to that module, or make them one module)")
+                problems.append((("modules", i, "replication", "directories"), why))
             replicated.append((i, path))
 
     default_port = HeartbeatConfig.model_fields["port"].default

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from . import mountinfo
 from .fusefs import ReplicatedFS
 from .fusesession import FuseSession, umount_detach
 from .paths import open_replicated_dir
@@ -30,24 +30,13 @@ def mounted_fuse_at(directory: Path) -> bool:
 
 def fuse_mount_listed(target: bytes) -> bool:
     """True if mountinfo lists a FUSE file system of ours at `target`, an absolute path with no
-    symlink in it. Reads /proc only: safe from the loop that serves that very mount (resolving the
-    path would ask the mount itself)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
+    symlink in it (reads /proc only: see mountinfo.py)."""
+    for fields in mountinfo.entries():
         sep = fields.index(b"-") if b"-" in fields else -1
-        if sep > 4 and _unescape(fields[4]) == target and fields[sep + 1].startswith(b"fuse") \
+        if sep > 4 and fields[4] == target and fields[sep + 1].startswith(b"fuse") \
                 and fields[sep + 2] == FSNAME.encode():
             return True
     return False
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040...)."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def unmount(directory: Path) -> None:

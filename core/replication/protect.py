@@ -18,9 +18,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 from pathlib import Path
 
+from . import mountinfo
 from .syscalls import (
     MNT_DETACH,
     MS_BIND,
@@ -52,26 +52,15 @@ def _mount(source: bytes | None, target: bytes, flags: int) -> None:
     mount(source, target, None, flags)
 
 
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda mo: bytes([int(mo.group(1), 8)]), field)
-
-
 def _top_mount(directory: Path) -> tuple[bool, bool] | None:
     """(read-only, self-bind) of the topmost mount exactly at `directory`, None if there is none.
     Self-bind: same device as the mount it sits on (a bind of a directory of that file system)."""
     target = os.fsencode(os.path.realpath(directory))
-    try:
-        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
-    except OSError:
-        return None
     by_id: dict[bytes, list[bytes]] = {}
     here: list[list[bytes]] = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6:
-            continue
+    for fields in mountinfo.entries():
         by_id[fields[0]] = fields
-        if _unescape(fields[4]) == target:
+        if fields[4] == target:
             here.append(fields)
     parents = {f[1] for f in here}
     tops = [f for f in here if f[0] not in parents]  # nothing else is mounted on top of it

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import stat
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -229,8 +229,7 @@ def test_a_file_named_only_outside_the_tree_is_looked_for_once(clean: Mirror, mo
     try:
         with open(p / "f", "r+b", buffering=0) as f:
             os.unlink(p / "f")
-            for i in range(20):
-                f.write(b"y")
+            f.writelines(b"y" for i in range(20))
             os.fsync(f.fileno())
         assert len(walks) == 1
         assert outside.read_bytes() == b"y" * 20
