@@ -180,3 +180,24 @@ def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tup
         for n in names:
             out[n] = out[n] + (tuple(sorted(names)),)
     return out
+
+
+def service_pair(tmp_path: Path, cfg: Any, data: Path, replica: Path,
+                 **primary: Any) -> tuple[Any, Any]:
+    """(secondary, primary) ReplicationServices of one module on loopback: the secondary receives
+    `data`'s stream into `replica`; `primary` are the primary's extra keyword arguments. Neither is
+    started."""
+    from safekit_cloud.core.replication.service import ReplicationService
+
+    secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2", listen_address="127.0.0.1",
+                                   receive_into={data: replica})
+    return secondary, ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", **primary)
+
+
+async def wait_for(ready: Callable[[], Any], timeout: float) -> bool:
+    """Poll `ready()` every 0.1 s until it is true or `timeout` seconds passed; its last answer."""
+    for _ in range(max(1, int(timeout * 10))):
+        if ready():
+            return True
+        await asyncio.sleep(0.1)
+    return bool(ready())

@@ -758,6 +758,21 @@ def test_checksum_resync_renames_a_renamed_large_file_instead_of_sending_it(mirr
     assert last["bytes_sent"] < BIG + BIG // 8, last  # the zero-filled file, not the renamed one too
 
 
+def resync_after_alone(mirror: ResyncMirror, lose_journal: bool) -> None:
+    """The peer comes back to the alone primary (a journal resync), or the alone node crashes and
+    loses its journal first (a checksum resync)."""
+    if lose_journal:
+        crash_alone(mirror, lose_journal=True)
+        mirror.start_secondary()
+        last = mirror.start_and_resync()
+    else:
+        mirror.start_secondary()
+        mirror.connect()
+        mirror.wait_mode("live")
+        last = mirror.repl.last_resync
+    assert last["mode"] == ("checksum" if lose_journal else "journal"), last
+
+
 @pytest.mark.parametrize("lose_journal", [False, True], ids=["journal", "checksum"])
 def test_symlink_times_made_alone_reach_the_replica_through_either_resync(mirror: ResyncMirror,
                                                                           lose_journal: bool) -> None:
@@ -771,16 +786,7 @@ def test_symlink_times_made_alone_reach_the_replica_through_either_resync(mirror
     os.symlink("../d/f4", p / "in.tmp" / "moved-link")
     os.utime(p / "in.tmp" / "moved-link", ns=(2 * 10**18, 2 * 10**18), follow_symlinks=False)
     os.rename(p / "in.tmp", p / "in")  # excluded -> replicated: copied over as it is
-    if lose_journal:
-        crash_alone(mirror, lose_journal=True)
-        mirror.start_secondary()
-        last = mirror.start_and_resync()
-    else:
-        mirror.start_secondary()
-        mirror.connect()
-        mirror.wait_mode("live")
-        last = mirror.repl.last_resync
-    assert last["mode"] == ("checksum" if lose_journal else "journal"), last
+    resync_after_alone(mirror, lose_journal)
     assert_same(mirror)
     for rel, want in (("d/link", 10**18), ("in/moved-link", 2 * 10**18)):
         assert os.lstat(mirror.replica / rel).st_mtime_ns == want, rel
@@ -801,16 +807,7 @@ def test_acls_set_alone_reach_the_replica_through_either_resync(mirror: ResyncMi
                   (OTHER, 0, UNDEFINED))
     os.setxattr(p / "d" / "sub", DEFAULT, private)
     (p / "d" / "sub" / "inherits").write_bytes(b"made alone")
-    if lose_journal:
-        crash_alone(mirror, lose_journal=True)
-        mirror.start_secondary()
-        last = mirror.start_and_resync()
-    else:
-        mirror.start_secondary()
-        mirror.connect()
-        mirror.wait_mode("live")
-        last = mirror.repl.last_resync
-    assert last["mode"] == ("checksum" if lose_journal else "journal"), last
+    resync_after_alone(mirror, lose_journal)
     assert_same(mirror)
     assert os.getxattr(mirror.replica / "d" / "f1", ACCESS) == named
     assert os.getxattr(mirror.replica / "d" / "sub", DEFAULT) == private

@@ -13,7 +13,7 @@ from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available
+from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available, service_pair, wait_for
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
@@ -100,27 +100,17 @@ def test_a_full_secondary_disk_is_retried_with_a_growing_delay_then_recovers(tmp
     lost: list[str] = []
 
     async def scenario() -> tuple[int, str, dict, bool]:
-        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2",
-                                       listen_address="127.0.0.1", receive_into={data: replica})
-        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1",
-                                     on_link_lost=lost.append, timeout=1.0)
+        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_link_lost=lost.append, timeout=1.0)
         await secondary.become_secondary()
         try:
             await primary.become_primary()
-            for _ in range(50):
-                if primary.status()["connected"]:
-                    break
-                await asyncio.sleep(0.1)
-            assert primary.status()["connected"]
+            assert await wait_for(lambda: primary.status()["connected"], 5)
             await _blocking((data / "big").write_bytes, os.urandom(2 << 20))  # returns: the primary goes alone
             await asyncio.sleep(6)
             refused, last = len(lost), primary.status()["last_lost"]
             receiver_status = secondary.status()["agents"]["receiver"]["streams"][str(data)]
             await _blocking(subprocess.run, ["mount", "-o", "remount,size=64m", str(disk)])
-            for _ in range(400):  # the delay had reached 4-8 s: back within ~10 s
-                if primary.status()["synced"]:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: primary.status()["synced"], 40)  # the delay had reached 4-8 s
             same = describe_tree(data) == describe_tree(replica)
             return refused, last, receiver_status, same
         finally:
@@ -179,30 +169,18 @@ def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_e
     failed: list[str] = []
 
     async def scenario() -> tuple[dict, bool]:
-        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2",
-                                       listen_address="127.0.0.1", receive_into={data: replica})
-        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1",
-                                     on_agent_failed=failed.append, timeout=1.0)
+        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append, timeout=1.0)
         await secondary.become_secondary()
         try:
             await primary.become_primary()
-            for _ in range(100):
-                if primary.status()["synced"]:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: primary.status()["synced"], 10)
             await _blocking((data / "through-the-mount").write_bytes, b"replicated")
             await _blocking(subprocess.check_call, ["umount", "-l", str(data)])
             await _blocking((data / "around-it").write_bytes, b"written to the bare directory")
-            for _ in range(50):
-                if failed:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: failed, 5)
             assert failed and "removed from outside" in failed[0], failed
             await primary.become_primary()  # what the engine does on replication_failed
-            for _ in range(100):
-                if primary.status()["synced"]:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: primary.status()["synced"], 10)
             return primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
         finally:
             await primary.stop()

@@ -18,10 +18,9 @@ from safekit_cloud.core.replication.auth import client_handshake
 from safekit_cloud.core.replication.framing import read_message
 from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
-from safekit_cloud.core.replication.service import ReplicationService
 
 from .conftest import KEY, run
-from .harness import force_unmount, free_port, fuse_available
+from .harness import force_unmount, free_port, fuse_available, service_pair, wait_for
 
 NAME = b"/srv/app"
 
@@ -392,16 +391,11 @@ def test_service_verify_end_to_end(tmp_path: Path) -> None:
             os.close(fd)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], str, dict[str, Any]]:
-        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2",
-                                       listen_address="127.0.0.1", receive_into={data: replica})
-        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", timeout=2.0)
+        secondary, primary = service_pair(tmp_path, cfg, data, replica, timeout=2.0)
         await secondary.become_secondary()
         try:
             await primary.become_primary()
-            for _ in range(50):
-                if primary.status()["connected"]:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: primary.status()["connected"], 5)
             await asyncio.to_thread(work)
             same = await primary.verify()
             await asyncio.to_thread(tamper)
