@@ -40,7 +40,7 @@ from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount, fuse_mount_listed
-from .protect import marker_path as protect_marker, protect, unprotect
+from .protect import is_protected, marker_path as protect_marker, protect, unprotect
 from .receiver import Receiver
 from .resync import MirrorReplicator
 from .sender import Sender
@@ -222,6 +222,18 @@ async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Even
                     emit("warning", reason=f"{d} stays writable for applications: {exc}")
         emit("ready", protected=[str(d) for d in protected])
         while not stop.is_set():
+            for d in [d for d in protected if not is_protected(d)]:
+                # Removed from outside: an application may have written there since. The next resync
+                # compares every file, and it runs now.
+                why = f"the read-only protection of {d} was removed from outside the agent"
+                log.error("%s: made again; the next resync compares every file", why)
+                emit("warning", reason=f"{why}: made again; the next resync compares every file")
+                receiver.distrust(d, why)
+                try:
+                    protect(d, markers[d])
+                except OSError as exc:
+                    protected.remove(d)
+                    emit("warning", reason=f"{d} stays writable for applications: {exc}")
             emit("status", streams=receiver.status(), protected=[str(d) for d in protected])
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)

@@ -116,6 +116,19 @@ class Receiver:
             os.close(fd)
         self._root_fds.clear()
 
+    def distrust(self, local: Path, why: str) -> None:
+        """The replica at `local` may have been changed behind the stream (its read-only protection
+        was removed from outside): forget its lineage, so that the next resync compares every file,
+        and end its stream now, so that the primary reconnects and runs that resync."""
+        for name, path in self._dirs.items():
+            if path != Path(local):
+                continue
+            if name in self.journals:
+                self.journals[name].target_invalidate(why)
+            active = self._active.get(name)
+            if active is not None:
+                active[1].transport.abort()
+
     def status(self) -> dict[str, object]:
         out = {}
         for name, s in self.stats.items():

@@ -192,3 +192,47 @@ def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_e
         force_unmount(data)
     assert last["modes"] == ["checksum"], last
     assert same and (replica / "around-it").read_bytes() == b"written to the bare directory"
+
+
+def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_in_full(tmp_path: Path) -> None:
+    """Someone unmounts the secondary's read-only bind and writes into the replica: the receiver
+    makes the bind again, forgets its lineage and ends the stream, so the primary's next resync
+    compares every file and the stray change is undone."""
+    import subprocess
+
+    from safekit_cloud.core.replication.protect import is_protected
+
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+
+    async def scenario() -> tuple[bool, dict, bool]:
+        secondary, primary = service_pair(tmp_path, cfg, data, replica, timeout=1.0)
+        await secondary.become_secondary()
+        try:
+            await primary.become_primary()
+            await _blocking((data / "f").write_bytes, b"from the primary")
+            assert await wait_for(lambda: primary.status()["synced"], 10)
+            first = primary.status()["last_resync"]["finished_at"]
+            await _blocking(subprocess.check_call, ["umount", str(replica)])
+            await _blocking((replica / "f").write_bytes, b"written on the secondary")
+            reprotected = await wait_for(lambda: is_protected(replica), 5)
+
+            def resynced_again() -> bool:
+                st = primary.status()
+                return st["synced"] and (st["last_resync"] or {}).get("finished_at") not in (None, first)
+
+            assert await wait_for(resynced_again, 10)
+            return reprotected, primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
+        finally:
+            await primary.stop()
+            await secondary.stop()
+
+    try:
+        reprotected, last, same = asyncio.run(scenario())
+    finally:
+        force_unmount(data)
+    assert reprotected
+    assert last["modes"] == ["checksum"], last
+    assert same and (replica / "f").read_bytes() == b"from the primary"
