@@ -1243,6 +1243,7 @@ OPS = st.one_of(
     st.tuples(st.just("checker"), NODE, st.sampled_from(list(CheckerAction)), st.booleans()),
     st.tuples(st.just("recover"), NODE),
     st.tuples(st.just("start_prim_failed"), NODE),
+    st.tuples(st.just("agent_died"), NODE, st.booleans()),
 )
 ADMIN = {"start": E.START, "stop": E.STOP, "forcestop": E.FORCESTOP, "swap": E.SWAP, "prim": E.FORCE_PRIM,
          "second": E.FORCE_SECOND, "restart": E.RESTART}
@@ -1285,6 +1286,10 @@ def run_op(pair: Pair, op: tuple) -> None:
             pair.do(name, E.CHECKER_RECOVERED)
     elif kind == "start_prim_failed" and pair.state(name).is_primary:
         pair.do(name, E.SCRIPT_FAILED, "start_prim")
+    elif kind == "agent_died" and pair.state(name) != S.STOP:
+        # This node's replication agent died (the primary's mount, or the secondary's receiver).
+        pair.nodes[name] = replace(pair.nodes[name], restarts_exhausted=args[1])
+        pair.do(name, E.REPLICATION_FAILED, "agent exited with -9")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
