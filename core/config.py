@@ -251,6 +251,13 @@ class ReplicationConfig(Strict):
                     "than the work) for some CPU while writes stream. Adaptive: a quiet stream stops polling. "
                     "0: never poll.",
     )
+    agent_timeout: float = Field(
+        60, ge=0,
+        description="Seconds a replication agent may go without a status line (one a second) before it is "
+                    "taken for hung: its mount is aborted (the application's calls fail instead of waiting), "
+                    "it is killed and the module restarts it. Long enough for the slowest fsync of the "
+                    "application's disk; 0: never.",
+    )
     resync_bandwidth: float | None = Field(
         None, gt=0,
         description="Cap on the resync's file data, in MB/s (token bucket); none: as fast as the link goes. "

@@ -39,6 +39,22 @@ def fuse_mount_listed(target: bytes) -> bool:
     return False
 
 
+def abort_connection(target: bytes) -> bool:
+    """Abort the FUSE connection of our mount at `target` (an absolute path with no symlink, as
+    mountinfo shows it) through fusectl: requests waiting on it, and later ones, fail with ENOTCONN
+    instead of waiting for a server that does not answer. False if it cannot be found or aborted."""
+    for fields in mountinfo.entries():
+        sep = fields.index(b"-") if b"-" in fields else -1
+        if sep > 4 and fields[4] == target and fields[sep + 1] == b"fuse." + FSNAME.encode():
+            minor = fields[2].partition(b":")[2].decode()
+            try:
+                Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                return True
+            except OSError as exc:
+                log.error("cannot abort the FUSE connection of %s: %s", target.decode(errors="replace"), exc)
+    return False
+
+
 def unmount(directory: Path) -> None:
     """Lazily unmount every FUSE file system of ours at `directory` (a dead agent leaves one behind
     that answers ENOTCONN). umount2(MNT_DETACH) as root; fusermount3 when that is refused."""

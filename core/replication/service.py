@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
     from safekit_cloud.core.config import ReplicationConfig
 
 from .busypoll import DEFAULT_MAX_WINDOW
-from .mount import unmount
+from .mount import abort_connection, unmount
 from .protect import marker_path as protect_marker, unprotect
 from .verify import VerifyError, verify_module
 
@@ -44,6 +44,8 @@ class _Agent:
     reader: asyncio.Task[None] | None = None
     failed: str = ""
     synced: bool = False  # primary agent: its resync completed and the link held since
+    heard: float = field(default_factory=time.monotonic)  # when its last line came (watchdog)
+    mount_point: bytes | None = None  # primary agent: where its mount is, resolved before it
 
 
 class ReplicationService:
@@ -76,6 +78,7 @@ class ReplicationService:
         # reads the real files beneath the FUSE layer (never through it).
         self._local_fds: dict[Path, int] = {}
         self._verify_lock = asyncio.Lock()
+        self._watchdog: asyncio.Task[None] | None = None
         self._last_verify: dict[str, Any] | None = None
 
     # ---- roles ----
@@ -94,8 +97,10 @@ class ReplicationService:
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
             argv += [f"--exclude={p}" for p in self.config.exclude]
             argv += self._resync_argv(base_generation)
-            await self._spawn(str(directory), argv)
+            # Resolved now, before the mount: the watchdog must not ask a mount that may be hung.
+            await self._spawn(str(directory), argv, mount_point=os.fsencode(os.path.realpath(directory)))
         self.role = "primary"
+        self._start_watchdog()
 
     async def become_secondary(self, generation: int | None = None, fullsync: bool = False) -> None:
         """Receive for every replicated directory (the application must not run here).
@@ -108,6 +113,7 @@ class ReplicationService:
         argv += self._resync_argv(generation) + (["--fullsync"] if fullsync else [])
         await self._spawn("receiver", argv)
         self.role = "secondary"
+        self._start_watchdog()
 
     async def stop(self) -> None:
         await self._stop_agents()
@@ -245,7 +251,7 @@ class ReplicationService:
     def _bracket(host: str) -> str:
         return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
-    async def _spawn(self, name: str, argv: list[str]) -> None:
+    async def _spawn(self, name: str, argv: list[str], mount_point: bytes | None = None) -> None:
         cmd = [sys.executable, "-m", "safekit_cloud.core.replication.agent", "--module", self.module,
                "--state-dir", str(self.state_dir), "--protocol", self.config.protocol,
                "--timeout", str(self.timeout),
@@ -258,7 +264,7 @@ class ReplicationService:
         proc.stdin.write(self.key.hex().encode() + b"\n")
         await proc.stdin.drain()
         proc.stdin.close()
-        agent = _Agent(name, proc)
+        agent = _Agent(name, proc, mount_point=mount_point)
         agent.reader = asyncio.create_task(self._read_events(agent), name=f"repl-agent-{name}")
         self._agents.append(agent)
         try:
@@ -272,6 +278,7 @@ class ReplicationService:
     async def _read_events(self, agent: _Agent) -> None:
         assert agent.proc.stdout is not None
         while line := await agent.proc.stdout.readline():
+            agent.heard = time.monotonic()
             try:
                 event = json.loads(line)
             except ValueError:
@@ -346,7 +353,31 @@ class ReplicationService:
             except Exception:
                 log.exception("on_link_lost callback failed")
 
+    def _start_watchdog(self) -> None:
+        limit = getattr(self.config, "agent_timeout", 0)
+        if limit and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_agents(limit), name="repl-agent-watchdog")
+
+    async def _watch_agents(self, limit: float) -> None:
+        """An agent writes a status line every second; one silent for `limit` seconds is hung (a
+        deadlock, a stop signal): the application must not wait on its mount for ever. Its mount is
+        aborted, it is killed, and its exit is reported as a failed agent (the module restarts it)."""
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            for agent in list(self._agents):
+                if agent.proc.returncode is None and not agent.failed and now - agent.heard > limit:
+                    agent.failed = f"not responding for {now - agent.heard:.0f} s: its mount aborted and it was killed"
+                    log.error("replication agent %s %s", agent.name, agent.failed)
+                    if agent.mount_point is not None:
+                        abort_connection(agent.mount_point)
+                    agent.proc.kill()
+
     async def _stop_agents(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         self._synced_dirs.clear()
         agents, previous = self._agents, self.role
         self.role = "stopping"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import time
@@ -236,3 +237,45 @@ def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_
     assert reprotected
     assert last["modes"] == ["checksum"], last
     assert same and (replica / "f").read_bytes() == b"from the primary"
+
+
+def test_a_hung_agent_is_killed_and_the_application_gets_an_error_not_a_wait(tmp_path: Path) -> None:
+    """The primary's agent stops answering (SIGSTOP here; a deadlock would do the same): after
+    `agent_timeout` its mount is aborted, so the application's call fails instead of waiting for
+    ever, the agent is killed, and its failure is reported for the module to restart it."""
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port(), agent_timeout=2)
+    failed: list[str] = []
+
+    def write() -> str:
+        try:
+            (data / "during").write_bytes(b"x")
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return "written"
+
+    async def scenario() -> str:
+        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append, timeout=1.0)
+        await secondary.become_secondary()
+        try:
+            await primary.become_primary()
+            assert await wait_for(lambda: primary.status()["synced"], 10)
+            pid = primary.status()["agents"][str(data)]["pid"]
+            os.kill(pid, signal.SIGSTOP)  # the agent this test's service started
+            async with asyncio.timeout(20):  # without the watchdog: for ever
+                outcome = await asyncio.to_thread(write)
+            await wait_for(lambda: failed, 5)
+            return outcome
+        finally:
+            await primary.stop()
+            await secondary.stop()
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        force_unmount(data)
+    # ECONNABORTED for the call that was waiting, ENOTCONN for a later one: an error, not a wait
+    assert outcome in (os.strerror(errno.ECONNABORTED), os.strerror(errno.ENOTCONN)), outcome
+    assert failed and "not responding" in failed[0], failed
