@@ -485,12 +485,24 @@ def _replication_text(r: dict[str, Any]) -> str:
         text += f", {r.get('bytes_sent', 0) / 1e6:.1f} MB sent"
         if r.get("lag_seconds"):
             text += f", lag {r['lag_seconds']:.2f} s"
+        if not r.get("connected") and r.get("last_lost"):
+            text += f"; last lost: {_clip(str(r['last_lost']))}"  # why (a full disk there, say)
+    elif r.get("role") == "secondary":
+        receiver = (r.get("agents") or {}).get("receiver") or {}
+        ended = [s.get("last_error") for s in (receiver.get("streams") or {}).values()
+                 if isinstance(s, dict) and not s.get("connected") and s.get("last_error")]
+        if ended:
+            text += f"; last stream ended: {_clip(str(ended[0]))}"
     resync = r.get("resync")
     if isinstance(resync, dict):
         done, total = resync.get("bytes_done") or 0, resync.get("bytes_total") or 0
         eta = resync.get("eta_seconds")
         text += f"; resync {done / 1e6:.1f}/{total / 1e6:.1f} MB" + (f", ETA {eta:.0f} s" if eta else "")
     return text
+
+
+def _clip(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _checkers_table(m: ModuleOut) -> Any:

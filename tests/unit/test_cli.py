@@ -435,3 +435,19 @@ def test_a_status_the_cli_cannot_read_is_a_clear_error_not_a_traceback(body: byt
 
     with pytest.raises(ClientError, match="does not match this CLI's schema"):
         decode_status(body)
+
+
+def test_status_line_says_why_replication_is_down() -> None:
+    from safekit_cloud.core.cli import _replication_text
+
+    primary = {"role": "primary", "connected": False, "bytes_sent": 0,
+               "last_lost": "/srv/data: receiver error: OSError: [Errno 28] No space left on device"}
+    assert _replication_text(primary).endswith(
+        "not connected (journaling), 0.0 MB sent; last lost: /srv/data: receiver error: OSError: [Errno 28] "
+        "No space left on device")
+    assert "last lost" not in _replication_text(dict(primary, connected=True))
+    secondary = {"role": "secondary", "agents": {"receiver": {"streams": {"/srv/data": {
+        "connected": False, "last_error": "OSError: [Errno 28] No space left on device"}}}}}
+    assert _replication_text(secondary) == ("replication secondary; last stream ended: OSError: [Errno 28] "
+                                            "No space left on device")
+    assert _replication_text(dict(primary, last_lost="x" * 500)).endswith("x…")
