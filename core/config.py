@@ -252,11 +252,12 @@ class ReplicationConfig(Strict):
                     "0: never poll.",
     )
     agent_timeout: float = Field(
-        60, ge=0,
+        120, ge=0,
         description="Seconds a replication agent may go without a status line (one a second) before it is "
                     "taken for hung: its mount is aborted (the application's calls fail instead of waiting), "
-                    "it is killed and the module restarts it. Long enough for the slowest fsync of the "
-                    "application's disk; 0: never.",
+                    "it is killed and the module restarts it. An fsync holds the agent meanwhile: keep it "
+                    "above the longest one the disk may take (the dirty page cache written at the disk's "
+                    "speed: 12 GB at 150 MB/s is 80 s); 0: never.",
     )
     resync_bandwidth: float | None = Field(
         None, gt=0,
