@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from .config import ApiConfig
+from .decoding import DECODE_ERRORS
 from .status import CommandResult, NodeOut
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class DaemonClient:
         _, body = self._request("POST", path, accept=(200, 409), timeout=timeout)
         try:
             return msgspec.json.decode(body, type=CommandResult)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec's error for bad UTF-8
+        except DECODE_ERRORS as exc:
             raise ClientError(f"unexpected answer from the daemon at {self.where}: {exc}") from None
 
     def verify(self, module: str, timeout: float = VERIFY_TIMEOUT) -> dict[str, Any]:
@@ -178,7 +179,7 @@ class DaemonClient:
 def decode_status(body: bytes) -> NodeOut:
     try:
         return msgspec.json.decode(body, type=NodeOut)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec's error for bad UTF-8
+    except DECODE_ERRORS as exc:
         raise ClientError(f"the daemon's status does not match this CLI's schema: {exc}") from None
 
 

@@ -19,6 +19,7 @@ from safekit_cloud.providers.base import VipProvider, create_provider
 from safekit_cloud import __version__
 
 from .config import ClusterConfig, ModuleConfig
+from .decoding import DECODE_ERRORS
 from .heartbeat import Heartbeat, Link
 from .module import ModuleRuntime
 from .status import CommandResult, ModuleOut, NetworkOut, NodeOut, PeerOut
@@ -160,7 +161,7 @@ class Engine:
         if status.payload is not None:
             try:
                 self._announced = {m.name: m for m in self._decoder.decode(status.payload).modules}
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # (msgspec's error for bad UTF-8)
+            except DECODE_ERRORS as exc:
                 # Authenticated but undecodable: a peer of another version. Treat its modules as unknown.
                 log.warning("peer %s: unreadable module announcement (%s)", self.peer.name, exc)
         for runtime in self.modules.values():

@@ -369,20 +369,34 @@ class FuseSession:
         self._send_error(unique, errno.ENOSYS)
 
     def _start(self, unique: int | None, coro: Coroutine[Any, Any, Any], encode: Encoder, opcode: int) -> None:
-        """Run the handler to its first suspension here; continue it as a task only if it suspends."""
+        """Run the handler to its first suspension here; park it or continue it only if it suspends."""
         ctx = contextvars.copy_context()
+        self._advance(coro, ctx, unique, encode, opcode, lambda: ctx.run(coro.send, None), resumed=False)
+
+    def _advance(self, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, unique: int | None,
+                 encode: Encoder, opcode: int, step: Callable[[], Any], resumed: bool) -> None:
+        """Run one step of a handler (`step` sends into or throws into `coro`): reply if it ended,
+        else park it or hand it to a task. `resumed`: a parked request, counted in flight until now."""
         try:
-            first = ctx.run(coro.send, None)
+            yielded = step()
         except StopIteration as stop:
+            self._ended_request(resumed)
             self._reply_result(unique, encode, stop.value, opcode)
             return
-        except Exception as exc:  # noqa: BLE001 - failed in its first step (FUSEError or a bug)
+        except Exception as exc:  # noqa: BLE001 - FUSEError or a bug: this request fails, not the session
+            self._ended_request(resumed)
             self._reply_exception(unique, exc, opcode)
             return
         except asyncio.CancelledError:
-            self._send_error(unique, errno.EINTR)
+            self._ended_request(resumed)
+            if not self._closing:
+                self._send_error(unique, errno.EINTR)
             return
-        self._suspended(coro, ctx, unique, encode, opcode, first)
+        self._suspended(coro, ctx, unique, encode, opcode, yielded)
+
+    def _ended_request(self, resumed: bool) -> None:
+        if resumed:
+            self._finished()
 
     def _suspended(self, coro: Coroutine[Any, Any, Any], ctx: contextvars.Context, unique: int | None,
                    encode: Encoder, opcode: int, yielded: Any) -> None:
@@ -411,28 +425,16 @@ class FuseSession:
         cancellation included) is thrown in, else the coroutine is sent None and takes the result
         from the future itself."""
         self._parked.discard(parked)
-        coro, unique = parked.coro, parked.unique
-        try:
+        coro = parked.coro
+
+        def step() -> Any:
             if fut.cancelled():
-                yielded = coro.throw(asyncio.CancelledError())
-            elif fut.exception() is not None:
-                yielded = coro.throw(fut.exception())  # type: ignore[arg-type]
-            else:
-                yielded = coro.send(None)
-        except StopIteration as stop:
-            self._finished()
-            self._reply_result(unique, parked.encode, stop.value, parked.opcode)
-            return
-        except Exception as exc:  # noqa: BLE001 - FUSEError or a bug: this request fails, not the session
-            self._finished()
-            self._reply_exception(unique, exc, parked.opcode)
-            return
-        except asyncio.CancelledError:
-            self._finished()
-            if not self._closing:
-                self._send_error(unique, errno.EINTR)
-            return
-        self._suspended(coro, parked.ctx, unique, parked.encode, parked.opcode, yielded)
+                return coro.throw(asyncio.CancelledError())
+            if fut.exception() is not None:
+                return coro.throw(fut.exception())  # type: ignore[arg-type]
+            return coro.send(None)
+
+        self._advance(coro, parked.ctx, parked.unique, parked.encode, parked.opcode, step, resumed=True)
 
     def _finished(self) -> None:
         if self.in_flight < self.max_tasks:

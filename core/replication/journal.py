@@ -63,6 +63,7 @@ from pathlib import Path
 
 import msgspec
 
+from ..decoding import DECODE_ERRORS
 from . import messages as m
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
             break
         try:
             out.append(_dec.decode(payload))
-        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+        except DECODE_ERRORS:
             break
         pos = end
     return out, len(data) - pos

@@ -16,6 +16,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from ..decoding import DECODE_ERRORS
+
 PROTOCOL_VERSION = 4  # 3: frames sealed after the handshake (framing.py); 4: RsState.suspects
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
@@ -441,8 +443,7 @@ def encode_into(msg: Message, buf: bytearray, offset: int) -> None:
 def decode(payload: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(payload)
-    # ValidationError is a DecodeError; invalid UTF-8 in a string field raises UnicodeDecodeError
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed message: {exc}") from None
 
 

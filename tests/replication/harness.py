@@ -8,7 +8,7 @@ import contextlib
 import os
 import stat
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -182,16 +182,25 @@ def describe_tree(root: Path, excluder: Excluder | None = None) -> dict[str, tup
     return out
 
 
-def service_pair(tmp_path: Path, cfg: Any, data: Path, replica: Path,
-                 **primary: Any) -> tuple[Any, Any]:
-    """(secondary, primary) ReplicationServices of one module on loopback: the secondary receives
-    `data`'s stream into `replica`; `primary` are the primary's extra keyword arguments. Neither is
-    started."""
+@contextlib.asynccontextmanager
+async def running_pair(tmp_path: Path, cfg: Any, data: Path, replica: Path,
+                       **primary_kw: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """(secondary, primary) ReplicationServices of one module on loopback, both started: the
+    secondary receives `data`'s stream into `replica`; `primary_kw` are the primary's extra keyword
+    arguments. Both stopped afterwards, and the mount over `data` forced away, even on failure."""
     from safekit_cloud.core.replication.service import ReplicationService
 
     secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2", listen_address="127.0.0.1",
                                    receive_into={data: replica})
-    return secondary, ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", **primary)
+    primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", **primary_kw)
+    try:
+        await secondary.become_secondary()
+        await primary.become_primary()
+        yield secondary, primary
+    finally:
+        await primary.stop()
+        await secondary.stop()
+        force_unmount(data)
 
 
 async def wait_for(ready: Callable[[], Any], timeout: float) -> bool:

@@ -14,7 +14,7 @@ from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
 
-from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available, service_pair, wait_for
+from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available, running_pair, wait_for
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
@@ -101,10 +101,8 @@ def test_a_full_secondary_disk_is_retried_with_a_growing_delay_then_recovers(tmp
     lost: list[str] = []
 
     async def scenario() -> tuple[int, str, dict, bool]:
-        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_link_lost=lost.append, timeout=1.0)
-        await secondary.become_secondary()
-        try:
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, on_link_lost=lost.append,
+                                timeout=1.0) as (secondary, primary):
             assert await wait_for(lambda: primary.status()["connected"], 5)
             await _blocking((data / "big").write_bytes, os.urandom(2 << 20))  # returns: the primary goes alone
             await asyncio.sleep(6)
@@ -114,14 +112,10 @@ def test_a_full_secondary_disk_is_retried_with_a_growing_delay_then_recovers(tmp
             await wait_for(lambda: primary.status()["synced"], 40)  # the delay had reached 4-8 s
             same = describe_tree(data) == describe_tree(replica)
             return refused, last, receiver_status, same
-        finally:
-            await primary.stop()
-            await secondary.stop()
 
     try:
         refused, last, receiver_status, same = asyncio.run(scenario())
     finally:
-        force_unmount(data)
         subprocess.run(["umount", "-l", str(disk)], check=False)
     assert 2 <= refused <= 6, lost
     assert "No space left on device" in last, last
@@ -170,10 +164,8 @@ def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_e
     failed: list[str] = []
 
     async def scenario() -> tuple[dict, bool]:
-        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append, timeout=1.0)
-        await secondary.become_secondary()
-        try:
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append,
+                                timeout=1.0) as (_, primary):
             await wait_for(lambda: primary.status()["synced"], 10)
             await _blocking((data / "through-the-mount").write_bytes, b"replicated")
             await _blocking(subprocess.check_call, ["umount", "-l", str(data)])
@@ -183,14 +175,8 @@ def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_e
             await primary.become_primary()  # what the engine does on replication_failed
             await wait_for(lambda: primary.status()["synced"], 10)
             return primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
-        finally:
-            await primary.stop()
-            await secondary.stop()
 
-    try:
-        last, same = asyncio.run(scenario())
-    finally:
-        force_unmount(data)
+    last, same = asyncio.run(scenario())
     assert last["modes"] == ["checksum"], last
     assert same and (replica / "around-it").read_bytes() == b"written to the bare directory"
 
@@ -209,10 +195,7 @@ def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_
     cfg = ReplicationConfig(directories=[data], port=free_port())
 
     async def scenario() -> tuple[bool, dict, bool]:
-        secondary, primary = service_pair(tmp_path, cfg, data, replica, timeout=1.0)
-        await secondary.become_secondary()
-        try:
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, timeout=1.0) as (_, primary):
             await _blocking((data / "f").write_bytes, b"from the primary")
             assert await wait_for(lambda: primary.status()["synced"], 10)
             first = primary.status()["last_resync"]["finished_at"]
@@ -226,14 +209,8 @@ def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_
 
             assert await wait_for(resynced_again, 10)
             return reprotected, primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
-        finally:
-            await primary.stop()
-            await secondary.stop()
 
-    try:
-        reprotected, last, same = asyncio.run(scenario())
-    finally:
-        force_unmount(data)
+    reprotected, last, same = asyncio.run(scenario())
     assert reprotected
     assert last["modes"] == ["checksum"], last
     assert same and (replica / "f").read_bytes() == b"from the primary"
@@ -257,10 +234,8 @@ def test_a_hung_agent_is_killed_and_the_application_gets_an_error_not_a_wait(tmp
         return "written"
 
     async def scenario() -> str:
-        secondary, primary = service_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append, timeout=1.0)
-        await secondary.become_secondary()
-        try:
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, on_agent_failed=failed.append,
+                                timeout=1.0) as (_, primary):
             assert await wait_for(lambda: primary.status()["synced"], 10)
             pid = primary.status()["agents"][str(data)]["pid"]
             os.kill(pid, signal.SIGSTOP)  # the agent this test's service started
@@ -268,14 +243,8 @@ def test_a_hung_agent_is_killed_and_the_application_gets_an_error_not_a_wait(tmp
                 outcome = await asyncio.to_thread(write)
             await wait_for(lambda: failed, 5)
             return outcome
-        finally:
-            await primary.stop()
-            await secondary.stop()
 
-    try:
-        outcome = asyncio.run(scenario())
-    finally:
-        force_unmount(data)
+    outcome = asyncio.run(scenario())
     # ECONNABORTED for the call that was waiting, ENOTCONN for a later one: an error, not a wait
     assert outcome in (os.strerror(errno.ECONNABORTED), os.strerror(errno.ENOTCONN)), outcome
     assert failed and "not responding" in failed[0], failed

@@ -20,7 +20,7 @@ from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
 
 from .conftest import KEY, run
-from .harness import force_unmount, free_port, fuse_available, service_pair, wait_for
+from .harness import force_unmount, free_port, fuse_available, running_pair, wait_for
 
 NAME = b"/srv/app"
 
@@ -391,10 +391,7 @@ def test_service_verify_end_to_end(tmp_path: Path) -> None:
             os.close(fd)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], str, dict[str, Any]]:
-        secondary, primary = service_pair(tmp_path, cfg, data, replica, timeout=2.0)
-        await secondary.become_secondary()
-        try:
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, timeout=2.0) as (secondary, primary):
             await wait_for(lambda: primary.status()["connected"], 5)
             await asyncio.to_thread(work)
             same = await primary.verify()
@@ -406,9 +403,6 @@ def test_service_verify_end_to_end(tmp_path: Path) -> None:
             except v.VerifyError as exc:
                 refused = str(exc)
             return same, different, refused, primary.status()
-        finally:
-            await primary.stop()
-            await secondary.stop()
 
     try:
         same, different, refused, status = asyncio.run(scenario())
