@@ -275,7 +275,8 @@ class ManifestEnd(_Msg, tag="mend"):
 # before the Ack that covers the request.
 
 SyncId = Annotated[bytes, Meta(min_length=16, max_length=16)]
-Flat = Annotated[list[U63], Meta(max_length=8192)]  # block ranges as [start, end, start, end, ...]
+MAX_FLAT = 8192
+Flat = Annotated[list[U63], Meta(max_length=MAX_FLAT)]  # block ranges as [start, end, start, end, ...]
 MAX_DIGESTS = 16384  # per RsHash request / RsDigests reply
 DIGEST_SIZE = 16  # xxh3_128
 
@@ -331,6 +332,16 @@ class RsXattrs(_Msg, tag="rsxattrs"):
     seq: U63
     path: Path
     keep: Annotated[list[XattrName], Meta(max_length=4096)] = []
+
+
+class RsReserve(_Msg, tag="rsreserve"):
+    """Allocate byte ranges [start, end, ...] of open file `hid` without changing what it reads or
+    its size (fallocate KEEP_SIZE): the space the primary's file has reserved and never written.
+    The replica does what it can: a reservation it cannot make is logged, not an error."""
+
+    seq: U63
+    hid: U63
+    ranges: Flat
 
 
 class RsDone(_Msg, tag="rsdone"):
@@ -414,7 +425,7 @@ class Error(_Msg, tag="error"):
 Op = (
     Noop | Open | Close | Write | Create | Mkdir | Mknod | Symlink | Link | Unlink | Rmdir | Remove
     | Rename | SetAttr | SetXattr | RemoveXattr | Fallocate | Fsync
-    | RsQuery | RsBegin | RsReplay | RsList | RsHash | RsXattrs | RsDone | RsBye
+    | RsQuery | RsBegin | RsReplay | RsList | RsHash | RsXattrs | RsReserve | RsDone | RsBye
 )
 Message = (Hello | Challenge | Proof | Welcome | Ack | Error | ManifestRequest | ManifestPart | ManifestEnd
            | RsState | RsReplayed | RsEntries | RsDigests | Op)

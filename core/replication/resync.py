@@ -86,7 +86,7 @@ from .journal import (
 from .paths import PathError, components, open_beneath
 from .replicator import PENDING
 from .sender import Sender
-from .syscalls import syncfs
+from .syscalls import FALLOC_FL_KEEP_SIZE, fallocate, syncfs, unwritten_extents
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ class ResyncApplier(Applier):
         self._dispatch.update({
             m.RsQuery: self._rs_query, m.RsBegin: self._rs_begin, m.RsReplay: self._rs_replay,
             m.RsList: self._rs_list, m.RsHash: self._rs_hash, m.RsXattrs: self._rs_xattrs,
-            m.RsDone: self._rs_done, m.RsBye: self._rs_bye,
+            m.RsReserve: self._rs_reserve, m.RsDone: self._rs_done, m.RsBye: self._rs_bye,
         })
 
     def _emit(self, event: str, **detail: Any) -> None:
@@ -512,6 +512,21 @@ class ResyncApplier(Applier):
                             raise
         finally:
             os.close(pfd)
+
+    def _rs_reserve(self, op: m.RsReserve) -> None:
+        fd = self._fd(op.hid)
+        flat = op.ranges
+        if len(flat) % 2 or any(flat[i] >= flat[i + 1] for i in range(0, len(flat), 2)):
+            raise m.ProtocolError("RsReserve ranges must be pairs of start < end")
+        for i in range(0, len(flat), 2):
+            try:
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, flat[i], flat[i + 1] - flat[i])
+            except OSError as exc:
+                # Only allocation is at stake, never content: the replica stays identical.
+                log.warning("cannot reserve %d bytes at %d of a file on the replica (%s): its content is "
+                            "the same, but writes there after a failover may find the disk full",
+                            flat[i + 1] - flat[i], flat[i], exc.strerror or exc)
+                return
 
     def _rs_done(self, op: m.RsDone) -> None:
         fd = open_beneath(self.root, b"", os.O_RDONLY | os.O_DIRECTORY)
@@ -1471,6 +1486,7 @@ class MirrorReplicator:
                     mk.cmp.clear()
                     mk.fresh.clear()
                     self._send(m.SetAttr(0, mk.path, hid=hid, size=os.fstat(fd).st_size))
+                    self._send_reservations(fd, hid)
                     break
                 lo = start // REGION * REGION
                 hi = min(lo + REGION, nb)
@@ -1495,6 +1511,18 @@ class MirrorReplicator:
                 pass
             finally:
                 os.close(fd)
+
+    def _send_reservations(self, fd: int, hid: int) -> None:
+        """Space our file has allocated and never written (fallocate), past its end of file too:
+        reserved on the replica as well, so that what fitted here fits there after a failover.
+        Sent whole: re-reserving what the replica already holds changes nothing."""
+        try:
+            extents = unwritten_extents(fd)
+        except OSError as exc:
+            log.info("cannot list the reserved space of a file (%s): not reserved on the replica", exc)
+            return
+        for i in range(0, len(extents), m.MAX_FLAT // 2):
+            self._send(m.RsReserve(0, hid, [x for ext in extents[i:i + m.MAX_FLAT // 2] for x in ext]))
 
     @staticmethod
     def _tail(rs: RangeSet) -> int | None:

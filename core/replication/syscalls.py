@@ -1,10 +1,14 @@
 """The Linux system calls Python's os module lacks, through libc, each raising OSError like os does:
-renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2)."""
+renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2); and
+the FIEMAP ioctl for a file's unwritten (reserved, never written) extents."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -26,6 +30,8 @@ MS_BIND = 4096
 MS_RELATIME = 1 << 21
 # sync_file_range(2): start writing the range's dirty pages, wait for nothing
 SYNC_FILE_RANGE_WRITE = 2
+# fallocate(2): allocate without changing the size (a reservation, also past the end of file)
+FALLOC_FL_KEEP_SIZE = 1
 # umount2(2) flags
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
@@ -62,3 +68,43 @@ def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
 
 def umount2(target: bytes, flags: int) -> None:
     _check(_libc.umount2(target, flags), f"umount {target.decode(errors='replace')}")
+
+
+# FIEMAP (linux/fiemap.h): struct fiemap, then fm_extent_count struct fiemap_extent.
+_FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+_FIEMAP_HEAD = struct.Struct("=QQIIII")  # fm_start fm_length fm_flags fm_mapped_extents fm_extent_count
+_FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")  # fe_logical fe_physical fe_length ... fe_flags
+_FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP_EXTENT_DELALLOC = 0x4  # data waiting for writeback: written, not a reservation
+_FIEMAP_EXTENT_UNWRITTEN = 0x800
+_FIEMAP_BATCH = 256
+
+
+def unwritten_extents(fd: int) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of `fd` that are allocated but were never written: what fallocate
+    reserved (mode 0 over a hole, or KEEP_SIZE, past the end of file too) and reads as zeros.
+    Empty where the file system cannot tell (no FIEMAP: tmpfs, FUSE, NFS...)."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        buf = bytearray(_FIEMAP_HEAD.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEAD.pack_into(buf, 0, start, 2**64 - 1 - start, 0, 0, _FIEMAP_BATCH, 0)
+        try:
+            fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                return out
+            raise
+        mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return out
+        for i in range(mapped):
+            logical, _physical, length, flags = _FIEMAP_EXTENT.unpack_from(buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+            if flags & _FIEMAP_EXTENT_UNWRITTEN and not flags & _FIEMAP_EXTENT_DELALLOC:
+                if out and out[-1][1] == logical:
+                    out[-1] = (out[-1][0], logical + length)
+                else:
+                    out.append((logical, logical + length))
+            if flags & _FIEMAP_EXTENT_LAST:
+                return out
+            start = logical + length

@@ -19,7 +19,12 @@ from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.journal import journal_path
 from safekit_cloud.core.replication.mount import mounted_fuse_at
 from safekit_cloud.core.replication.service import ReplicationService
-from safekit_cloud.core.replication.syscalls import renameat2
+from safekit_cloud.core.replication.syscalls import (
+    FALLOC_FL_KEEP_SIZE,
+    fallocate,
+    renameat2,
+    unwritten_extents,
+)
 
 from .harness import KEY, NAME, describe_tree, force_unmount, free_port, fuse_available, running_mirror
 from .resync_harness import ResyncMirror
@@ -812,3 +817,67 @@ def test_acls_set_alone_reach_the_replica_through_either_resync(mirror: ResyncMi
     assert os.getxattr(mirror.replica / "d" / "f1", ACCESS) == named
     assert os.getxattr(mirror.replica / "d" / "sub", DEFAULT) == private
     assert stat.S_IMODE((mirror.replica / "d" / "sub" / "inherits").stat().st_mode) & 0o007 == 0
+
+
+@pytest.mark.parametrize("lose_journal", [False, True], ids=["journal", "checksum"])
+def test_space_reserved_alone_is_reserved_on_the_replica_through_either_resync(mirror: ResyncMirror,
+                                                                                 lose_journal: bool) -> None:
+    """fallocate made alone: KEEP_SIZE past the end of an existing file (a recorder reserving room for
+    its next minutes), and posix_fallocate of a new file (a database preallocating a segment). After
+    the resync the replica has the same sizes and content and the same space reserved (the same
+    space allocated), so that what fits on the primary fits there after a failover. The checksum
+    resync does so for the files it sends: a file whose content and times are the same on both
+    sides (f1: a reservation changes neither) is not compared further (docs/replication.md, Limits)."""
+    p = alone_after_sync(mirror)
+    fd = os.open(p / "d" / "f1", os.O_WRONLY)
+    try:
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, os.fstat(fd).st_size, 3 * MiB)
+    finally:
+        os.close(fd)
+    fd = os.open(p / "d" / "segment", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 2 * MiB)
+        os.pwrite(fd, b"header", 0)
+    finally:
+        os.close(fd)
+    resync_after_alone(mirror, lose_journal)
+    assert_same(mirror)
+    mirror.stop_primary()  # FUSE has no FIEMAP: look at the primary's own files under the mount
+    for rel in ("d/segment",) if lose_journal else ("d/f1", "d/segment"):
+        with open(p / rel, "rb") as ours, open(mirror.replica / rel, "rb") as theirs:
+            os.fsync(ours.fileno())  # delayed allocation: st_blocks is final once written back
+            os.fsync(theirs.fileno())
+            assert unwritten_extents(ours.fileno()), rel  # the reservation is there on the primary
+            # The same space allocated, reservation included (written zeros or unwritten: the same).
+            assert os.fstat(theirs.fileno()).st_blocks == os.fstat(ours.fileno()).st_blocks, rel
+    assert (p / "d" / "f1").stat().st_blocks * 512 >= 3 * MiB
+    assert (p / "d" / "segment").stat().st_blocks * 512 >= 2 * MiB
+
+
+def test_a_reservation_the_replica_cannot_make_is_logged_and_malformed_ones_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """RsReserve on the replica: a reservation the file system refuses (here past ext4's largest
+    file) is a warning, never a dropped stream, and changes neither content nor size; ranges that
+    are not pairs of start < end, or an unknown handle, are protocol errors."""
+    from safekit_cloud.core.replication.resync import ResyncApplier
+
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    applier = ResyncApplier(root)
+    try:
+        applier.apply(m.Create(0, b"f", 0o100600, os.getuid(), os.getgid(), hid=1))
+        applier.apply(m.Write(0, 1, 0, b"kept"))
+        applier.apply(m.RsReserve(0, 1, [4096, 8192]))
+        with caplog.at_level("WARNING"):
+            applier.apply(m.RsReserve(0, 1, [0, 2**62]))
+        assert "cannot reserve" in caplog.text and "disk full" in caplog.text
+        for bad in ([1], [8, 8], [9, 3]):
+            with pytest.raises(m.ProtocolError, match="start < end"):
+                applier.apply(m.RsReserve(0, 1, bad))
+        with pytest.raises(m.ProtocolError, match="unknown handle"):
+            applier.apply(m.RsReserve(0, 7, [0, 4096]))
+        applier.apply(m.Close(0, 1))
+    finally:
+        applier.close()
+        os.close(root)
+    assert (tmp_path / "f").read_bytes() == b"kept"
+    assert (tmp_path / "f").stat().st_blocks * 512 >= 8192  # the reservation it could make was made
