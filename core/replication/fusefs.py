@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from . import fuseabi, messages as m
 from .exclude import Excluder
 from .inodes import Inodes, fuse_ino, is_under, join
+from .limits import UserLimits
 from .replicator import PENDING, NullReplicator, Replicator, Started
 from .snapshot import tree_ops
 from .syscalls import fallocate as backing_fallocate, renameat2
@@ -115,6 +116,7 @@ class _File:
     # No name of its file in the tree (deleted while open, or named only outside the replicated
     # directory): not looked for again. A name given later through the mount is learnt as usual.
     nameless: bool = False
+    uid: int = 0  # who opened it: its writes are held to that user's space limits (limits.py)
 
 
 class ReplicatedFS(fuseabi.Operations):
@@ -135,6 +137,7 @@ class ReplicatedFS(fuseabi.Operations):
         self._proc_root = b"/proc/self/fd/%d" % root_fd
         self._files: dict[int, _File] = {}
         self._behind = WriteBehind(drop=False)  # the application may read what it wrote: keep it cached
+        self.limits = UserLimits()
         self._open_by_ino: dict[int, set[int]] = {}
         self._dirs: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         self._dir_ino: dict[int, int] = {}
@@ -640,11 +643,11 @@ class ReplicatedFS(fuseabi.Operations):
         self._next_fh += 1
         return fh
 
-    def _register(self, fd: int, ino: int, flags: int, fh: int | None = None) -> int:
+    def _register(self, fd: int, ino: int, flags: int, uid: int, fh: int | None = None) -> int:
         if fh is None:
             fh = self._new_fh()
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        self._files[fh] = _File(fd, ino, bool(flags & _SYNC), writable)
+        self._files[fh] = _File(fd, ino, bool(flags & _SYNC), writable, uid=uid)
         self._open_by_ino.setdefault(ino, set()).add(fh)
         return fh
 
@@ -658,7 +661,7 @@ class ReplicatedFS(fuseabi.Operations):
             fd = os.open(f"/proc/self/fd/{other}", (flags & ~_STRIP) | os.O_CLOEXEC)
         else:
             raise fuseabi.FUSEError(errno.ENOENT)
-        fh = self._register(fd, inode, flags)
+        fh = self._register(fd, inode, flags, ctx.uid)
         # keep_cache: nobody but us changes the files, so cached pages stay valid across opens.
         return fuseabi.FileInfo(fh=fh, direct_io=_direct(flags), keep_cache=True)
 
@@ -701,7 +704,7 @@ class ReplicatedFS(fuseabi.Operations):
                 await undo
             raise
         attrs = self._learn(st, path)
-        self._register(fd, attrs.st_ino, flags, fh)
+        self._register(fd, attrs.st_ino, flags, ctx.uid, fh)
         if peer is not None:
             self._files[fh].epoch = epoch
             fixes = self._dir_times(path)
@@ -729,7 +732,7 @@ class ReplicatedFS(fuseabi.Operations):
         pre = self._open_op(f, fh)
         if pre is None:
             try:
-                done = os.pwrite(f.fd, buf, off)
+                done = self._backing_write(f, buf, off)
             except OSError as exc:
                 raise fuseabi.FUSEError(exc.errno or errno.EIO) from None
             self._behind.wrote(f.fd, off, done)
@@ -740,7 +743,7 @@ class ReplicatedFS(fuseabi.Operations):
         peer = Started(self.repl.submit(*pre, m.Write(0, fh, off, buf, f.sync)))
         err: OSError | None = None
         try:
-            done = os.pwrite(f.fd, buf, off)
+            done = self._backing_write(f, buf, off)
         except OSError as exc:
             done, err = 0, exc
         fix = self._undo_write(f, fh, off, len(buf), done) if done != len(buf) else None
@@ -751,6 +754,22 @@ class ReplicatedFS(fuseabi.Operations):
         if err is not None:
             raise fuseabi.FUSEError(err.errno or errno.EIO)
         return done
+
+    def _backing_write(self, f: _File, buf: bytes, off: int) -> int:
+        limited = self.limits.enter(f.uid)
+        try:
+            return os.pwrite(f.fd, buf, off)
+        finally:
+            if limited:
+                self.limits.leave()
+
+    def _backing_fallocate(self, f: _File, mode: int, off: int, length: int) -> None:
+        limited = self.limits.enter(f.uid)
+        try:
+            backing_fallocate(f.fd, mode, off, length)
+        finally:
+            if limited:
+                self.limits.leave()
 
     def _undo_write(self, f: _File, fh: int, off: int, length: int, done: int) -> Started:
         """The peer wrote [off, off+length) but we wrote only `done` bytes: send it our content of
@@ -792,14 +811,14 @@ class ReplicatedFS(fuseabi.Operations):
             await self._intend_fallocate(f, mode, off, length)
         pre = self._open_op(f, fh)
         if pre is None:
-            backing_fallocate(f.fd, mode, off, length)
+            self._backing_fallocate(f, mode, off, length)
             return
         # As a write: the peer's fallocate is enqueued first and ours follows with nothing in
         # between (order kept), the call returns when both are done. If ours fails, the peer's copy
         # of the range and its size are made ours again before the error is returned.
         peer = Started(self.repl.submit(*pre, m.Fallocate(0, fh, mode, off, length)))
         try:
-            backing_fallocate(f.fd, mode, off, length)
+            self._backing_fallocate(f, mode, off, length)
         except OSError:
             await peer
             await self._undo_fallocate(f, fh, mode, off, length)

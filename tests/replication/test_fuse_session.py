@@ -235,7 +235,7 @@ def test_a_fallocate_that_fails_here_is_undone_on_the_peer(tmp_path: Path) -> No
         fs = ReplicatedFS(root, repl)
         ino = os.stat(tmp_path / "f").st_ino
         fs.inodes.lookup(ino, b"f")
-        fh = fs._register(os.open(tmp_path / "f", os.O_RDONLY), ino, os.O_RDONLY)  # fallocate: EBADF here
+        fh = fs._register(os.open(tmp_path / "f", os.O_RDONLY), ino, os.O_RDONLY, 0)  # fallocate: EBADF here
         with pytest.raises(Exception) as exc:
             asyncio.run(fs.fallocate(fh, ZERO_RANGE, 4096, 20_000))
         assert getattr(exc.value, "errno", None) == errno.EBADF

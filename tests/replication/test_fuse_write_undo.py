@@ -22,7 +22,7 @@ def _fs(tmp_path: Path, content: bytes, flags: int) -> tuple[ReplicatedFS, Recor
     ino = os.stat(tmp_path / "f").st_ino
     fs.inodes.lookup(ino, b"f")
     fd = os.open(tmp_path / "f", flags)
-    return fs, repl, fs._register(fd, ino, flags)
+    return fs, repl, fs._register(fd, ino, flags, os.getuid())
 
 
 def test_failed_local_write_is_undone_on_the_peer(tmp_path: Path) -> None:
