@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import time
@@ -115,3 +116,19 @@ def test_a_time_beyond_2116_does_not_stop_replication(mirror: Mirror) -> None:
     assert (mirror.replica / "after").read_bytes() == b"still replicating"
     assert (mirror.replica / "future").read_bytes() == b"From the future"
     assert (mirror.replica / "future").stat().st_mtime_ns == 2**62  # clamped, not refused
+
+
+def test_o_tmpfile_is_refused_as_unsupported_and_file_locks_work_on_the_node(mirror: Mirror) -> None:
+    """O_TMPFILE gets EOPNOTSUPP, the answer applications fall back from (to a named temporary file),
+    and nothing reaches the replica; flock and fcntl locks work through the mount, on this node."""
+    p = mirror.primary
+    with pytest.raises(OSError) as refused:
+        os.open(p, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    (p / "locked").write_bytes(b"0123456789")
+    with open(p / "locked", "r+b") as f, open(p / "locked", "r+b") as other:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f, fcntl.LOCK_EX, 10, 0)
+    assert sorted(os.listdir(mirror.replica)) == ["locked", "preexisting"]
