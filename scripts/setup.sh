@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 APT_PACKAGES=(fuse3 nftables libnftables1 iproute2 iputils-ping procps psmisc
-              postgresql rsync curl)
+              postgresql rsync curl e2fsprogs mount)
 apt_install_missing setup "${APT_PACKAGES[@]}"
 
 # PostgreSQL's binaries for the example and its test (Debian keeps them off the PATH).
