@@ -70,6 +70,9 @@ def _names_of(root_fd: int, st_ino: int, but: bytes) -> list[bytes]:
     return out
 
 
+WALK_TRIES = 3  # walks for a file's names while directories keep moving under them (_walk_names)
+
+
 def _direct(flags: int) -> bool:
     """Write-only opens bypass the FUSE page cache: nothing reads through them, the kernel then
     hands the application's pages straight to us (one copy less, no second cached copy of data
@@ -246,12 +249,15 @@ class ReplicatedFS(fuseabi.Operations):
         if self._replicated(path, is_dir):
             await self.repl.intend_meta(path, size)  # type: ignore[attr-defined]
 
-    async def _carry_marks(self, victim: bytes) -> None:
-        """Before `victim` loses this name (unlink, rename over it) while alone or resynchronising:
-        if its file has other names, what is marked to send for this one is marked for them
-        (replicator `carry_marks`). Their names come from the kernel's lookups, else from a walk
-        of the tree (rare: a file with several names, changed alone, losing one)."""
+    async def _carry_marks(self, victim_name: Callable[[], bytes]) -> None:
+        """Before the entry `victim_name()` gives loses that name (unlink, rename over it) while
+        alone or resynchronising: if its file has other names, what is marked to send for this
+        one is marked for them (replicator `carry_marks`). Their names come from the kernel's
+        lookups, else from a walk of the tree (rare: a file with several names, changed alone,
+        losing one); the victim's own name is asked again after the walk, which a rename of a
+        directory above may have moved (its marks moved with it)."""
         marked = getattr(self.repl, "marked", None)  # journaling replicators, also in a resync's data phase
+        victim = victim_name()
         if marked is None or not marked(victim):
             return
         try:
@@ -262,8 +268,29 @@ class ReplicatedFS(fuseabi.Operations):
             return
         others = [p for p in self.inodes.paths(fuse_ino(st.st_ino, self._root_ino)) if p != victim]
         if len(others) < st.st_nlink - 1:
-            others = await asyncio.to_thread(_names_of, self.root, st.st_ino, victim)
+            others, _ = await self._walk_names(st, victim)
+            victim = victim_name()
+            others = [p for p in others if p != victim]
         await self.repl.carry_marks(victim, [p for p in others if self._replicated(p)])  # type: ignore[attr-defined]
+
+    async def _walk_names(self, st: os.stat_result, but: bytes) -> tuple[list[bytes], bool]:
+        """Every name of file `st` in the tree other than `but`, as the tree stands when this
+        returns (no await after), and whether that is all of them. The walk runs in a thread beside
+        the loop, and renaming a directory waits for none of the files below it: a name the walk
+        found may have moved meanwhile (and another entry taken it). Each is checked again here,
+        and the walk made again when one moved."""
+        for _ in range(WALK_TRIES):
+            found = await asyncio.to_thread(_names_of, self.root, st.st_ino, but)
+            names = [name for name in found if self._names_file(name, st)]
+            if len(names) == len(found):
+                return names, True
+        return names, False
+
+    def _names_file(self, path: bytes, st: os.stat_result) -> bool:
+        try:
+            return os.path.samestat(self._lstat(path), st)
+        except OSError:
+            return False
 
     def _open_op(self, f: _File, fh: int) -> list[m.Op] | None:
         """The ops to put before one through handle `fh`: [] if the peer has it open, [Open] if not,
@@ -296,11 +323,12 @@ class ReplicatedFS(fuseabi.Operations):
         if st.st_nlink == 0:
             f.nameless = True  # no name on either side: its changes are not replicated
             return
-        names = await asyncio.to_thread(_names_of, self.root, st.st_ino, b"")
+        names, complete = await self._walk_names(st, b"")
         if self.inodes.path(f.ino) is None:  # (a lookup meanwhile may have taught it one)
             for name in names:
                 self.inodes.add_path(f.ino, name)
-            f.nameless = not names  # its other names are outside the tree: one walk, not one per write
+            # No name in the tree: its other names are outside it (one walk, not one per write).
+            f.nameless = complete and not names
 
     def _new_owner(self, ctx: fuseabi.RequestContext, parent: bytes) -> tuple[int, int, bool]:
         """uid, gid of a new entry as the kernel would pick them for the caller, and whether the parent
@@ -530,7 +558,7 @@ class ReplicatedFS(fuseabi.Operations):
 
         (path,) = names()
         if self._replicated(path):
-            await self._carry_marks(path)
+            await self._carry_marks(lambda: names()[0])
             (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
         os.unlink(path, dir_fd=self.root)
         self.inodes.remove_path(path)
@@ -574,14 +602,15 @@ class ReplicatedFS(fuseabi.Operations):
             # them first (_carry_marks). Its name goes when it moves to an excluded one, or when
             # another file replaces it.
             if seen[1] and not seen[0]:
-                await self._carry_marks(old)
+                await self._carry_marks(lambda: names()[0])
             if exchange:
                 if seen[3] and not seen[2]:
-                    await self._carry_marks(new)
+                    await self._carry_marks(lambda: names()[1])
             else:
                 with contextlib.suppress(OSError):
+                    old, new = names()
                     if not os.path.samestat(self._lstat(old), self._lstat(new)):
-                        await self._carry_marks(new)
+                        await self._carry_marks(lambda: names()[1])
             old, new = await self._settled(names, lambda ps: self._intend_ns(*ps))
             old_dir, seen = views(old, new)
         renameat2(self.root, old, self.root, new, flags)

@@ -654,6 +654,73 @@ def test_writes_through_a_handle_whose_only_known_name_went_reach_its_other_name
     assert stat.S_IMODE((mirror.replica / "d" / "hard").stat().st_mode) == 0o640
 
 
+def test_a_name_found_by_a_walk_while_its_directory_moved_is_not_used(
+        mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk that finds a file's other name (above) runs beside the FUSE loop, and renaming a
+    directory does not wait for the file: the application moves d to e while the walk runs and
+    makes a new d/hard, another file. The name the walk found, d/hard, must not be used: the
+    writes through the handle belong to e/hard. Before, the replica's new d/hard received them (a
+    silent divergence), or, with a directory there, the secondary refused them and dropped the
+    stream."""
+    from safekit_cloud.core.replication import fusefs
+
+    populate(mirror.primary)
+    go_live(mirror)
+    p = mirror.primary
+    walk, moved = fusefs._names_of, []
+
+    def walk_while_the_directory_moves(root: int, ino: int, but: bytes) -> list[bytes]:
+        names = walk(root, ino, but)
+        if not moved:  # the first walk only: the application's changes, through the mount
+            moved.append(names)
+            os.rename(p / "d", p / "e")
+            os.mkdir(p / "d")
+            (p / "d" / "hard").write_bytes(b"another file")
+        return names
+
+    monkeypatch.setattr(fusefs, "_names_of", walk_while_the_directory_moves)
+    fd = os.open(p / "d" / "f2", os.O_WRONLY)
+    try:
+        os.unlink(p / "d" / "f2")
+        os.pwrite(fd, b"through the handle", 0)
+    finally:
+        os.close(fd)
+    assert moved == [[b"d/hard"]]
+    assert_same(mirror)
+    assert (mirror.replica / "e" / "hard").read_bytes()[:18] == b"through the handle"
+    assert (mirror.replica / "d" / "hard").read_bytes() == b"another file"
+
+
+def test_marks_carried_to_a_name_found_while_its_directory_moved_reach_the_file(
+        mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alone, d/f2 is written, then unlinked: what is marked for it is carried to the file's other
+    name, d/hard, found by a walk (linked before the mount). The application moves d to e while
+    the walk runs and makes a new d/hard: the marks must reach e/hard, or the journal resync
+    leaves the replica's e/hard without the write made alone."""
+    from safekit_cloud.core.replication import fusefs
+
+    p = alone_after_sync(mirror)
+    with open(p / "d" / "f2", "r+b") as f:
+        f.write(b"written alone")
+    walk, moved = fusefs._names_of, []
+
+    def walk_while_the_directory_moves(root: int, ino: int, but: bytes) -> list[bytes]:
+        names = walk(root, ino, but)
+        if not moved:
+            moved.append(names)
+            os.rename(p / "d", p / "e")
+            os.mkdir(p / "d")
+            (p / "d" / "hard").write_bytes(b"another file")
+        return names
+
+    monkeypatch.setattr(fusefs, "_names_of", walk_while_the_directory_moves)
+    os.unlink(p / "d" / "f2")
+    assert moved == [[b"d/hard"]]
+    resync_after_alone(mirror, lose_journal=False)
+    assert_same(mirror)
+    assert (mirror.replica / "e" / "hard").read_bytes()[:13] == b"written alone"
+
+
 def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
         mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
     """Written live, closed after the link went: the times the Close would have carried reach the
