@@ -52,6 +52,10 @@ class Inodes:
     def paths(self, ino: int) -> list[bytes]:
         return list(self._paths.get(ino, ()))
 
+    def names(self) -> list[tuple[bytes, int]]:
+        """Every (path, inode) the table holds."""
+        return list(self._by_path.items())
+
     def ino_of(self, path: bytes) -> int | None:
         return self._by_path.get(path)
 

@@ -9,8 +9,10 @@ import os
 import random
 
 import pytest
+from safekit_cloud.core.replication.inodes import fuse_ino
 
 from .harness import Mirror, fuse_available, run_in_threads, running_mirror
+from .resync_harness import ResyncMirror
 from .test_fuse_mirror import _clear, apply_op, assert_same
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
@@ -66,3 +68,25 @@ def test_concurrent_operations_replicate_exactly(mirror: Mirror, seed: int) -> N
     assert not run_in_threads(worker, 4, timeout=120), "a worker hung on the mount"
     assert not errors, errors
     assert_same(mirror)
+    assert not stale_names(mirror)
+
+
+def stale_names(mirror: Mirror | ResyncMirror) -> list[bytes]:
+    """Names the FUSE layer's inode table holds that do not name that file (any more): a change
+    through a handle of that file would reach another entry of the replica by such a name.
+    Looked at on the FUSE loop, where the table and the tree change together."""
+    fs = mirror.mount.fs
+
+    async def check() -> list[bytes]:
+        stale = []
+        for path, ino in fs.inodes.names():
+            try:
+                st = os.lstat(path or b".", dir_fd=fs.root)
+            except OSError:
+                stale.append(path)
+                continue
+            if fuse_ino(st.st_ino, fs._root_ino) != ino:
+                stale.append(path)
+        return stale
+
+    return mirror.fs_thread.call(check())

@@ -28,6 +28,7 @@ from safekit_cloud.core.replication.syscalls import (
 
 from .harness import KEY, NAME, describe_tree, force_unmount, free_port, fuse_available, running_mirror
 from .resync_harness import ResyncMirror
+from .test_fuse_concurrency import stale_names
 
 pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
@@ -814,6 +815,7 @@ def test_random_changes_during_the_resync_end_up_identical(mirror: ResyncMirror,
     assert not any(t.is_alive() for t in threads)
     assert mirror.status()["last_resync"]["mode"] == mode
     assert_same(mirror)
+    assert not stale_names(mirror)
 
 
 def test_checksum_resync_renames_a_renamed_large_file_instead_of_sending_it(mirror: ResyncMirror) -> None:
