@@ -281,12 +281,12 @@ class ReplicatedFS(fuseabi.Operations):
         and the walk made again when one moved."""
         for _ in range(WALK_TRIES):
             found = await asyncio.to_thread(_names_of, self.root, st.st_ino, but)
-            names = [name for name in found if self._names_file(name, st)]
+            names = [name for name in found if self._still_names(name, st)]
             if len(names) == len(found):
                 return names, True
         return names, False
 
-    def _names_file(self, path: bytes, st: os.stat_result) -> bool:
+    def _still_names(self, path: bytes, st: os.stat_result) -> bool:
         try:
             return os.path.samestat(self._lstat(path), st)
         except OSError:

@@ -107,4 +107,6 @@ def unwritten_extents(fd: int) -> list[tuple[int, int]]:
                     out.append((logical, logical + length))
             if flags & _FIEMAP_EXTENT_LAST:
                 return out
-            start = logical + length
+        if logical + length <= start:
+            return out  # no progress: never ask for the same extents again
+        start = logical + length
