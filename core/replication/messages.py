@@ -18,7 +18,8 @@ from msgspec import Meta, Struct
 
 from ..decoding import DECODE_ERRORS
 
-PROTOCOL_VERSION = 4  # 3: frames sealed after the handshake (framing.py); 4: RsState.suspects
+# 3: frames sealed after the handshake (framing.py); 4: RsState.suspects; 5: RsReserve
+PROTOCOL_VERSION = 5
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
