@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import struct
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.auth import AuthError, client_handshake, server_handshake
-from safekit_cloud.core.replication.framing import FrameDecoder, frame
+from safekit_cloud.core.replication.framing import FrameDecoder, frame, read_message
 
 from .conftest import KEY, run
 
@@ -151,3 +152,32 @@ def test_handshake_wrong_key_both_ways() -> None:
     client, server = run(_handshake(KEY, b"other" * 8))
     assert isinstance(client, AuthError)  # the receiver's proof does not verify with our key
     assert not isinstance(server, m.Hello)
+
+
+def test_a_sender_of_another_protocol_version_is_refused_with_the_reason() -> None:
+    """A node not yet upgraded (protocol version 4, which has no RsReserve) is refused at the
+    handshake, with a reason that names the versions, instead of streams dropped later on a
+    message it does not know."""
+    async def go() -> tuple[object, object]:
+        results: dict[str, object] = {}
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                results["server"] = await server_handshake(reader, writer, KEY)
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+                results["server"] = exc
+                writer.write(frame(m.Error(str(exc))))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(frame(m.Hello(m.PROTOCOL_VERSION - 1, "mod", b"/data", "C", os.urandom(32))))
+        results["client"] = await read_message(reader, FrameDecoder(), [])
+        writer.close()
+        server.close()
+        return results["client"], results["server"]
+
+    client, server = run(go())
+    assert isinstance(server, m.ProtocolError) and f"unsupported version {m.PROTOCOL_VERSION - 1}" in str(server)
+    assert isinstance(client, m.Error) and "unsupported version" in client.message
