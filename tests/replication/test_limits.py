@@ -38,18 +38,24 @@ def unmount_small_ext4(where: Path) -> None:
             subprocess.run(["umount", "-l", str(where)], check=False, timeout=60)
 
 
-def fill_as_nobody(directory: Path) -> tuple[int, str]:
-    """Bytes a process of nobody writes into a new file of `directory` until a write fails, and
-    the error that stopped it."""
+def fill_as_nobody(directory: Path) -> tuple[int, str, str]:
+    """Bytes a process of nobody writes into a new file of `directory` until a write fails, the
+    error that stopped it, and what a posix_fallocate of 1 MiB more then gets."""
     code = ("import os, sys\n"
             "fd = os.open('fill', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=int(sys.argv[1]))\n"
             "done, chunk = 0, b'x' * 65536\n"
             "try:\n"
             "    while done < 64 << 20:\n"
             "        done += os.write(fd, chunk)\n"
-            "    print(done, 'no error')\n"
+            "    error = 'no error'\n"
             "except OSError as exc:\n"
-            "    print(done, os.strerror(exc.errno))\n"
+            "    error = os.strerror(exc.errno)\n"
+            "try:\n"
+            "    os.posix_fallocate(fd, done, 1 << 20)\n"
+            "    more = 'no error'\n"
+            "except OSError as exc:\n"
+            "    more = os.strerror(exc.errno)\n"
+            "print(done, error, '|', more)\n"
             "os.close(fd)\n")
     dfd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
     try:
@@ -57,8 +63,9 @@ def fill_as_nobody(directory: Path) -> tuple[int, str]:
                              pass_fds=[dfd], capture_output=True, text=True, check=True, timeout=60).stdout
     finally:
         os.close(dfd)
-    done, error = out.strip().split(" ", 1)
-    return int(done), error
+    done, errors = out.strip().split(" ", 1)
+    error, more = errors.split(" | ")
+    return int(done), error, more
 
 
 def root_free(path: Path) -> int:
@@ -89,16 +96,17 @@ def small_disks(tmp_path: Path) -> Iterator[tuple[Mirror, Path]]:
 
 
 def test_root_reserve_holds_against_an_application_user_as_on_the_disk(small_disks: tuple[Mirror, Path]) -> None:
-    """nobody fills the disk through the mount: its writes stop with ENOSPC where they stop on the
-    same file system without the mount, leaving root's reserve free (for root's services and the
+    """nobody fills the disk through the mount: its writes (and then a fallocate) stop with ENOSPC
+    where they stop on the same file system without the mount, leaving root's reserve free (for root's services and the
     agent's own journal); root can still write there; the replica equals the primary, failed
     writes included."""
     mirror, local = small_disks
     reserve = root_free(local)
     assert reserve > 7 * MiB
-    done_local, error_local = fill_as_nobody(local / "app")
-    done_mirror, error_mirror = fill_as_nobody(mirror.primary / "app")
+    done_local, error_local, more_local = fill_as_nobody(local / "app")
+    done_mirror, error_mirror, more_mirror = fill_as_nobody(mirror.primary / "app")
     assert error_local == error_mirror == os.strerror(28), (error_local, error_mirror)  # ENOSPC
+    assert more_local == more_mirror == os.strerror(28), (more_local, more_mirror)  # fallocate too
     assert abs(done_mirror - done_local) <= 512 * 1024, (done_mirror, done_local)
     assert root_free(mirror.primary) >= RESERVED_PERCENT * 16 * MiB // 100 - MiB
     (mirror.primary / "app" / "root-can").write_bytes(b"r" * MiB)  # root's reserve is there for root
