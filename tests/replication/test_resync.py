@@ -655,6 +655,27 @@ def test_writes_through_a_handle_whose_only_known_name_went_reach_its_other_name
     assert stat.S_IMODE((mirror.replica / "d" / "hard").stat().st_mode) == 0o640
 
 
+def move_d_during_the_first_walk(p: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
+    """The FUSE layer's walk for a file's names (in a thread beside its loop), made so that the
+    application renames d to e through the mount right after the first walk read the tree, and
+    makes a new d/hard, another file. Returns the names each such walk found."""
+    from safekit_cloud.core.replication import fusefs
+
+    walk, moved = fusefs._names_of, []
+
+    def walk_while_the_directory_moves(root: int, ino: int, but: bytes) -> list[bytes]:
+        names = walk(root, ino, but)
+        if not moved:
+            moved.append(names)
+            os.rename(p / "d", p / "e")
+            os.mkdir(p / "d")
+            (p / "d" / "hard").write_bytes(b"another file")
+        return names
+
+    monkeypatch.setattr(fusefs, "_names_of", walk_while_the_directory_moves)
+    return moved
+
+
 def test_a_name_found_by_a_walk_while_its_directory_moved_is_not_used(
         mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
     """The walk that finds a file's other name (above) runs beside the FUSE loop, and renaming a
@@ -663,23 +684,10 @@ def test_a_name_found_by_a_walk_while_its_directory_moved_is_not_used(
     writes through the handle belong to e/hard. Before, the replica's new d/hard received them (a
     silent divergence), or, with a directory there, the secondary refused them and dropped the
     stream."""
-    from safekit_cloud.core.replication import fusefs
-
     populate(mirror.primary)
     go_live(mirror)
     p = mirror.primary
-    walk, moved = fusefs._names_of, []
-
-    def walk_while_the_directory_moves(root: int, ino: int, but: bytes) -> list[bytes]:
-        names = walk(root, ino, but)
-        if not moved:  # the first walk only: the application's changes, through the mount
-            moved.append(names)
-            os.rename(p / "d", p / "e")
-            os.mkdir(p / "d")
-            (p / "d" / "hard").write_bytes(b"another file")
-        return names
-
-    monkeypatch.setattr(fusefs, "_names_of", walk_while_the_directory_moves)
+    moved = move_d_during_the_first_walk(p, monkeypatch)
     fd = os.open(p / "d" / "f2", os.O_WRONLY)
     try:
         os.unlink(p / "d" / "f2")
@@ -698,23 +706,10 @@ def test_marks_carried_to_a_name_found_while_its_directory_moved_reach_the_file(
     name, d/hard, found by a walk (linked before the mount). The application moves d to e while
     the walk runs and makes a new d/hard: the marks must reach e/hard, or the journal resync
     leaves the replica's e/hard without the write made alone."""
-    from safekit_cloud.core.replication import fusefs
-
     p = alone_after_sync(mirror)
     with open(p / "d" / "f2", "r+b") as f:
         f.write(b"written alone")
-    walk, moved = fusefs._names_of, []
-
-    def walk_while_the_directory_moves(root: int, ino: int, but: bytes) -> list[bytes]:
-        names = walk(root, ino, but)
-        if not moved:
-            moved.append(names)
-            os.rename(p / "d", p / "e")
-            os.mkdir(p / "d")
-            (p / "d" / "hard").write_bytes(b"another file")
-        return names
-
-    monkeypatch.setattr(fusefs, "_names_of", walk_while_the_directory_moves)
+    moved = move_d_during_the_first_walk(p, monkeypatch)
     os.unlink(p / "d" / "f2")
     assert moved == [[b"d/hard"]]
     resync_after_alone(mirror, lose_journal=False)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import struct
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -115,12 +116,11 @@ def test_fuzz_decoder_never_crashes(data: bytes) -> None:
         pass
 
 
-async def _handshake(server_key: bytes, client_key: bytes) -> tuple[object, object]:
-    results: dict[str, object] = {}
-
+def _serve_handshake(key: bytes, results: dict[str, object]) -> Callable[..., Awaitable[None]]:
+    """A receiver's side of the handshake: its Hello (or the exception) goes to results["server"]."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            hello, dec, _ = await server_handshake(reader, writer, server_key)
+            hello, dec, _ = await server_handshake(reader, writer, key)
             writer.write(dec.frame(m.Welcome(next_seq=1)))
             results["server"] = hello
         except Exception as exc:  # noqa: BLE001 - recorded for the assertion
@@ -129,7 +129,12 @@ async def _handshake(server_key: bytes, client_key: bytes) -> tuple[object, obje
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return serve
+
+
+async def _handshake(server_key: bytes, client_key: bytes) -> tuple[object, object]:
+    results: dict[str, object] = {}
+    server = await asyncio.start_server(_serve_handshake(server_key, results), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -160,17 +165,7 @@ def test_a_sender_of_another_protocol_version_is_refused_with_the_reason() -> No
     message it does not know."""
     async def go() -> tuple[object, object]:
         results: dict[str, object] = {}
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                results["server"] = await server_handshake(reader, writer, KEY)
-            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
-                results["server"] = exc
-                writer.write(frame(m.Error(str(exc))))
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        server = await asyncio.start_server(_serve_handshake(KEY, results), "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
         writer.write(frame(m.Hello(m.PROTOCOL_VERSION - 1, "mod", b"/data", "C", os.urandom(32))))
         results["client"] = await read_message(reader, FrameDecoder(), [])
