@@ -373,6 +373,7 @@ class RsEntry(Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     target: Path | None = None  # symlinks
     xattrs: U63 = 0  # xxh3_64 of the sorted (name, value) pairs, 0 without xattrs
     digest: Annotated[bytes, Meta(max_length=DIGEST_SIZE)] | None = None  # small files: whole content
+    blocks: U63 = 0  # files: space allocated (st_blocks, 512-byte units), reservations included
 
 
 class RsState(_Msg, tag="rsstate"):

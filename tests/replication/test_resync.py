@@ -447,6 +447,21 @@ def test_a_secondary_reporting_invalid_suspects_gets_a_checksum_resync() -> None
         assert _valid_suspects([b"ok", bad]) is None
 
 
+def test_only_space_reserved_past_the_end_sends_an_unchanged_small_file_again() -> None:
+    """The checksum resync's rule for a small file equal on both sides: sent again only when ours
+    holds space past its end that the replica's lacks, never for a replica that stores the file in
+    fewer blocks (inline, compressed), which would send every small file at each resync."""
+    from safekit_cloud.core.replication.resync import _reserved_beyond
+
+    def entry(size: int, blocks: int) -> m.RsEntry:
+        return m.RsEntry(b"f", "f", 0o100644, 0, 0, size, blocks=blocks)
+
+    assert _reserved_beyond(entry(20_000, 6184), entry(20_000, 40))  # 3 MiB reserved past the end
+    assert not _reserved_beyond(entry(20_000, 6184), entry(20_000, 6184))  # reserved there too
+    assert not _reserved_beyond(entry(20_000, 40), entry(20_000, 0))  # the replica stores it inline
+    assert not _reserved_beyond(entry(4096, 8), entry(4096, 8))
+
+
 def test_activity_log_records_the_directory_a_namespace_change_touches() -> None:
     from safekit_cloud.core.replication.resync import _activity_paths
 
@@ -890,8 +905,8 @@ def test_space_reserved_alone_is_reserved_on_the_replica_through_either_resync(m
     its next minutes), and posix_fallocate of a new file (a database preallocating a segment). After
     the resync the replica has the same sizes and content and the same space reserved (the same
     space allocated), so that what fits on the primary fits there after a failover. The checksum
-    resync does so for the files it sends: a file whose content and times are the same on both
-    sides (f1: a reservation changes neither) is not compared further (docs/replication.md, Limits)."""
+    resync finds f1's reservation although it changed neither content nor times: the listing
+    carries each file's allocated blocks."""
     p = alone_after_sync(mirror)
     fd = os.open(p / "d" / "f1", os.O_WRONLY)
     try:
@@ -907,7 +922,7 @@ def test_space_reserved_alone_is_reserved_on_the_replica_through_either_resync(m
     resync_after_alone(mirror, lose_journal)
     assert_same(mirror)
     mirror.stop_primary()  # FUSE has no FIEMAP: look at the primary's own files under the mount
-    for rel in ("d/segment",) if lose_journal else ("d/f1", "d/segment"):
+    for rel in ("d/f1", "d/segment"):
         with open(p / rel, "rb") as ours, open(mirror.replica / rel, "rb") as theirs:
             os.fsync(ours.fileno())  # delayed allocation: st_blocks is final once written back
             os.fsync(theirs.fileno())
