@@ -2,8 +2,9 @@
 
 The primary agent runs as root, and its writes are what the file system sees: without this, an
 application running as `postgres` could fill the blocks ext4 reserves for root (5 % by default,
-kept so that root's services and our own journal can still write on a full disk), and would pass
-over its disk quota (CAP_SYS_RESOURCE lifts both). Around each backing write or fallocate made for
+kept so that root's services and our own journal can still write on a full disk: root's
+file-system uid or CAP_SYS_RESOURCE may use them), and would pass over its disk quota
+(CAP_SYS_RESOURCE lifts it). Around each backing write or fallocate made for
 a handle that a non-root user opened, the agent's thread takes that user's file-system uid
 (`setfsuid`) and leaves CAP_SYS_RESOURCE out of its effective capabilities; the other file-system
 capabilities (CAP_FSETID, CAP_DAC_OVERRIDE...) stay, so the write itself behaves as before (no
