@@ -142,6 +142,7 @@ class ReplicatedFS(fuseabi.Operations):
         self._behind = WriteBehind(drop=False)  # the application may read what it wrote: keep it cached
         self.limits = UserLimits()
         self._open_by_ino: dict[int, set[int]] = {}
+        self._pins: dict[int, int] = {}  # node id -> O_PATH descriptor of a freed inode (_pin_if_freed)
         self._dirs: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         self._dir_ino: dict[int, int] = {}
         self._next_dir = 1
@@ -376,6 +377,38 @@ class ReplicatedFS(fuseabi.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
+            if not self.inodes.known(ino):
+                pin = self._pins.pop(ino, None)
+                if pin is not None:
+                    os.close(pin)
+
+    def release_pins(self) -> None:
+        """The mount is gone: the kernel knows no node any more."""
+        for pin in self._pins.values():
+            os.close(pin)
+        self._pins.clear()
+
+    def _pin_if_freed(self, path: bytes) -> None:
+        """Right before `path` is unlinked, removed or replaced: if that frees its inode while the
+        kernel still knows its node id, keep the inode (an O_PATH descriptor) until the kernel
+        forgets it. Node ids are the backing inode numbers, and ext4 gives a freed number to the
+        very next file or directory made: a request the kernel sends for the old node meanwhile
+        (an OPEN racing with an unlink, a SETATTR) would otherwise reach the new entry, and an
+        application write land in a file it never opened (or, on the replica, in a directory:
+        a refused stream). The old node then has no name: such a request fails with ENOENT,
+        as if the unlink had come first."""
+        try:
+            st = self._lstat(path)
+        except OSError:
+            return  # the call itself will fail
+        ino = fuse_ino(st.st_ino, self._root_ino)
+        if (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)) or ino in self._pins \
+                or not self.inodes.known(ino) or self._open_by_ino.get(ino):
+            return  # not freed, already kept, unknown to the kernel, or kept by our open files
+        try:
+            self._pins[ino] = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root)
+        except OSError:
+            pass  # the call itself will say why
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: fuseabi.RequestContext | None = None) -> fuseabi.EntryAttributes:
@@ -560,6 +593,7 @@ class ReplicatedFS(fuseabi.Operations):
         if self._replicated(path):
             await self._carry_marks(lambda: names()[0])
             (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
+        self._pin_if_freed(path)
         os.unlink(path, dir_fd=self.root)
         self.inodes.remove_path(path)
         await self._submit_ns([m.Unlink(0, path)] if self._replicated(path) else [], path)
@@ -572,6 +606,7 @@ class ReplicatedFS(fuseabi.Operations):
         (path,) = names()
         if self._replicated(path, True):
             (path,) = await self._settled(names, lambda ps: self._intend_ns(*ps))
+        self._pin_if_freed(path)
         os.rmdir(path, dir_fd=self.root)
         self.inodes.remove_path(path, is_dir=True)
         await self._submit_ns([m.Rmdir(0, path)] if self._replicated(path, True) else [], path)
@@ -613,6 +648,10 @@ class ReplicatedFS(fuseabi.Operations):
                         await self._carry_marks(lambda: names()[1])
             old, new = await self._settled(names, lambda ps: self._intend_ns(*ps))
             old_dir, seen = views(old, new)
+        if not exchange:
+            with contextlib.suppress(OSError):
+                if not os.path.samestat(self._lstat(old), self._lstat(new)):
+                    self._pin_if_freed(new)  # the entry it replaces
         renameat2(self.root, old, self.root, new, flags)
         if exchange:
             self.inodes.exchange(old, new)

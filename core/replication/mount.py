@@ -107,6 +107,8 @@ class FuseMount:
             await session.close()
         finally:
             unmount(self.directory)
+            if self.fs is not None:
+                self.fs.release_pins()
             os.close(self._root_fd)
             self._root_fd = -1
         log.info("replication mount over %s removed", self.directory)
