@@ -977,6 +977,19 @@ class ReplicatedFS(fuseabi.Operations):
             pass
         finally:
             self._behind.forget(f.fd)
+            self._close_or_keep(f)
+
+    def _close_or_keep(self, f: _File) -> None:
+        """The last handle of a file unlinked while open: closing it frees the inode, whose number
+        ext4 gives to the next entry made, while the kernel may not have forgotten the node yet.
+        Kept as the node's pin until it does (_pin_if_freed)."""
+        try:
+            freed = os.fstat(f.fd).st_nlink == 0
+        except OSError:
+            freed = False
+        if freed and f.ino not in self._pins and self.inodes.known(f.ino) and not self._open_by_ino.get(f.ino):
+            self._pins[f.ino] = f.fd
+        else:
             os.close(f.fd)
 
     # ---- directories ----

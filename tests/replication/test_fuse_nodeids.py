@@ -79,3 +79,16 @@ def test_a_directory_removed_while_the_kernel_knows_it_keeps_its_number(fs: Repl
     assert new != made.st_ino and stat.S_ISDIR(made.st_mode)
     with pytest.raises(fuseabi.FUSEError):
         run(lambda f: f.getattr(made.st_ino, CTX), fs)
+
+
+def test_a_file_unlinked_while_open_keeps_its_number_until_the_kernel_forgets_it(fs: ReplicatedFS) -> None:
+    """Its last handle released, the inode would be freed while the kernel may not have forgotten
+    the node yet (the FORGET comes after the RELEASE): it is kept until then."""
+    info, attrs = run(lambda f: f.create(ROOT, b"a", 0o644, os.O_WRONLY, CTX), fs)
+    run(lambda f: f.unlink(ROOT, b"a", CTX), fs)
+    assert attrs.st_ino not in fs._pins  # our open handle keeps it
+    run(lambda f: f.release(info.fh), fs)
+    assert attrs.st_ino in fs._pins
+    assert make_file(fs, b"x") != attrs.st_ino
+    run(lambda f: f.forget([(attrs.st_ino, 1)]), fs)
+    assert attrs.st_ino not in fs._pins
