@@ -41,7 +41,7 @@ from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount, fuse_mount_listed
 from .protect import is_protected, marker_path as protect_marker, protect, unprotect
-from .receiver import Receiver
+from .receiver import Receiver, raise_fd_limit
 from .resync import MirrorReplicator
 from .sender import Sender
 
@@ -281,6 +281,9 @@ async def amain(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     os.umask(0)  # modes are set explicitly; the daemon's umask must not mask them again
+    # Primary: one backing descriptor per file the application has open through the mount (a
+    # shell's 1,024 would refuse its 1,000th open with EMFILE); secondary: one per file written.
+    raise_fd_limit()
     try:
         if args.role == "primary":
             await run_primary(args, key, stop)

@@ -248,3 +248,40 @@ def test_a_hung_agent_is_killed_and_the_application_gets_an_error_not_a_wait(tmp
     # ECONNABORTED for the call that was waiting, ENOTCONN for a later one: an error, not a wait
     assert outcome in (os.strerror(errno.ECONNABORTED), os.strerror(errno.ENOTCONN)), outcome
     assert failed and "not responding" in failed[0], failed
+
+
+def test_an_application_with_many_files_open_through_the_mount_is_not_refused(tmp_path: Path) -> None:
+    """The primary agent holds one backing descriptor per file open through the mount: started
+    from a shell whose limit is 256 descriptors, it raises its own to the hard limit, and an
+    application with 1,000 files open keeps opening them (before: EMFILE at about the 250th)."""
+    import resource
+
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= 2048, "this test needs a hard limit of at least 2,048 descriptors"
+
+    def open_many() -> int:
+        fds = []
+        try:
+            for i in range(1000):
+                fds.append(os.open(data / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return len(fds)
+
+    async def scenario() -> int:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the agents inherit it
+        try:
+            async with running_pair(tmp_path, cfg, data, replica) as (_, primary):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                assert await wait_for(lambda: primary.status()["connected"], 5)
+                return await _blocking(open_many)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    assert asyncio.run(scenario()) == 1000
+    assert len(os.listdir(replica)) == 1000
