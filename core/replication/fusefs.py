@@ -71,6 +71,10 @@ def _names_of(root_fd: int, st_ino: int, but: bytes) -> list[bytes]:
 
 
 WALK_TRIES = 3  # walks for a file's names while directories keep moving under them (_walk_names)
+# Freed inodes kept for the kernel's nodes at once (_pin_if_freed): the kernel forgets an unlinked
+# node within a few requests, so a handful is usual; the bound keeps descriptors for the
+# application's opens even if FORGETs lagged behind a mass deletion.
+MAX_PINS = 4096
 
 
 def _direct(flags: int) -> bool:
@@ -403,8 +407,8 @@ class ReplicatedFS(fuseabi.Operations):
             return  # the call itself will fail
         ino = fuse_ino(st.st_ino, self._root_ino)
         if (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)) or ino in self._pins \
-                or not self.inodes.known(ino) or self._open_by_ino.get(ino):
-            return  # not freed, already kept, unknown to the kernel, or kept by our open files
+                or not self.inodes.known(ino) or self._open_by_ino.get(ino) or len(self._pins) >= MAX_PINS:
+            return  # not freed, already kept, unknown to the kernel, kept by our open files, or too many
         try:
             self._pins[ino] = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root)
         except OSError:
