@@ -121,7 +121,9 @@ def test_a_streamed_file_leaves_little_to_write_at_fsync_and_little_cached_on_th
     # Without write-behind every page would still be dirty: nothing else writes 64 MiB this soon.
     assert on_primary.dirty <= WRITE_BEHIND // PAGE, on_primary
     assert on_replica.dirty <= WRITE_BEHIND // PAGE, on_replica
-    assert on_primary.cached == pages, on_primary  # the application may read it back: kept
+    # The application may read it back: kept (a CI run once saw 224 of the 16,384 pages reclaimed
+    # by the kernel after an hour of soaks on this VM; dropping behind would leave at most half).
+    assert on_primary.cached >= pages - pages // 16, on_primary
     assert on_replica.cached <= pages // 2, on_replica  # nothing reads the replica: dropped behind
 
 
