@@ -386,6 +386,13 @@ class ReplicatedFS(fuseabi.Operations):
                 if pin is not None:
                     os.close(pin)
 
+    def _to_keep(self, ino: int) -> bool:
+        """Whether freeing node `ino`'s inode now would let its number go to a new entry while the
+        kernel may still ask for the node: the kernel knows it, and nothing keeps the inode yet
+        (a pin, or one of our open files). False too past MAX_PINS."""
+        return (ino not in self._pins and self.inodes.known(ino) and not self._open_by_ino.get(ino)
+                and len(self._pins) < MAX_PINS)
+
     def release_pins(self) -> None:
         """The mount is gone: the kernel knows no node any more."""
         for pin in self._pins.values():
@@ -406,9 +413,8 @@ class ReplicatedFS(fuseabi.Operations):
         except OSError:
             return  # the call itself will fail
         ino = fuse_ino(st.st_ino, self._root_ino)
-        if (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)) or ino in self._pins \
-                or not self.inodes.known(ino) or self._open_by_ino.get(ino) or len(self._pins) >= MAX_PINS:
-            return  # not freed, already kept, unknown to the kernel, kept by our open files, or too many
+        if (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)) or not self._to_keep(ino):
+            return  # not freed (other names), or nothing to keep it for
         try:
             self._pins[ino] = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root)
         except OSError:
@@ -645,17 +651,13 @@ class ReplicatedFS(fuseabi.Operations):
             if exchange:
                 if seen[3] and not seen[2]:
                     await self._carry_marks(lambda: names()[1])
-            else:
+            elif self._replaces(*names()):
                 with contextlib.suppress(OSError):
-                    old, new = names()
-                    if not os.path.samestat(self._lstat(old), self._lstat(new)):
-                        await self._carry_marks(lambda: names()[1])
+                    await self._carry_marks(lambda: names()[1])
             old, new = await self._settled(names, lambda ps: self._intend_ns(*ps))
             old_dir, seen = views(old, new)
-        if not exchange:
-            with contextlib.suppress(OSError):
-                if not os.path.samestat(self._lstat(old), self._lstat(new)):
-                    self._pin_if_freed(new)  # the entry it replaces
+        if not exchange and self._replaces(old, new):
+            self._pin_if_freed(new)
         renameat2(self.root, old, self.root, new, flags)
         if exchange:
             self.inodes.exchange(old, new)
@@ -667,6 +669,13 @@ class ReplicatedFS(fuseabi.Operations):
             await self._submit_ns([m.Rename(0, old, new, flags)], old, new)
         else:
             await self._submit_ns(self._resend(old, new) if not all(seen) else [], old, new)
+
+    def _replaces(self, old: bytes, new: bytes) -> bool:
+        """A rename of `old` to `new` replaces another entry (not another name of the same file)."""
+        try:
+            return not os.path.samestat(self._lstat(old), self._lstat(new))
+        except OSError:
+            return False  # nothing at `new` (or `old` gone: the rename itself will fail)
 
     def _resend(self, *paths: bytes) -> list[m.Op]:
         """An entry crossed the exclusion boundary: the replica's copy at each replicated path is
@@ -991,7 +1000,7 @@ class ReplicatedFS(fuseabi.Operations):
             freed = os.fstat(f.fd).st_nlink == 0
         except OSError:
             freed = False
-        if freed and f.ino not in self._pins and self.inodes.known(f.ino) and not self._open_by_ino.get(f.ino):
+        if freed and self._to_keep(f.ino):
             self._pins[f.ino] = f.fd
         else:
             os.close(f.fd)

@@ -28,30 +28,34 @@ def mounted_fuse_at(directory: Path) -> bool:
     return fuse_mount_listed(os.fsencode(os.path.realpath(directory)))
 
 
-def fuse_mount_listed(target: bytes) -> bool:
-    """True if mountinfo lists a FUSE file system of ours at `target`, an absolute path with no
+def _our_mounts(target: bytes) -> list[list[bytes]]:
+    """The mountinfo entries of FUSE file systems of ours at `target`, an absolute path with no
     symlink in it (reads /proc only: see mountinfo.py)."""
+    out = []
     for fields in mountinfo.entries():
         sep = fields.index(b"-") if b"-" in fields else -1
         if sep > 4 and fields[4] == target and fields[sep + 1].startswith(b"fuse") \
                 and fields[sep + 2] == FSNAME.encode():
-            return True
-    return False
+            out.append(fields)
+    return out
+
+
+def fuse_mount_listed(target: bytes) -> bool:
+    """True if mountinfo lists a FUSE file system of ours at `target` (see _our_mounts)."""
+    return bool(_our_mounts(target))
 
 
 def abort_connection(target: bytes) -> bool:
     """Abort the FUSE connection of our mount at `target` (an absolute path with no symlink, as
     mountinfo shows it) through fusectl: requests waiting on it, and later ones, fail with ENOTCONN
     instead of waiting for a server that does not answer. False if it cannot be found or aborted."""
-    for fields in mountinfo.entries():
-        sep = fields.index(b"-") if b"-" in fields else -1
-        if sep > 4 and fields[4] == target and fields[sep + 1] == b"fuse." + FSNAME.encode():
-            minor = fields[2].partition(b":")[2].decode()
-            try:
-                Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
-                return True
-            except OSError as exc:
-                log.error("cannot abort the FUSE connection of %s: %s", target.decode(errors="replace"), exc)
+    for fields in _our_mounts(target):
+        minor = fields[2].partition(b":")[2].decode()
+        try:
+            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+            return True
+        except OSError as exc:
+            log.error("cannot abort the FUSE connection of %s: %s", target.decode(errors="replace"), exc)
     return False
 
 

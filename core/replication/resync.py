@@ -225,6 +225,11 @@ def _linked_apart(theirs: dict[bytes, m.RsEntry], ours: dict[bytes, m.RsEntry]) 
     return apart
 
 
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    """[start, end, start, end, ...] as (start, end) pairs; an odd last item is left out."""
+    return list(zip(flat[0::2], flat[1::2]))
+
+
 def _reserved_beyond(ours: m.RsEntry, theirs: m.RsEntry) -> bool:
     """Our file holds space past its end (a fallocate KEEP_SIZE) that the replica's does not: sent
     again, which makes the reservation there too (_send_reservations); a small file costs little.
@@ -501,8 +506,7 @@ class ResyncApplier(Applier):
             self.replies.append(m.RsDigests(op.req, -1))
             return
         try:
-            flat = list(op.ranges)
-            ranges = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+            ranges = _pairs(op.ranges)
             self.replies.append(m.RsDigests(op.req, os.fstat(fd).st_size, block_digests(fd, op.block, ranges)))
         finally:
             os.close(fd)
@@ -524,17 +528,17 @@ class ResyncApplier(Applier):
 
     def _rs_reserve(self, op: m.RsReserve) -> None:
         fd = self._fd(op.hid)
-        flat = op.ranges
-        if len(flat) % 2 or any(flat[i] >= flat[i + 1] for i in range(0, len(flat), 2)):
+        ranges = _pairs(op.ranges)
+        if len(op.ranges) % 2 or any(s >= e for s, e in ranges):
             raise m.ProtocolError("RsReserve ranges must be pairs of start < end")
-        for i in range(0, len(flat), 2):
+        for s, e in ranges:
             try:
-                fallocate(fd, FALLOC_FL_KEEP_SIZE, flat[i], flat[i + 1] - flat[i])
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, s, e - s)
             except OSError as exc:
                 # Only allocation is at stake, never content: the replica stays identical.
                 log.warning("cannot reserve %d bytes at %d of a file on the replica (%s): its content is "
                             "the same, but writes there after a failover may find the disk full",
-                            flat[i + 1] - flat[i], flat[i], exc.strerror or exc)
+                            e - s, s, exc.strerror or exc)
                 return
 
     def _rs_done(self, op: m.RsDone) -> None:

@@ -72,7 +72,7 @@ class ReplicationService:
         self.receive_into = {Path(k): Path(v) for k, v in (receive_into or {}).items()}
         self.role = "stopped"
         self._agents: list[_Agent] = []
-        self._lost_reasons: list[str] = []
+        self._last_lost = ""  # why the link (or an agent) was last lost: status "last_lost"
         self._synced_dirs: set[str] = set()  # secondary: directories resynchronised, link held since
         # Primary: descriptors of the replicated directories opened before the mounts, so verify
         # reads the real files beneath the FUSE layer (never through it).
@@ -188,7 +188,7 @@ class ReplicationService:
             "synced": (all(a.synced for a in self._agents) if self.role == "primary" and self._agents
                        else self.role == "secondary" and self._all_synced_dirs()),
             "agents": agents,
-            "last_lost": self._lost_reasons[-1] if self._lost_reasons else "",
+            "last_lost": self._last_lost,
             "last_verify": self._last_verify,
         }
 
@@ -293,8 +293,7 @@ class ReplicationService:
             if self.on_agent_failed is None or self.role not in ("primary", "secondary"):
                 self._link_lost(reason)
                 return
-            self._lost_reasons.append(reason)  # shown as last_lost, like a lost link
-            del self._lost_reasons[:-20]
+            self._last_lost = reason  # shown as last_lost, like a lost link
             try:
                 self.on_agent_failed(reason)
             except Exception:
@@ -345,8 +344,7 @@ class ReplicationService:
         return all(str(d) in self._synced_dirs for d in self.config.directories)
 
     def _link_lost(self, reason: str) -> None:
-        self._lost_reasons.append(reason)
-        del self._lost_reasons[:-20]
+        self._last_lost = reason
         if self.on_link_lost is not None:
             try:
                 self.on_link_lost(reason)
