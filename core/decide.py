@@ -307,6 +307,10 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
 
 
 def _peer_stopped_at_start(local: LocalView, peer: PeerView) -> Decision:
+    if peer.intent == Intent.STARTING:
+        # Its daemon booted (after a power cut of both nodes, say) and runs its start scripts: serving
+        # now, as if an admin had stopped it, would make two primaries once it reaches the election.
+        return stay(local, f"{peer.name}'s module is starting: waiting for it", waiting_for="peer")
     if local.startup_elapsed < local.startup_wait:
         # Its daemon may be booting and about to start the module: give the election a chance.
         return stay(local, f"{peer.name}'s module is stopped: waiting {local.startup_wait:.0f}s in case it "

@@ -120,6 +120,9 @@ class Engine:
     # ---- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        for runtime in self.modules.values():
+            if runtime.config.boot:
+                runtime.mark_starting()  # the first heartbeat says so: STOP here is not an admin's stop
         await self.heartbeat.start()
         for runtime in self.modules.values():
             runtime.start()

@@ -86,6 +86,7 @@ class ModuleRuntime:
         self.restart_times: collections.deque[float] = collections.deque()
         self.started_at = 0.0
         self.peer_seen_since_start = False
+        self.starting = False  # a start is queued or being carried out: announced as Intent.STARTING
         self.witness_ok = True
         self.vip_held = False
         self._queue: asyncio.Queue[tuple[Event, asyncio.Future[CommandResult] | None]] = asyncio.Queue()
@@ -132,7 +133,13 @@ class ModuleRuntime:
         """Heartbeat callback: the peer's view changed; re-evaluate soon."""
         self._wake.set()
 
+    def mark_starting(self) -> None:
+        """The daemon will start this module: say so from the first heartbeat on (Intent.STARTING)."""
+        self.starting = self.state == S.STOP
+
     async def command(self, verb: str, fullsync: bool = False) -> CommandResult:
+        if verb == "start":
+            self.mark_starting()
         if verb == "forcestop":
             await self.scripts.abort()
         if verb == "second" and fullsync:
@@ -163,6 +170,9 @@ class ModuleRuntime:
             except Exception as exc:  # a bug must not kill the module loop: log it and keep serving
                 log.exception("module %s: error while handling %s", self.config.name, event.kind.value)
                 result = CommandResult(False, f"internal error: {exc}", self.state.name)
+            if event.kind == E.START and self.starting:
+                self.starting = False
+                self._announce()
             if future is not None and not future.done():
                 future.set_result(result)
 
@@ -414,7 +424,8 @@ class ModuleRuntime:
         return {
             "name": self.config.name, "state": int(self.state), "data": self.persisted.data.value,
             "gen": self.persisted.generation.current, "history": list(self.persisted.generation.history[:8]),
-            "intent": self.intent.value, "eligible": eligible(self.local_view()),
+            "intent": (Intent.STARTING if self.starting and self.state == S.STOP else self.intent).value,
+            "eligible": eligible(self.local_view()),
         }
 
     def checker_status(self) -> list[CheckerOut]:

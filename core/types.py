@@ -88,6 +88,9 @@ class Intent(str, enum.Enum):
     HANDOVER = "handover"  # I left the primary role on purpose (swap/stopstart): take it now
     WANT_PRIMARY = "want_primary"  # swap asked on the secondary: primary, please hand over
     STOPPING = "stopping"  # I am stopping cleanly; take over as soon as I report STOP
+    # My module is starting (its daemon just booted, or `start` was run): the STOP I report is about
+    # to end, it is not an admin's stop. Announced until the start decision's actions are done.
+    STARTING = "starting"
 
 
 @dataclass(frozen=True)

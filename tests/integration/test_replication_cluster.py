@@ -83,6 +83,61 @@ def test_every_fsynced_write_survives_a_crash_of_the_primary(cluster: LabCluster
     assert not torn, f"fsynced files with wrong content on n2: {torn[:5]}"
 
 
+@pytest.mark.parametrize("primary", ["n1", "n2"])
+def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_write(
+        cluster: LabCluster, primary: str) -> None:
+    """A site-wide outage: both nodes lose power at once while the application writes with fsync on
+    the primary (n1, or n2 after a swap). When power comes back, the pair forms again by itself (a
+    primary and an up-to-date secondary, no administrator), every write whose fsync returned is on
+    both, and the resync compared only the paths that were in flight (journal, not checksum). The
+    former secondary is powered on first, the primary a few seconds later."""
+    if primary == "n2":
+        assert cluster.cli("n1", "swap").returncode == 0
+        cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
+    secondary = "n2" if primary == "n1" else "n1"
+    folder = cluster.data_dir / "load"
+    writer = cluster.app_spawn(primary, [sys.executable, "-c", WRITER, str(folder), "100000", "8192"],
+                               stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    acknowledged = []
+    while len(acknowledged) < 200:
+        line = writer.stdout.readline()
+        assert line, "the writer stopped early"
+        acknowledged.append(int(line))
+    wait_activity_log(cluster, primary)
+    cluster.power_off(secondary)
+    cluster.power_off(primary)
+    acknowledged += [int(line) for line in writer.stdout.read().split()]
+    # The secondary comes back first: it cannot know whether the primary served alone after it
+    # died, so it must not serve; it waits and says why.
+    cluster.power_on(secondary)
+    time.sleep(3)  # six heartbeat timeouts
+    module = cluster.status(secondary)["modules"][0]
+    assert (module["state"], module["waiting_for"], module["serving"]) == ("WAIT", "stale", False), module
+    # Then the other node: while its daemon boots, its module reports STOP. That must not read as an
+    # admin's stop (the waiting node served at once, and both were primary a moment later).
+    cluster.power_on(primary)
+    deadline = time.monotonic() + 120
+    while True:
+        modules = {n: ((cluster.status(n) or {}).get("modules") or [{}])[0] for n in ("n1", "n2")}
+        states = sorted((str(m.get("state")), str(m.get("data"))) for m in modules.values())
+        if states == [("PRIM", "uptodate"), ("SECOND", "uptodate")]:
+            break
+        assert time.monotonic() < deadline, f"the pair did not form again: {modules}"
+        time.sleep(0.2)
+    for node in ("n1", "n2"):
+        files = cluster.disk(node) / "load"
+        missing = [i for i in acknowledged if not (files / f"f{i:05d}").exists()]
+        assert not missing, f"{len(missing)} fsynced files missing on {node}, e.g. {missing[:5]}"
+        torn = [i for i in acknowledged if (files / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
+        assert not torn, f"fsynced files with wrong content on {node}: {torn[:5]}"
+    now_primary = "n1" if modules["n1"]["state"] == "PRIM" else "n2"
+    resync = cluster.status(now_primary)["modules"][0]["replication"]["last_resync"]
+    assert resync["modes"] == ["journal"], resync
+    result = verify(cluster, now_primary)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def changed_bytes(status: dict[str, Any]) -> int:
     replication = status["modules"][0]["replication"] or {}
     resync = replication.get("last_resync")

@@ -426,7 +426,8 @@ def assert_invariants(local: LocalView, peer: PeerView, event: Event, d: Decisio
 GRID_PEERS = [
     LOST,
     replace(LOST, state=S.PRIM),  # last seen as primary, now silent
-    peer_view(state=S.STOP), peer_view(state=S.WAIT), peer_view(state=S.WAIT, eligible=False),
+    peer_view(state=S.STOP), peer_view(state=S.STOP, intent=Intent.STARTING),
+    peer_view(state=S.WAIT), peer_view(state=S.WAIT, eligible=False),
     peer_view(state=S.ALONE), peer_view(state=S.PRIM), peer_view(state=S.ALONE, preferred=True),
     peer_view(state=S.SECOND), peer_view(state=S.SECOND, data=DataStatus.RESYNCING),
     peer_view(state=S.SECOND, intent=Intent.HANDOVER), peer_view(state=S.SECOND, intent=Intent.WANT_PRIMARY),
@@ -756,6 +757,39 @@ def test_alone_start_of_a_node_that_cannot_prove_its_data_waits_and_says_how_to_
     assert "safekit-cloud prim" in reason and "n1" in reason
     d = pair.do("n2", E.FORCE_PRIM)
     assert d.next_state == S.ALONE and "forced" in d.reason
+
+
+def test_power_cut_of_both_a_booting_peer_is_not_taken_for_a_stopped_one() -> None:
+    """Both nodes lose power at once; the secondary boots first and waits (it cannot prove its data
+    is current). The primary's daemon then boots: until its start scripts are done its module reports
+    STOP, with Intent.STARTING. Reading that STOP as an admin's stop made the waiting node serve, and
+    a moment later the booted node won the election too: two primaries, then a split brain."""
+    pair = Pair("n1")
+    pair.serving_pair()
+    for name in pair.names:  # the same instant: neither sees the other go
+        pair.up[name] = False
+        pair.nodes[name] = replace(pair.nodes[name], state=S.STOP, intent=Intent.NONE, waiting_for="")
+    pair.boot("n2")
+    pair.elapse()
+    assert pair.state("n2") == S.WAIT and pair.nodes["n2"].waiting_for == "stale"
+    pair.up["n1"] = True
+    pair.nodes["n1"] = replace(pair.nodes["n1"], intent=Intent.STARTING)  # daemon up, start under way
+    d = pair.event("n2", E.PEER_CHANGED)
+    assert d.next_state == S.WAIT and "starting" in d.reason, pair.trace()
+    pair.nodes["n1"] = replace(pair.nodes["n1"], intent=Intent.NONE)
+    pair.start("n1")
+    assert_one_primary(pair)
+    assert pair.states() == (S.ALONE, S.SECOND), pair.trace()
+
+
+def test_a_stopped_peer_without_starting_intent_still_lets_the_newest_serve() -> None:
+    local = local_view(S.WAIT, waiting_for="peer", startup_elapsed=60.0, startup_wait=5.0,
+                       persisted=Persisted(S.WAIT, generation=G0))
+    stopped = PeerView(name="n2", reachable=True, state=S.STOP, data=DataStatus.UPTODATE, generation=G0)
+    assert decide(local, stopped, E.PEER_CHANGED).next_state == S.ALONE
+    starting = replace(stopped, intent=Intent.STARTING)
+    d = decide(local, starting, E.PEER_CHANGED)
+    assert d.next_state == S.WAIT and d.waiting_for == "peer"
 
 
 def test_fresh_node_alone_waits() -> None:

@@ -290,6 +290,27 @@ async def test_state_announced_only_after_the_actions(tmp_path: Path) -> None:
 
 
 @async_test
+async def test_a_starting_module_says_so_until_its_start_scripts_are_done(tmp_path: Path) -> None:
+    """While `start` runs prestart and start_both the state is still STOP: the peer is told the module
+    is starting, so it does not take this node for one an admin stopped."""
+    write_scripts(tmp_path, start_both="sleep 0.4\n")
+    h = Harness(tmp_path)
+    try:
+        runtime = h.build()
+        assert runtime.announce_fields()["intent"] == "none"  # stopped, nothing under way
+        starting = asyncio.create_task(runtime.command("start"))
+        await until(lambda: bool(h.ran("start_both")))
+        fields = runtime.announce_fields()
+        assert (fields["state"], fields["intent"]) == (int(S.STOP), "starting")
+        result = await starting
+        assert result.ok and result.state == "WAIT"
+        assert h.announced[-1]["state"] == int(S.WAIT) and h.announced[-1]["intent"] == "none"
+        assert all(a["intent"] != "starting" for a in h.announced if a["state"] != int(S.STOP))
+    finally:
+        await h.close()
+
+
+@async_test
 async def test_start_twice_is_a_success_that_does_nothing(tmp_path: Path) -> None:
     write_scripts(tmp_path)
     h = Harness(tmp_path)
