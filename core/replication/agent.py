@@ -121,7 +121,9 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
             repl.sender.abandon("peer lost on every heartbeat network")
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, peer_gone)
-    mount = FuseMount(directory, make_fs)
+    # At the stop, a read-only bind goes beneath the mount before it is removed (protect.py).
+    guard = protect_marker(Path(args.state_dir), args.module, directory) if args.protect else None
+    mount = FuseMount(directory, make_fs, guard=guard)
     where = os.fsencode(os.path.realpath(directory))  # resolved before the mount: never through it
     await mount.start()
     emit("ready", dirty=True, journal=journal.describe())
@@ -207,15 +209,16 @@ async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Even
     host, _, port = args.listen.rpartition(":")
     locals_ = [Path(local) for local in pairs.values()]
     markers = {d: protect_marker(Path(args.state_dir), args.module, d) for d in locals_}
-    for d in locals_:
-        unprotect(d, markers[d])  # a killed agent's leftover: the receiver's descriptors must be writable
-    await receiver.start(host.strip("[]"), int(port))  # opens the directory descriptors...
+    # Opens the directory descriptors: writable ones beneath a read-only bind of ours already there
+    # (left by the primary's agent at its stop, or by a killed receiver), which stays in place...
+    await receiver.start(host.strip("[]"), int(port))
     protected = []
     try:
         if args.protect:
-            for d in locals_:  # ...then hides the directories from applications behind a read-only bind
+            for d in locals_:  # ...else hides the directories from applications behind a read-only bind
                 try:
-                    protect(d, markers[d])
+                    if not (markers[d].exists() and is_protected(d)):
+                        protect(d, markers[d])
                     protected.append(d)
                 except OSError as exc:
                     log.error("cannot make %s read-only for applications: %s", d, exc)

@@ -992,6 +992,13 @@ class ReplicatedFS(fuseabi.Operations):
             self._behind.forget(f.fd)
             self._close_or_keep(f)
 
+    async def release_all(self) -> None:
+        """The mount is gone while the application still had files open (a stop, a swap): release
+        them as the kernel would have. Their last times reach the peer with each Close, where they
+        would otherwise stay as the replica's own (verify reports them); our descriptors close."""
+        for fh in list(self._files):
+            await self.release(fh)
+
     def _close_or_keep(self, f: _File) -> None:
         """The last handle of a file unlinked while open: closing it frees the inode, whose number
         ext4 gives to the next entry made, while the kernel may not have forgotten the node yet.

@@ -221,6 +221,7 @@ class FuseSession:
         self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
+        self._draining = False  # drain(): no new request is read
         self._closing = False
         self._mounted = False
         self._initialized: asyncio.Future[None] | None = None
@@ -259,6 +260,17 @@ class FuseSession:
     def in_flight(self) -> int:
         """Requests suspended (parked or continued by a task)."""
         return len(self._tasks) + len(self._parked)
+
+    async def drain(self, timeout: float) -> bool:
+        """Read no more requests and let those in progress finish, for up to `timeout` seconds. A
+        clean stop then leaves no operation half done (a create whose mode and directory times, or a
+        short write whose undo, were still to be sent to the peer). True when none is left."""
+        self._draining = True
+        self._stop_reading()
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline and not self.ended:
+            await asyncio.sleep(0.005)
+        return not self.in_flight
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop serving: cancel the requests in progress (their callers get an error when the
@@ -306,7 +318,7 @@ class FuseSession:
             log.info("FUSE session of %s ended%s", self.mountpoint, f" ({reason})" if reason else "")
 
     def _resume_reading(self) -> None:
-        if not self._reading and self.fd >= 0 and not self._closing and not self.ended:
+        if not self._reading and self.fd >= 0 and not self._closing and not self._draining and not self.ended:
             assert self._loop is not None
             self._loop.add_reader(self.fd, self._on_readable)
             self._reading = True

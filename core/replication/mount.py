@@ -17,10 +17,14 @@ from . import mountinfo
 from .fusefs import ReplicatedFS
 from .fusesession import FuseSession, umount_detach
 from .paths import open_replicated_dir
+from .protect import protect, protect_beneath, unprotect
 
 log = logging.getLogger(__name__)
 
 FSNAME = "safekit"
+# At a stop, how long the requests in progress may take to finish (a live peer answers in
+# milliseconds; a lost one is given up by the replicator's own timeout or by heartbeats).
+DRAIN_TIMEOUT = 2.0
 
 
 def mounted_fuse_at(directory: Path) -> bool:
@@ -74,8 +78,12 @@ def unmount(directory: Path) -> None:
 
 
 class FuseMount:
-    def __init__(self, directory: Path, make_fs: Callable[[int], ReplicatedFS], max_tasks: int = 64) -> None:
+    def __init__(self, directory: Path, make_fs: Callable[[int], ReplicatedFS], max_tasks: int = 64,
+                 guard: Path | None = None) -> None:
         self.directory = Path(directory)
+        # The marker of the read-only bind left over the directory when the mount goes (protect.py):
+        # None leaves the directory writable (tests, fuse-only bench).
+        self.guard = guard
         self.make_fs = make_fs
         self.max_tasks = max_tasks  # requests waiting at once (beyond, the kernel's queue waits)
         self.fs: ReplicatedFS | None = None
@@ -84,6 +92,8 @@ class FuseMount:
 
     async def start(self) -> None:
         unmount(self.directory)
+        if self.guard is not None:
+            unprotect(self.directory, self.guard)  # our read-only bind must not be under the mount
         # Opened before the mount: from now on this descriptor is the only way to the real files.
         self._root_fd = open_replicated_dir(self.directory)
         try:
@@ -107,12 +117,40 @@ class FuseMount:
         if self.session is None:
             return
         session, self.session = self.session, None
+        guarded = False
         try:
+            drained = await session.drain(DRAIN_TIMEOUT)
+            guarded = self._guard_beneath()
             await session.close()
+            if drained and self.fs is not None:
+                # Files the application still had open: released as the kernel would have, so
+                # their last times reach the peer (they travel with the Close). Only with no request
+                # left in progress: a handler resumed later would use a descriptor closed here.
+                await self.fs.release_all()
         finally:
             unmount(self.directory)
+            if self.guard is not None and not guarded:
+                self._guard_after()
             if self.fs is not None:
                 self.fs.release_pins()
             os.close(self._root_fd)
             self._root_fd = -1
         log.info("replication mount over %s removed", self.directory)
+
+    def _guard_beneath(self) -> bool:
+        if self.guard is None:
+            return False
+        try:
+            protect_beneath(self._root_fd, self.directory, self.guard)
+            return True
+        except OSError as exc:  # before Linux 6.5, or the mount already gone from outside
+            log.warning("cannot put the read-only bind beneath the mount over %s (%s): made after it",
+                        self.directory, exc)
+            return False
+
+    def _guard_after(self) -> None:
+        assert self.guard is not None
+        try:
+            protect(self.directory, self.guard)
+        except OSError as exc:
+            log.error("cannot make %s read-only for applications after its mount: %s", self.directory, exc)

@@ -21,8 +21,10 @@ import os
 from pathlib import Path
 
 from . import mountinfo
+from .paths import open_replicated_dir
 from .syscalls import (
     MNT_DETACH,
+    MOUNT_ATTR_RDONLY,
     MS_BIND,
     MS_NOATIME,
     MS_NODEV,
@@ -33,6 +35,9 @@ from .syscalls import (
     MS_RELATIME,
     MS_REMOUNT,
     mount,
+    mount_setattr,
+    move_mount_beneath,
+    open_tree,
     umount2,
 )
 
@@ -96,6 +101,44 @@ def protect(directory: Path, marker: Path) -> None:
         marker.unlink(missing_ok=True)
         raise
     log.info("%s is read-only for applications (replicated writes go through the receiver)", directory)
+
+
+def protect_beneath(root_fd: int, directory: Path, marker: Path) -> None:
+    """The primary's mount over `directory` is about to go: put our read-only bind of the real
+    directory (`root_fd`, opened before that mount) *beneath* it, so that once it is unmounted
+    applications reach the read-only bind at once. Unmounting first and protecting after left a
+    moment, until the next role's agent protected the directory, where an application still
+    running wrote to the directory directly: writes it saw succeed, outside any journal (lost, or
+    left on one node only). Raises OSError where the kernel cannot (before Linux 6.5)."""
+    tree = open_tree(b"", root_fd)
+    try:
+        mount_setattr(tree, set_flags=MOUNT_ATTR_RDONLY)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{directory}\n")
+        try:
+            move_mount_beneath(tree, os.fsencode(directory))
+        except OSError:
+            marker.unlink(missing_ok=True)
+            raise
+    finally:
+        os.close(tree)
+    log.info("%s is read-only for applications from the moment its replication mount goes", directory)
+
+
+def open_writable(directory: Path, marker: Path) -> int:
+    """An O_PATH descriptor of `directory` through which the receiver can write: the directory
+    itself, or, when our read-only bind already covers it (left by the primary's agent at its stop,
+    see protect_beneath), the root of a private copy of that bind with read-only cleared, attached
+    nowhere (applications still see the read-only one, so there is no writable moment)."""
+    if marker.exists() and is_protected(directory):
+        tree = open_tree(os.fsencode(directory))
+        try:
+            mount_setattr(tree, clear_flags=MOUNT_ATTR_RDONLY)
+        except BaseException:
+            os.close(tree)
+            raise
+        return tree
+    return open_replicated_dir(directory)
 
 
 def _umount(target: bytes) -> None:

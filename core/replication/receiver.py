@@ -23,6 +23,7 @@ from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
 from .journal import Journal, journal_path
 from .paths import open_beneath, open_replicated_dir
+from .protect import marker_path as protect_marker, open_writable
 from .resync import ResyncApplier
 from .syscalls import syncfs
 from .verify import serve_manifest
@@ -83,7 +84,10 @@ class Receiver:
         """Listen; returns the bound port (useful with port 0)."""
         raise_fd_limit()
         for name, path in self._dirs.items():
-            self._root_fds[name] = open_replicated_dir(path)
+            if self.state_dir is not None:  # writable beneath a read-only bind that covers it already
+                self._root_fds[name] = open_writable(path, protect_marker(self.state_dir, self.module, path))
+            else:
+                self._root_fds[name] = open_replicated_dir(path)
             if self.state_dir is not None:
                 j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
                 if self.fullsync:

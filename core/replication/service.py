@@ -117,6 +117,9 @@ class ReplicationService:
 
     async def stop(self) -> None:
         await self._stop_agents()
+        # The primary's agent leaves the directory read-only as its mount goes (protect.py), for
+        # the next role; a stopped module leaves it writable, as before it started.
+        self._unprotect_all()
         self.role = "stopped"
 
     def peer_lost(self) -> None:

@@ -1,6 +1,7 @@
 """The Linux system calls Python's os module lacks, through libc, each raising OSError like os does:
-renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2); and
-the FIEMAP ioctl for a file's unwritten (reserved, never written) extents."""
+renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2), the
+mount API's open_tree, mount_setattr and move_mount (x86-64 and arm64 numbers); and the FIEMAP ioctl
+for a file's unwritten (reserved, never written) extents."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
 
 # mount(2) flags
 MS_RDONLY = 1
@@ -35,6 +37,47 @@ FALLOC_FL_KEEP_SIZE = 1
 # umount2(2) flags
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
+
+
+# The new mount API (Linux 5.2+; MOVE_MOUNT_BENEATH 6.5+). The same numbers on x86-64 and arm64.
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_BENEATH = 0x200
+MOUNT_ATTR_RDONLY = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree(path: bytes, dir_fd: int | None = None) -> int:
+    """A detached copy of the mount at `path` (or of `dir_fd` itself when `path` is empty), rooted
+    there: a bind mount that is attached nowhere yet. Closed on exec."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_EMPTY_PATH if not path else 0)
+    fd = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD if dir_fd is None else dir_fd), path,
+                       ctypes.c_uint(flags))
+    if fd < 0:
+        _check(-1, f"open_tree {path.decode(errors='replace')}")
+    return int(fd)
+
+
+def mount_setattr(tree_fd: int, *, set_flags: int = 0, clear_flags: int = 0) -> None:
+    attr = _MountAttr(set_flags, clear_flags, 0, 0)
+    ret = _libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(tree_fd), b"", ctypes.c_uint(AT_EMPTY_PATH),
+                        ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(0 if ret == 0 else -1, "mount_setattr")
+
+
+def move_mount_beneath(tree_fd: int, target: bytes) -> None:
+    """Attach the detached mount `tree_fd` at `target` *beneath* the mount on top there: unmounting
+    that top one then uncovers it, with no moment in between where `target` is the bare directory."""
+    ret = _libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(_AT_FDCWD), target,
+                        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_BENEATH))
+    _check(0 if ret == 0 else -1, f"move_mount beneath {target.decode(errors='replace')}")
 
 
 def _check(ret: int, what: str) -> None:

@@ -83,14 +83,14 @@ def test_every_fsynced_write_survives_a_crash_of_the_primary(cluster: LabCluster
     assert not torn, f"fsynced files with wrong content on n2: {torn[:5]}"
 
 
-@pytest.mark.parametrize("primary", ["n1", "n2"])
+@pytest.mark.parametrize(("primary", "first_back"), [("n1", "secondary"), ("n2", "secondary"), ("n1", "primary")])
 def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_write(
-        cluster: LabCluster, primary: str) -> None:
+        cluster: LabCluster, primary: str, first_back: str) -> None:
     """A site-wide outage: both nodes lose power at once while the application writes with fsync on
     the primary (n1, or n2 after a swap). When power comes back, the pair forms again by itself (a
     primary and an up-to-date secondary, no administrator), every write whose fsync returned is on
-    both, and the resync compared only the paths that were in flight (journal, not checksum). The
-    former secondary is powered on first, the primary a few seconds later."""
+    both, and the resync compared only the paths that were in flight (journal, not checksum). One
+    node is powered on a few seconds before the other."""
     if primary == "n2":
         assert cluster.cli("n1", "swap").returncode == 0
         cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
@@ -108,15 +108,16 @@ def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_
     cluster.power_off(secondary)
     cluster.power_off(primary)
     acknowledged += [int(line) for line in writer.stdout.read().split()]
-    # The secondary comes back first: it cannot know whether the primary served alone after it
-    # died, so it must not serve; it waits and says why.
-    cluster.power_on(secondary)
+    # The node back first cannot know whether the other served alone after it died (the secondary),
+    # or whether its secondary took over (the primary): it must not serve; it waits and says why.
+    first, second = (secondary, primary) if first_back == "secondary" else (primary, secondary)
+    cluster.power_on(first)
     time.sleep(3)  # six heartbeat timeouts
-    module = cluster.status(secondary)["modules"][0]
+    module = cluster.status(first)["modules"][0]
     assert (module["state"], module["waiting_for"], module["serving"]) == ("WAIT", "stale", False), module
     # Then the other node: while its daemon boots, its module reports STOP. That must not read as an
     # admin's stop (the waiting node served at once, and both were primary a moment later).
-    cluster.power_on(primary)
+    cluster.power_on(second)
     deadline = time.monotonic() + 120
     while True:
         modules = {n: ((cluster.status(n) or {}).get("modules") or [{}])[0] for n in ("n1", "n2")}
@@ -136,6 +137,44 @@ def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_
     assert resync["modes"] == ["journal"], resync
     result = verify(cluster, now_primary)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_swap_under_an_fsync_load_keeps_every_fsynced_write(cluster: LabCluster) -> None:
+    """`swap` while the application writes with fsync on the primary, and goes on writing (a stop_prim
+    that leaves a process behind): the role moves, the writer fails as the old primary's mount goes
+    (the directory is read-only from that moment), every write whose fsync returned is on the new
+    primary, and the replicas end identical (times included) once the old primary is secondary."""
+    folder = cluster.data_dir / "load"
+    writer = cluster.app_spawn("n1", [sys.executable, "-c", WRITER, str(folder), "100000", "8192"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert writer.stdout is not None
+    acknowledged = []
+    while len(acknowledged) < 200:
+        line = writer.stdout.readline()
+        assert line, "the writer stopped early"
+        acknowledged.append(int(line))
+    result = cluster.cli("n1", "swap", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    acknowledged += [int(line) for line in writer.stdout.read().split()]  # it fails once its mount is gone
+    assert writer.wait(30) != 0
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
+    files = cluster.disk("n2") / "load"
+    missing = [i for i in acknowledged if not (files / f"f{i:05d}").exists()]
+    assert not missing, f"{len(missing)} fsynced files missing on n2, e.g. {missing[:5]}"
+    torn = [i for i in acknowledged if (files / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
+    assert not torn, f"fsynced files with wrong content on n2: {torn[:5]}"
+    deadline = time.monotonic() + 60
+    while (cluster.status("n1") or {}).get("modules", [{}])[0].get("data") != "uptodate":
+        assert time.monotonic() < deadline, cluster.status("n1")
+        time.sleep(0.2)
+    result = verify(cluster, "n2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # n1 is the secondary now: read-only for applications, and it was from the moment its mount went
+    # (before, the writer went on writing into n1's directory: 622 "fsynced" files n2 never had).
+    probe = cluster.app_spawn("n1", [sys.executable, "-c", f"open({str(folder / 'probe')!r}, 'w')"],
+                              stderr=subprocess.PIPE, text=True)
+    _, err = probe.communicate(timeout=30)
+    assert probe.returncode != 0 and "Read-only file system" in err, err
 
 
 def changed_bytes(status: dict[str, Any]) -> int:

@@ -86,6 +86,45 @@ def test_unprotect_only_removes_our_own_mount(tmp_path: Path) -> None:
         _detach_all(d)
 
 
+def test_read_only_bind_goes_beneath_the_mount_before_it_is_removed(tmp_path: Path) -> None:
+    """The primary's stop: the read-only bind is put beneath its mount (a tmpfs stands in for the
+    FUSE mount here), so when that mount goes, applications find the directory read-only at once.
+    The next receiver writes through a private writable copy of the bind, which stays in place."""
+    d, marker = tmp_path / "d", tmp_path / "state" / "m.readonly"
+    d.mkdir()
+    (d / "real").write_bytes(b"real")
+    root = os.open(d, os.O_PATH | os.O_DIRECTORY)  # as the primary's agent opens it before its mount
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "stand-in", str(d)], check=True)
+        p.protect_beneath(root, d, marker)
+        assert marker.exists()
+        assert not (d / "real").exists()  # the mount on top still serves until it goes
+        subprocess.run(["umount", "-l", str(d)], check=True)
+        assert (d / "real").read_bytes() == b"real" and p.is_protected(d)
+        assert _erofs((d / "new").write_bytes, b"x")
+        assert _erofs(os.unlink, d / "real")
+        receiver_root = p.open_writable(d, marker)
+        try:
+            w = os.open("new", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=receiver_root)
+            os.write(w, b"replicated")
+            os.close(w)
+            os.mkdir("sub", dir_fd=receiver_root)
+        finally:
+            os.close(receiver_root)
+        assert (d / "new").read_bytes() == b"replicated" and (d / "sub").is_dir()
+        assert p.is_protected(d) and _erofs((d / "other").write_bytes, b"x")  # still read-only
+        assert p.unprotect(d, marker)
+        (d / "after").write_bytes(b"writable again")
+        plain = p.open_writable(d, marker)  # nothing to go beneath: the directory itself
+        try:
+            assert os.stat("after", dir_fd=plain).st_size == len(b"writable again")
+        finally:
+            os.close(plain)
+    finally:
+        os.close(root)
+        _detach_all(d)
+
+
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
@@ -117,6 +156,10 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
             await asyncio.to_thread(os.mkdir, data / "d")
             out["landed"] = (replica / "f").read_bytes() if (replica / "f").exists() else None
             await primary.stop()
+            # A stopped module's directory is writable (the agent left it read-only as its mount
+            # went, for a next role; the stop of the module removes that).
+            out["primary_dir_after_stop"] = not p.is_protected(data) and not await asyncio.to_thread(
+                _erofs, (data / "admin").write_bytes, b"x")
             # Orderly stop: the directory is writable again.
             await secondary.stop()
             out["after_stop"] = not await asyncio.to_thread(_erofs, (replica / "app").write_bytes, b"x")
@@ -142,6 +185,6 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
     assert out["ready_protected"] == [str(replica)]
     assert out["app_write"] and out["app_seed"]
     assert out["landed"] == b"replicated" and (replica / "d").is_dir()
-    assert out["after_stop"]
+    assert out["after_stop"] and out["primary_dir_after_stop"]
     assert out["protected_again"] and out["left_behind"]
     assert out["after_kill"]
