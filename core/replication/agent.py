@@ -34,12 +34,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import messages as m
+from . import messages as m, unwatched
 from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount, fuse_mount_listed
+from .paths import open_replicated_dir
 from .protect import is_protected, marker_path as protect_marker, protect, unprotect
 from .receiver import Receiver, raise_fd_limit
 from .resync import MirrorReplicator
@@ -101,7 +102,16 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     name = os.fsencode(directory)
     excluder = Excluder(args.exclude)
     journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
-    journal.become_source(args.generation)
+    unwatched_paths: list[bytes] = []
+    since = journal.unwatched_since_ns() if journal.could_be_trusted() else None
+    if since is not None:  # before the mount: the walk reads the real directory
+        fd = open_replicated_dir(directory)
+        try:
+            unwatched_paths = await asyncio.to_thread(unwatched.find, fd, since, excluder.excluded, directory)
+        finally:
+            os.close(fd)
+    journal.become_source(args.generation, unwatched_paths)
+    journal.watched_again()  # recorded as suspects (or a checksum resync): the marker can go
     log.info("journal of %s: %s", directory, journal.describe())
     bandwidth = args.resync_bandwidth * 1e6 if args.resync_bandwidth else None
 

@@ -90,6 +90,35 @@ def boot_id() -> str:
         return ""
 
 
+def boot_time_ns() -> int:
+    """When this boot started (/proc/stat btime, whole seconds: rounded down, which errs on the side
+    of looking at more)."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) * 1_000_000_000
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def writable_marker(journal_file: Path) -> Path:
+    """The file whose mtime says since when the directory of `journal_file` has been writable with
+    no agent of ours watching it (unwatched.py); absent while watched."""
+    return journal_file.with_suffix(".writable")
+
+
+def mark_writable(journal_file: Path) -> None:
+    """The directory is writable from now on and no agent watches it (a stopped module, a dead
+    agent's mount or read-only bind removed). Kept if already there: the earliest moment counts."""
+    marker = writable_marker(journal_file)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+
+
 def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:
     name = os.fsdecode(directory).strip("/").replace("/", "_") or "root"
     return Path(state_dir) / f"{module}.{name}.journal"
@@ -537,6 +566,8 @@ class Journal:
         self.torn = 0
         self.active: dict[int, set[bytes]] = {}  # activity log: epoch -> paths (epochs not closed)
         self.closed = -1  # last closed epoch of this session (-1: none yet, nothing claimed)
+        # A target's paths changed while no agent watched (unwatched.py): reported with its lineage.
+        self.unwatched: list[bytes] = []
 
     # -- loading --
 
@@ -639,14 +670,47 @@ class Journal:
         return coarsen(set().union(*self.active.values()), MAX_SUSPECTS)
 
     def lineage_with_suspects(self) -> tuple[bytes | None, list[bytes]]:
-        """What a target reports: a lineage it equals, or one it equals except under `suspects`."""
+        """What a target reports: a lineage it equals, or one it equals except under `suspects`
+        (its activity log's after a crash, and paths changed while no agent watched)."""
         sync = self.lineage()
         if sync is not None:
-            return sync, []
-        suspects = self.crash_suspects()
-        if suspects is not None and b"" not in suspects:
-            return self.sync, suspects
-        return None, []
+            suspects = coarsen(set(self.unwatched), MAX_SUSPECTS) if self.unwatched else []
+        else:
+            crashed = self.crash_suspects()
+            if crashed is None:
+                return None, []
+            sync, suspects = self.sync, coarsen(set(crashed) | set(self.unwatched), MAX_SUSPECTS)
+        if b"" in suspects:
+            return None, []
+        return sync, suspects
+
+    def unwatched_since_ns(self) -> int | None:
+        """Since when changes to the directory may have gone around every agent of ours: the
+        service's marker (made writable with no agent: a stopped module, a dead agent's mount or
+        read-only bind removed), else the start of this boot when the journal was written in an
+        earlier one (the mount and the read-only bind went with the reboot). None: watched all
+        along, or nothing trusted to protect (the next resync compares everything anyway)."""
+        if self.path is not None:
+            try:
+                return writable_marker(self.path).stat().st_mtime_ns
+            except OSError:
+                pass
+        if self.kind != "invalid" and self.boot and self.boot != boot_id():
+            return boot_time_ns()
+        return None
+
+    def could_be_trusted(self) -> bool:
+        """A resync could rely on this journal (so what went around it matters): an alone journal,
+        or a lineage this node equals, perhaps except a crash's suspects."""
+        if self.kind == "alone":
+            return self.sync is not None and not self.state.overflow
+        return self.lineage() is not None or self.crash_suspects() is not None
+
+    def watched_again(self) -> None:
+        """What went around us is now in the journal (source) or resynchronised (target)."""
+        self.unwatched = []
+        if self.path is not None:
+            writable_marker(self.path).unlink(missing_ok=True)
 
     def describe(self) -> dict[str, object]:
         st = self.state
@@ -665,8 +729,14 @@ class Journal:
 
     # -- transitions (each rewrites the file: one atomic, durable record) --
 
-    def become_source(self, generation: int | None = None) -> None:
-        """At the start of a primary agent: from whatever this node was, to journaling."""
+    def become_source(self, generation: int | None = None, unwatched: Iterable[bytes] = ()) -> None:
+        """At the start of a primary agent: from whatever this node was, to journaling.
+        `unwatched`: paths changed while no agent watched (unwatched.py), suspects from now on."""
+        unwatched = list(unwatched)
+        if unwatched and b"" in coarsen(set(unwatched), MAX_SUSPECTS):
+            self.invalidate("the replicated directory itself changed while no agent watched it")
+            return
+        note = f"; {len(unwatched)} path(s) changed while unwatched" if unwatched else ""
         if self.kind == "alone" and self.sync and self.state.overflow:
             self.invalidate("journal overflowed (too many namespace changes): checksum resync")
             return
@@ -675,7 +745,8 @@ class Journal:
             gen = self.generation if self.generation is not None else generation
             self._reset(RState("alone", self.sync, gen, boot_id(), block=self.block, at=time.time(),
                                marks=[marks_record(mk) for mk in self.state.marks.values()],
-                               suspects=sorted(self.state.suspects), reason="alone (continued)"),
+                               suspects=coarsen(self.state.suspects | set(unwatched), MAX_SUSPECTS),
+                               reason="alone (continued)" + note),
                         keep_log=True)
             return
         sync = self.lineage()
@@ -684,13 +755,15 @@ class Journal:
             why = {"target": "was an up-to-date secondary", "session": "stopped cleanly while replicating"}.get(
                 self.kind, "alone")
             self._reset(RState("alone", sync, generation, boot_id(), block=self.block, at=time.time(),
-                               reason=f"alone since lineage {sync.hex()[:8]} ({why})"))
+                               suspects=coarsen(set(unwatched), MAX_SUSPECTS),
+                               reason=f"alone since lineage {sync.hex()[:8]} ({why}{note})"))
         elif suspects is not None and self.sync is not None:
             sync = self.sync
+            suspects = coarsen(set(suspects) | set(unwatched), MAX_SUSPECTS)
             self._reset(RState("alone", sync, self.generation if self.generation is not None else generation,
                                boot_id(), block=self.block, at=time.time(), suspects=suspects,
                                reason=f"alone since lineage {sync.hex()[:8]} (crash while replicating: "
-                                      f"{len(suspects)} path(s) possibly in flight, compared at the resync)"))
+                                      f"{len(suspects)} path(s) possibly in flight, compared at the resync{note})"))
         else:
             why = self.reason if self.kind == "invalid" else {
                 "session": "crash while replicating: operations in flight unknown",
@@ -755,6 +828,7 @@ class Journal:
     def target_done(self, sync: bytes, generation: int | None) -> None:
         self._reset(RState("target", sync, generation, boot_id(), block=self.block, at=time.time(),
                            reason="resynchronised"))
+        self.watched_again()
 
     def target_clean(self) -> None:
         if self.kind == "target":

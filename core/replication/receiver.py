@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import messages as m
+from . import messages as m, unwatched
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
 from .journal import Journal, journal_path
@@ -92,6 +92,13 @@ class Receiver:
                 j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
                 if self.fullsync:
                     j.target_invalidate("full resync requested")
+                since = j.unwatched_since_ns() if j.could_be_trusted() else None
+                if since is not None:
+                    j.unwatched = await asyncio.to_thread(unwatched.find, self._root_fds[name], since, where=path)
+                    if j.unwatched == [b""]:
+                        j.target_invalidate("the replicated directory itself changed while no agent watched it")
+                if not j.unwatched:
+                    j.watched_again()  # nothing went around us, or the next resync compares everything
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=READ_CHUNK)
         return self._server.sockets[0].getsockname()[1]
 

@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
     from safekit_cloud.core.config import ReplicationConfig
 
 from .busypoll import DEFAULT_MAX_WINDOW
-from .mount import abort_connection, unmount
-from .protect import marker_path as protect_marker, unprotect
+from .journal import journal_path, mark_writable
+from .mount import abort_connection, mounted_fuse_at, unmount
+from .protect import is_protected, marker_path as protect_marker, unprotect
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ class ReplicationService:
     async def stop(self) -> None:
         await self._stop_agents()
         # The primary's agent leaves the directory read-only as its mount goes (protect.py), for
-        # the next role; a stopped module leaves it writable, as before it started.
+        # the next role; a stopped module leaves it writable, as before it started. What is
+        # changed there from now on goes around us: the next agent looks for it (unwatched.py).
+        self._mark_unwatched(self.config.directories)  # before: the marker's time must not be later
         self._unprotect_all()
         self.role = "stopped"
 
@@ -223,13 +226,24 @@ class ReplicationService:
     def _local_dir(self, directory: Path | str) -> Path:
         return self.receive_into.get(Path(directory), Path(directory))
 
-    def _unprotect_all(self) -> None:
+    def _unprotect_all(self, mark: bool = False) -> None:
+        """Remove our read-only binds. `mark`: the directories they covered go unwatched (unwatched.py)."""
         for directory in self.config.directories:
             for local in {Path(directory), self._local_dir(directory)}:
+                marker = protect_marker(self.state_dir, self.module, local)
                 try:
-                    unprotect(local, protect_marker(self.state_dir, self.module, local))
+                    if mark and marker.exists() and is_protected(local):
+                        self._mark_unwatched([directory])
+                    unprotect(local, marker)
                 except OSError as exc:
                     log.error("cannot remove the read-only protection of %s: %s", local, exc)
+
+    def _mark_unwatched(self, directories: list[Path] | list[str]) -> None:
+        for directory in directories:
+            try:
+                mark_writable(journal_path(self.state_dir, self.module, os.fsencode(str(directory))))
+            except OSError as exc:  # then changes made from now on may go unnoticed: say so
+                log.error("cannot record that %s is writable with no agent watching it: %s", directory, exc)
 
     def _open_local_fds(self) -> None:
         self._close_local_fds()
@@ -399,10 +413,13 @@ class ReplicationService:
         if previous == "primary":
             for directory in self.config.directories:
                 try:
-                    unmount(Path(directory))  # a killed agent leaves a dead mount behind
+                    if mounted_fuse_at(Path(directory)):  # a killed agent leaves a dead mount behind
+                        self._mark_unwatched([directory])  # writable once it is gone, with nobody watching
+                        unmount(Path(directory))
                 except OSError as exc:
                     log.error("cannot unmount %s: %s", directory, exc)
             self._close_local_fds()
         elif previous == "secondary":
-            self._unprotect_all()  # a killed receiver leaves its read-only bind behind
+            # A killed receiver leaves its read-only bind behind: writable once removed.
+            self._unprotect_all(mark=True)
         self.role = previous

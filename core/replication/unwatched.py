@@ -1,0 +1,85 @@
+"""Changes made to a replicated directory while no agent of ours watched it.
+
+While a node replicates, every change goes through its FUSE mount (primary) or its receiver behind a
+read-only bind (secondary), and is journaled or sent. But a module can be stopped (its directory is
+then writable, for the administrator), an agent can die, and after a reboot the directory is
+writable until the daemon starts: an application started by the system rather than by the module,
+a restored backup or a hand-made fix then change files that no journal knows of, and a journal
+resync would leave the two nodes different, silently.
+
+Since when the directory went unwatched is known (journal.Journal.unwatched_since_ns: the service's
+marker, made when it leaves a directory writable with no agent, or the start of this boot after a
+reboot). The changes since are found by their ctime, which every change of an entry sets (data,
+size, mode, owner, xattrs, links, a rename of it) and which no system call can set back. A
+directory's ctime also moves when an entry is created, removed or renamed in it, so a removed file
+shows as its directory. Each such path becomes a suspect of the next resync (its subtree compared, as
+after a crash); the root itself changed means "everything" (b""), a checksum resync.
+
+The walk costs one lstat per entry, only when an agent starts on a directory that went unwatched
+(not at a swap or a failover, where the directory stays covered).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# Timestamps come from the kernel's coarse clock: entries changed up to this long before the
+# moment are taken too (harmless: compared for nothing).
+MARGIN_NS = 50_000_000
+# Beyond this many suspects the caller coarsens them; the walk stops collecting and says "everything".
+LIMIT = 100_000
+
+
+def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool], bool]) -> list[bytes]:
+    """Relative paths below the directory `root_fd` whose ctime is later than `since_ns` minus the
+    margin, topmost only (a changed directory stands for its subtree); [b""] when the directory
+    itself changed or too much did. `excluded(path, is_dir)`: paths not replicated, skipped."""
+    after = since_ns - MARGIN_NS
+    base = b"/proc/self/fd/%d" % root_fd
+    if os.stat(base).st_ctime_ns > after:
+        return [b""]
+    found: list[bytes] = []
+    todo: list[bytes] = [b""]
+    while todo:
+        rel = todo.pop()
+        try:
+            entries = os.scandir(base + b"/" + rel if rel else base)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue  # gone meanwhile: its parent's ctime says so
+            raise
+        with entries:
+            for entry in entries:
+                path = rel + b"/" + entry.name if rel else entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if excluded(path, is_dir):
+                    continue
+                if st.st_ctime_ns > after:
+                    found.append(path)
+                    if len(found) > LIMIT:
+                        return [b""]
+                elif is_dir:
+                    todo.append(path)
+    return sorted(found)
+
+
+def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], bool] = lambda p, d: False,
+         where: object = "") -> list[bytes]:
+    """`changed_since` when the directory went unwatched at `since_ns` (None: it did not), logged."""
+    if since_ns is None:
+        return []
+    found = changed_since(root_fd, since_ns, excluded)
+    if found:
+        log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
+                    "the directory itself" if found == [b""] else f"{len(found)} path(s)")
+    return sorted(found)

@@ -1,0 +1,178 @@
+"""Changes made to a replicated directory while no agent watched it (a stopped module, a dead agent,
+the time between a reboot and the daemon) are found at the next start and resynchronised."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+from safekit_cloud.core.config import ReplicationConfig
+from safekit_cloud.core.replication import unwatched
+from safekit_cloud.core.replication.exclude import Excluder
+from safekit_cloud.core.replication.journal import Journal, journal_path, mark_writable, writable_marker
+from safekit_cloud.core.replication.service import ReplicationService
+
+from .harness import KEY, describe_tree, force_unmount, free_port, fuse_available, wait_for
+
+
+def _tree(root: Path) -> None:
+    for d in ("app/sub", "app/old", "other"):
+        (root / d).mkdir(parents=True)
+    for f in ("app/sub/a", "app/sub/b", "app/old/gone", "other/c", "top"):
+        (root / f).write_bytes(b"x" * 100)
+
+
+def _after_a_tick() -> int:
+    """A moment strictly after everything made so far (timestamps come from a coarse clock)."""
+    time.sleep(0.2)
+    now = time.time_ns()
+    time.sleep(0.2)
+    return now
+
+
+def test_changed_since_finds_every_kind_of_change_and_only_those(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _tree(root)
+    since = _after_a_tick()
+    with open(root / "app/sub/a", "r+b") as f:
+        f.write(b"y")  # data, same size
+    os.chmod(root / "other/c", 0o600)  # metadata only
+    (root / "app/sub/new").write_bytes(b"n")  # a new file
+    os.unlink(root / "app/old/gone")  # a removal: shows as its directory
+    os.rename(root / "app/sub/b", root / "app/sub/b2")  # a rename: its directory (and the file)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        found = set(unwatched.changed_since(fd, since, lambda p, d: False))
+        assert found == {b"app/sub", b"app/old", b"other/c"}  # app/sub stands for a, new and b2
+        assert unwatched.find(fd, None) == []  # watched all along: no walk at all
+        (root / "created-at-the-top").write_bytes(b"t")  # the directory itself changed
+        assert unwatched.changed_since(fd, since, lambda p, d: False) == [b""]
+    finally:
+        os.close(fd)
+
+
+def test_changed_since_skips_what_is_not_replicated(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _tree(root)
+    (root / "app/tmp").mkdir()
+    since = _after_a_tick()
+    (root / "app/tmp/scratch").write_bytes(b"s")
+    (root / "app/sub/x.tmp").write_bytes(b"s")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        excl = Excluder(["tmp/", "*.tmp"])
+        assert unwatched.changed_since(fd, since, excl.excluded) == [b"app/sub"]  # its entries changed
+        assert unwatched.changed_since(fd, since, lambda p, d: False) == [b"app/sub", b"app/tmp"]
+    finally:
+        os.close(fd)
+
+
+def test_the_service_marker_and_a_reboot_say_since_when(tmp_path: Path) -> None:
+    path = journal_path(tmp_path, "mod", b"/data")
+    j = Journal.load(path)
+    j.start_session(os.urandom(16), 1)
+    j.close_session()
+    j = Journal.load(path)
+    assert j.could_be_trusted() and j.unwatched_since_ns() is None  # stopped with its agent watching
+    mark_writable(path)
+    first = writable_marker(path).stat().st_mtime_ns
+    time.sleep(0.05)
+    mark_writable(path)  # the earliest moment is kept
+    assert Journal.load(path).unwatched_since_ns() == first
+    j = Journal.load(path)
+    j.become_source(2, [b"app/sub"])
+    j.watched_again()
+    assert not writable_marker(path).exists()
+    j = Journal.load(path)
+    assert j.kind == "alone" and j.state.suspects == {b"app/sub"} and j.trusted
+    j.boot = "another boot"  # as if the journal had been written before a reboot
+    assert j.unwatched_since_ns() is not None and j.unwatched_since_ns() <= time.time_ns()
+
+
+def test_a_target_reports_what_changed_around_it_with_its_lineage(tmp_path: Path) -> None:
+    j = Journal.load(journal_path(tmp_path, "mod", b"/data"))
+    sync = os.urandom(16)
+    j.target_done(sync, 1)
+    j.target_clean()
+    j.unwatched = [b"app/sub", b"other/c"]
+    assert j.lineage_with_suspects() == (sync, [b"app/sub", b"other/c"])
+    j.unwatched = [b""]
+    assert j.lineage_with_suspects() == (None, [])  # everything: nothing to claim
+
+
+def test_a_source_whose_directory_itself_changed_resyncs_everything(tmp_path: Path) -> None:
+    j = Journal.load(journal_path(tmp_path, "mod", b"/data"))
+    j.start_session(os.urandom(16), 1)
+    j.close_session()
+    j.become_source(2, [b""])
+    assert j.kind == "invalid" and "itself changed" in j.reason
+
+
+fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+
+
+@pytest.mark.fuse
+@fuse
+@pytest.mark.parametrize("at_the_top", [False, True])
+def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: Path, at_the_top: bool) -> None:
+    """Both nodes replicate, then the module stops on both. While stopped, someone changes the
+    primary's directory (an edit, a new file, a removal) and the secondary's (a stray file, an edit).
+    When the module starts again, the resync finds them: journal mode, comparing only those paths,
+    or, when the top directory itself changed, a checksum resync. Before, the journal resync sent
+    nothing and the replicas stayed different, silently."""
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+
+    def services() -> tuple[ReplicationService, ReplicationService]:
+        return (ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2", listen_address="127.0.0.1",
+                                   receive_into={data: replica}),
+                ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", timeout=2.0))
+
+    def change_while_stopped() -> None:
+        """The module is stopped on both nodes: the directories are plain, writable, watched by nobody."""
+        time.sleep(0.2)
+        with open(data / "app/sub/a", "r+b") as f:
+            f.write(b"edited while stopped")
+        (data / "app/sub/new").write_bytes(b"made while stopped")
+        os.unlink(data / "app/old/gone")
+        (replica / "other/stray").write_bytes(b"on the secondary only")
+        with open(replica / "app/sub/b", "r+b") as f:
+            f.write(b"secondary edit")
+        if at_the_top:
+            (data / "top").unlink()
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        secondary, primary = services()
+        try:
+            await secondary.become_secondary()
+            await primary.become_primary()
+            assert await wait_for(lambda: primary.status()["synced"], 20)
+            await asyncio.to_thread(_tree, data)  # through the mount
+            await asyncio.sleep(0.5)
+        finally:
+            await primary.stop()
+            await secondary.stop()
+            force_unmount(data)
+        assert describe_tree(data) == describe_tree(replica)
+        await asyncio.to_thread(change_while_stopped)
+        secondary, primary = services()
+        try:
+            await secondary.become_secondary()
+            await primary.become_primary()
+            assert await wait_for(lambda: primary.status()["synced"], 20)
+            return primary.status()["last_resync"], describe_tree(data), describe_tree(replica)
+        finally:
+            await primary.stop()
+            await secondary.stop()
+            force_unmount(data)
+
+    last, ours, theirs = asyncio.run(scenario())
+    assert ours == theirs
+    assert (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
+    assert not (replica / "other/stray").exists() and not (replica / "app/old/gone").exists()
+    assert last["modes"] == (["checksum"] if at_the_top else ["journal"]), last
