@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from safekit_cloud.core.config import ReplicationConfig
 from safekit_cloud.core.lab import lab_supported
 from safekit_cloud.core.labcluster import LabCluster
 
@@ -175,6 +176,44 @@ def test_swap_under_an_fsync_load_keeps_every_fsynced_write(cluster: LabCluster)
                               stderr=subprocess.PIPE, text=True)
     _, err = probe.communicate(timeout=30)
     assert probe.returncode != 0 and "Read-only file system" in err, err
+
+
+def test_a_broken_replication_link_with_heartbeats_alive_leaves_the_secondary_stale(cluster: LabCluster) -> None:
+    """Only the replication stream is cut (a firewall drops its port on n2; heartbeats still flow):
+    the primary's write completes after the replication timeout and it goes on alone; the secondary
+    is no longer up to date, so when the primary then dies it does not take over; once the link and
+    the primary are back, the resync brings it up to date."""
+    assert cluster.lab is not None
+    port = ReplicationConfig.model_fields["port"].default
+    cluster.lab.run("n2", ["nft", "add", "table", "inet", "skt_test"])
+    cluster.lab.run("n2", ["nft", "add", "chain", "inet", "skt_test", "input",
+                           "{ type filter hook input priority 0 ; }"])
+    cluster.lab.run("n2", ["nft", "add", "rule", "inet", "skt_test", "input", "tcp", "dport", str(port), "drop"])
+    started = time.monotonic()
+    app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'during-the-cut')!r}, 'w') as f:
+    f.write('written while the stream was cut'); f.flush(); os.fsync(f.fileno())
+""")
+    assert time.monotonic() - started < 20, "the write waited far past the replication timeout"
+    cluster.wait_states({"n1": "ALONE", "n2": "SECOND(stale)"}, timeout=30)
+    module = cluster.status("n2")["modules"][0]
+    assert module["data"] != "uptodate" and not module["serving"], module
+    cluster.power_off("n1")
+    time.sleep(3)  # six heartbeat timeouts
+    module = cluster.status("n2")["modules"][0]
+    assert (module["state"], module["serving"]) == ("WAIT", False), module
+    assert "not up to date" in module["decisions"][0]["reason"], module["decisions"][0]
+    cluster.lab.run("n2", ["nft", "delete", "table", "inet", "skt_test"])
+    cluster.power_on("n1")
+    cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=120)
+    deadline = time.monotonic() + 60
+    while cluster.status("n2")["modules"][0]["data"] != "uptodate":
+        assert time.monotonic() < deadline, cluster.status("n2")["modules"][0]
+        time.sleep(0.2)
+    assert (cluster.disk("n2") / "during-the-cut").read_text() == "written while the stream was cut"
+    result = verify(cluster, "n1")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def changed_bytes(status: dict[str, Any]) -> int:
