@@ -31,7 +31,7 @@ from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 15.0
+STOP_TIMEOUT = 20.0  # an agent drains (2 s), closes its session (5 s), waits for the last acks (10 s)
 READY_TIMEOUT = 30.0
 
 
