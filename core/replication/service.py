@@ -117,11 +117,13 @@ class ReplicationService:
         self._start_watchdog()
 
     async def stop(self) -> None:
+        # A stopped module leaves its directories writable, as before it started (the primary's
+        # agent leaves them read-only as its mount goes, for a next role; the receiver makes them
+        # writable as it stops). What is changed there from now on goes around us: the next agent
+        # looks for it (unwatched.py). Marked first: the marker must not be later than the moment
+        # the directory became writable (a change the agents made just before counts twice, harmless).
+        self._mark_unwatched(self.config.directories)
         await self._stop_agents()
-        # The primary's agent leaves the directory read-only as its mount goes (protect.py), for
-        # the next role; a stopped module leaves it writable, as before it started. What is
-        # changed there from now on goes around us: the next agent looks for it (unwatched.py).
-        self._mark_unwatched(self.config.directories)  # before: the marker's time must not be later
         self._unprotect_all()
         self.role = "stopped"
 
