@@ -26,6 +26,7 @@ import asyncio
 import ctypes
 import errno
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -107,7 +108,9 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     if since is not None:  # before the mount: the walk reads the real directory
         fd = open_replicated_dir(directory)
         try:
-            unwatched_paths = await asyncio.to_thread(unwatched.find, fd, since, excluder.excluded, directory)
+            walking = functools.partial(emit, "walking", directory=str(directory))  # alive, for the service
+            unwatched_paths = await asyncio.to_thread(unwatched.find, fd, since, excluder.excluded, directory,
+                                                      lambda n: walking(entries=n))
         finally:
             os.close(fd)
     journal.become_source(args.generation, unwatched_paths)

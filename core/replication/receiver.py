@@ -94,7 +94,11 @@ class Receiver:
                     j.target_invalidate("full resync requested")
                 since = j.unwatched_since_ns() if j.could_be_trusted() else None
                 if since is not None:
-                    j.unwatched = await asyncio.to_thread(unwatched.find, self._root_fds[name], since, where=path)
+                    def walking(n: int, where: str = str(path)) -> None:  # alive, for the service
+                        self._emit("walking", directory=where, entries=n)
+
+                    j.unwatched = await asyncio.to_thread(unwatched.find, self._root_fds[name], since,
+                                                          where=path, progress=walking)
                     if j.unwatched == [b""]:
                         j.target_invalidate("the replicated directory itself changed while no agent watched it")
                 if not j.unwatched:

@@ -32,7 +32,7 @@ from .verify import VerifyError, verify_module
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 20.0  # an agent drains (2 s), closes its session (5 s), waits for the last acks (10 s)
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 30.0  # of silence: an agent walking a large tree first reports its progress
 
 
 @dataclass
@@ -286,11 +286,12 @@ class ReplicationService:
         agent = _Agent(name, proc, mount_point=mount_point)
         agent.reader = asyncio.create_task(self._read_events(agent), name=f"repl-agent-{name}")
         self._agents.append(agent)
-        try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                await agent.ready.wait()
-        except TimeoutError:
-            agent.failed = agent.failed or "not ready in time"
+        while not agent.ready.is_set() and not agent.failed:
+            try:
+                await asyncio.wait_for(agent.ready.wait(), 1.0)
+            except TimeoutError:
+                if time.monotonic() - agent.heard > READY_TIMEOUT:
+                    agent.failed = f"not ready, and silent for {READY_TIMEOUT:g} s"
         if agent.failed:
             raise RuntimeError(f"replication agent {name} failed: {agent.failed}")
 

@@ -34,18 +34,22 @@ log = logging.getLogger(__name__)
 MARGIN_NS = 50_000_000
 # Beyond this many suspects the caller coarsens them; the walk stops collecting and says "everything".
 LIMIT = 100_000
+PROGRESS_EVERY = 100_000  # entries: about 0.3 s of walking here
 
 
-def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool], bool]) -> list[bytes]:
+def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool], bool],
+                  progress: Callable[[int], None] | None = None) -> list[bytes]:
     """Relative paths below the directory `root_fd` whose ctime is later than `since_ns` minus the
     margin, topmost only (a changed directory stands for its subtree); [b""] when the directory
-    itself changed or too much did. `excluded(path, is_dir)`: paths not replicated, skipped."""
+    itself changed or too much did. `excluded(path, is_dir)`: paths not replicated, skipped.
+    `progress(entries)`: called every PROGRESS_EVERY entries looked at."""
     after = since_ns - MARGIN_NS
     base = b"/proc/self/fd/%d" % root_fd
     if os.stat(base).st_ctime_ns > after:
         return [b""]
     found: list[bytes] = []
     todo: list[bytes] = [b""]
+    seen = 0
     while todo:
         rel = todo.pop()
         try:
@@ -56,6 +60,9 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
             raise
         with entries:
             for entry in entries:
+                seen += 1
+                if progress is not None and seen % PROGRESS_EVERY == 0:
+                    progress(seen)
                 path = rel + b"/" + entry.name if rel else entry.name
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -74,11 +81,11 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
 
 
 def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], bool] = lambda p, d: False,
-         where: object = "") -> list[bytes]:
+         where: object = "", progress: Callable[[int], None] | None = None) -> list[bytes]:
     """`changed_since` when the directory went unwatched at `since_ns` (None: it did not), logged."""
     if since_ns is None:
         return []
-    found = changed_since(root_fd, since_ns, excluded)
+    found = changed_since(root_fd, since_ns, excluded, progress)
     if found:
         log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
                     "the directory itself" if found == [b""] else f"{len(found)} path(s)")

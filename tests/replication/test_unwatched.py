@@ -70,6 +70,21 @@ def test_changed_since_skips_what_is_not_replicated(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_the_walk_reports_its_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tree takes a while: the agent tells the service it is alive (its start waits for
+    silence, not for a fixed time)."""
+    root = tmp_path / "d"
+    _tree(root)  # 4 directories and 5 files below the top
+    monkeypatch.setattr(unwatched, "PROGRESS_EVERY", 2)
+    seen: list[int] = []
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert unwatched.changed_since(fd, time.time_ns() + 10**9, lambda p, d: False, seen.append) == []
+    finally:
+        os.close(fd)
+    assert seen == [2, 4, 6, 8]  # 9 entries looked at
+
+
 def test_the_service_marker_and_a_reboot_say_since_when(tmp_path: Path) -> None:
     path = journal_path(tmp_path, "mod", b"/data")
     j = Journal.load(path)
