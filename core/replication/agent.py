@@ -42,7 +42,7 @@ from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount, fuse_mount_listed
 from .paths import open_replicated_dir
-from .protect import is_protected, marker_path as protect_marker, protect, unprotect
+from .protect import is_protected, marker_path as protect_marker, protect
 from .receiver import Receiver, raise_fd_limit
 from .resync import MirrorReplicator
 from .sender import Sender
@@ -256,12 +256,11 @@ async def run_secondary(args: argparse.Namespace, key: bytes, stop: asyncio.Even
             except TimeoutError:
                 pass
     finally:
+        # The read-only binds stay: the service removes them (a stopped module's directories are
+        # writable, and from then on unwatched), the next primary's agent before its mount, and
+        # the next receiver keeps them. Removed here, a receiver stopping with its daemon (killed)
+        # left the directories writable, and watched by nobody, until the daemon came back.
         await receiver.stop()
-        for d in locals_:
-            try:
-                unprotect(d, markers[d])
-            except OSError as exc:
-                log.error("cannot remove the read-only protection of %s: %s", d, exc)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
 from .busypoll import DEFAULT_MAX_WINDOW
 from .journal import journal_path, mark_writable
 from .mount import abort_connection, mounted_fuse_at, unmount
-from .protect import is_protected, marker_path as protect_marker, unprotect
+from .protect import marker_path as protect_marker, protect_beneath, unprotect
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -228,17 +228,26 @@ class ReplicationService:
     def _local_dir(self, directory: Path | str) -> Path:
         return self.receive_into.get(Path(directory), Path(directory))
 
-    def _unprotect_all(self, mark: bool = False) -> None:
-        """Remove our read-only binds. `mark`: the directories they covered go unwatched (unwatched.py)."""
+    def _unprotect_all(self) -> None:
+        """Remove our read-only binds."""
         for directory in self.config.directories:
             for local in {Path(directory), self._local_dir(directory)}:
-                marker = protect_marker(self.state_dir, self.module, local)
                 try:
-                    if mark and marker.exists() and is_protected(local):
-                        self._mark_unwatched([directory])
-                    unprotect(local, marker)
+                    unprotect(local, protect_marker(self.state_dir, self.module, local))
                 except OSError as exc:
                     log.error("cannot remove the read-only protection of %s: %s", local, exc)
+
+    def _cover(self, directory: Path) -> None:
+        """A killed agent's dead mount is about to go: our read-only bind beneath it first, as the
+        agent itself does at a stop (protect.py), else the directory is marked unwatched."""
+        fd = self._local_fds.get(directory)
+        if fd is not None:
+            try:
+                protect_beneath(fd, directory, protect_marker(self.state_dir, self.module, directory))
+                return
+            except OSError as exc:
+                log.warning("cannot put a read-only bind beneath the dead mount over %s: %s", directory, exc)
+        self._mark_unwatched([directory])
 
     def _mark_unwatched(self, directories: list[Path] | list[str]) -> None:
         for directory in directories:
@@ -417,12 +426,11 @@ class ReplicationService:
             for directory in self.config.directories:
                 try:
                     if mounted_fuse_at(Path(directory)):  # a killed agent leaves a dead mount behind
-                        self._mark_unwatched([directory])  # writable once it is gone, with nobody watching
+                        self._cover(Path(directory))
                         unmount(Path(directory))
                 except OSError as exc:
                     log.error("cannot unmount %s: %s", directory, exc)
             self._close_local_fds()
-        elif previous == "secondary":
-            # A killed receiver leaves its read-only bind behind: writable once removed.
-            self._unprotect_all(mark=True)
+        # A receiver leaves its read-only binds (so does a killed one): the next receiver keeps
+        # them, become_primary and stop remove them.
         self.role = previous
