@@ -155,6 +155,13 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
             await asyncio.to_thread((data / "f").write_bytes, b"replicated")
             await asyncio.to_thread(os.mkdir, data / "d")
             out["landed"] = (replica / "f").read_bytes() if (replica / "f").exists() else None
+            # A primary agent killed with SIGKILL leaves a dead mount: the service removes it with
+            # a read-only bind beneath first, so the directory is never writable for applications.
+            primary._agents[0].proc.send_signal(signal.SIGKILL)
+            await primary._agents[0].proc.wait()
+            await primary._stop_agents()
+            out["dead_mount_covered"] = p.is_protected(data) and await asyncio.to_thread(
+                _erofs, (data / "app").write_bytes, b"x")
             await primary.stop()
             # A stopped module's directory is writable (the agent left it read-only as its mount
             # went, for a next role; the stop of the module removes that).
@@ -169,6 +176,12 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
             secondary._agents[0].proc.send_signal(signal.SIGKILL)
             await secondary._agents[0].proc.wait()
             out["left_behind"] = p.is_protected(replica)
+            # One stopping on its own (SIGTERM, as when its daemon dies) leaves it too: the
+            # directory is not left writable with nobody watching it.
+            await secondary.become_secondary()
+            secondary._agents[0].proc.send_signal(signal.SIGTERM)
+            await secondary._agents[0].proc.wait()
+            out["left_at_a_clean_stop"] = p.is_protected(replica)
             await secondary.stop()
             out["after_kill"] = not p.is_protected(replica) and not await asyncio.to_thread(
                 _erofs, (replica / "app2").write_bytes, b"x")
@@ -186,5 +199,6 @@ def test_secondary_read_only_for_applications(tmp_path: Path) -> None:
     assert out["app_write"] and out["app_seed"]
     assert out["landed"] == b"replicated" and (replica / "d").is_dir()
     assert out["after_stop"] and out["primary_dir_after_stop"]
-    assert out["protected_again"] and out["left_behind"]
+    assert out["protected_again"] and out["left_behind"] and out["left_at_a_clean_stop"]
+    assert out["dead_mount_covered"]
     assert out["after_kill"]
