@@ -108,15 +108,17 @@ def writable_marker(journal_file: Path) -> Path:
     return journal_file.with_suffix(".writable")
 
 
-def mark_writable(journal_file: Path) -> None:
-    """The directory is writable from now on and no agent watches it (a stopped module, a dead
-    agent's mount or read-only bind removed). Kept if already there: the earliest moment counts."""
+def mark_writable(journal_file: Path, since_ns: int | None = None) -> None:
+    """The directory is writable from now on (or since `since_ns`) and no agent watches it (a
+    stopped module, a read-only bind removed behind our back). The earliest moment counts."""
     marker = writable_marker(journal_file)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except FileExistsError:
         pass
+    if since_ns is not None and since_ns < marker.stat().st_mtime_ns:
+        os.utime(marker, ns=(since_ns, since_ns))
 
 
 def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
 from .busypoll import DEFAULT_MAX_WINDOW
 from .journal import journal_path, mark_writable
 from .mount import abort_connection, mounted_fuse_at, unmount
-from .protect import marker_path as protect_marker, protect_beneath, unprotect
+from .protect import is_protected, marker_path as protect_marker, protect_beneath, unprotect
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class ReplicationService:
         held; recorded with a new journal and compared (as a diagnostic) with the secondary's."""
         await self._stop_agents()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._check_protection()
         self._unprotect_all()  # a crashed secondary's read-only bind must not be under our mount
         self._open_local_fds()
         for directory in self.config.directories:
@@ -109,6 +110,7 @@ class ReplicationService:
         `fullsync`: forget what this node's trees are known to hold, so the next resync compares
         every block (`second --fullsync`)."""
         await self._stop_agents()
+        self._check_protection()
         argv = ["--role", "secondary", "--listen", f"{self._bracket(self.listen_address)}:{self.config.port}"]
         argv += [f"--directory-list={d}={self.receive_into.get(Path(d), d)}" for d in self.config.directories]
         argv += self._resync_argv(generation) + (["--fullsync"] if fullsync else [])
@@ -237,6 +239,22 @@ class ReplicationService:
                 except OSError as exc:
                     log.error("cannot remove the read-only protection of %s: %s", local, exc)
 
+    def _check_protection(self) -> None:
+        """A read-only bind of ours that is gone (removed by hand while the daemon was down, say):
+        whatever changed since it was made went around us."""
+        for directory in self.config.directories:
+            for local in {Path(directory), self._local_dir(directory)}:
+                marker = protect_marker(self.state_dir, self.module, local)
+                try:
+                    if marker.exists() and not is_protected(local):
+                        since = marker.stat().st_mtime_ns
+                        log.warning("the read-only bind over %s was removed behind our back: what changed there "
+                                    "since is compared at the next resync", local)
+                        self._mark_unwatched([directory], since)
+                        marker.unlink()
+                except OSError as exc:
+                    log.error("cannot check the read-only protection of %s: %s", local, exc)
+
     def _cover(self, directory: Path) -> None:
         """A killed agent's dead mount is about to go: our read-only bind beneath it first, as the
         agent itself does at a stop (protect.py), else the directory is marked unwatched."""
@@ -249,10 +267,10 @@ class ReplicationService:
                 log.warning("cannot put a read-only bind beneath the dead mount over %s: %s", directory, exc)
         self._mark_unwatched([directory])
 
-    def _mark_unwatched(self, directories: list[Path] | list[str]) -> None:
+    def _mark_unwatched(self, directories: list[Path] | list[str], since_ns: int | None = None) -> None:
         for directory in directories:
             try:
-                mark_writable(journal_path(self.state_dir, self.module, os.fsencode(str(directory))))
+                mark_writable(journal_path(self.state_dir, self.module, os.fsencode(str(directory))), since_ns)
             except OSError as exc:  # then changes made from now on may go unnoticed: say so
                 log.error("cannot record that %s is writable with no agent watching it: %s", directory, exc)
 

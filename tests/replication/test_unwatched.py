@@ -191,3 +191,52 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
     assert (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
     assert not (replica / "other/stray").exists() and not (replica / "app/old/gone").exists()
     assert last["modes"] == (["checksum"] if at_the_top else ["journal"]), last
+
+
+@pytest.mark.fuse
+@fuse
+def test_a_read_only_bind_removed_by_hand_while_the_daemon_was_down_is_noticed(tmp_path: Path) -> None:
+    """The secondary's daemon dies (its receiver's read-only bind stays), an administrator removes
+    the bind and changes the replica by hand. When the daemon is back, the service sees that the
+    bind it made is gone: what changed since it was made is compared, and the replica ends identical."""
+    import signal
+    import subprocess
+
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+
+    def by_hand() -> None:
+        subprocess.run(["umount", "-l", str(replica)], check=True)
+        (replica / "app/stray").write_bytes(b"by hand")
+        with open(replica / "app/sub/b", "r+b") as f:
+            f.write(b"by hand")
+
+    async def scenario() -> tuple[dict, dict]:
+        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state2", listen_address="127.0.0.1",
+                                       receive_into={data: replica})
+        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "state1", timeout=2.0)
+        try:
+            await secondary.become_secondary()
+            await primary.become_primary()
+            assert await wait_for(lambda: primary.status()["synced"], 20)
+            await asyncio.to_thread(_tree, data)
+            await asyncio.sleep(0.5)
+            receiver = secondary._agents[0].proc
+            receiver.send_signal(signal.SIGKILL)  # as its daemon's death would, or worse
+            await receiver.wait()
+            await asyncio.to_thread(by_hand)
+            await secondary.become_secondary()  # the daemon back
+            assert await wait_for(lambda: primary.status()["synced"], 20)
+            return describe_tree(data), describe_tree(replica)
+        finally:
+            await primary.stop()
+            await secondary.stop()
+            force_unmount(data)
+
+    try:
+        ours, theirs = asyncio.run(scenario())
+    finally:
+        subprocess.run(["umount", "-l", str(replica)], capture_output=True, check=False)
+    assert ours == theirs and not (replica / "app/stray").exists()
