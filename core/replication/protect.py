@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from . import mountinfo
+from .journal import boot_id
 from .paths import open_replicated_dir
 from .syscalls import (
     MNT_DETACH,
@@ -82,6 +83,17 @@ def is_protected(directory: Path) -> bool:
     return top is not None and top[0] and top[1]
 
 
+def _write_marker(marker: Path, directory: Path) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{directory}\n{boot_id()}\n")  # the boot: a reboot takes every mount away
+
+
+def made_in_another_boot(marker: Path) -> bool:
+    """Our bind recorded by `marker` was made before the last reboot (gone with it, not removed)."""
+    lines = marker.read_text().splitlines()
+    return len(lines) > 1 and lines[1] != boot_id()
+
+
 def protect(directory: Path, marker: Path) -> None:
     """Bind-mount `directory` onto itself read-only. Descriptors opened before stay writable."""
     unprotect(directory, marker)  # never stack a second one over a leftover
@@ -91,8 +103,7 @@ def protect(directory: Path, marker: Path) -> None:
     for st_flag, ms_flag in _CARRIED.items():
         if flags & st_flag:
             carried |= ms_flag
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{directory}\n")  # before the mount: a crash in between leaves no unknown mount
+    _write_marker(marker, directory)  # before the mount: a crash in between leaves no unknown mount
     _mount(target, target, MS_BIND)
     try:
         _mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | carried)
@@ -113,8 +124,7 @@ def protect_beneath(root_fd: int, directory: Path, marker: Path) -> None:
     tree = open_tree(b"", root_fd)
     try:
         mount_setattr(tree, set_flags=MOUNT_ATTR_RDONLY)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{directory}\n")
+        _write_marker(marker, directory)
         try:
             move_mount_beneath(tree, os.fsencode(directory))
         except OSError:

@@ -26,7 +26,13 @@ if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the
 from .busypoll import DEFAULT_MAX_WINDOW
 from .journal import journal_path, mark_writable
 from .mount import abort_connection, mounted_fuse_at, unmount
-from .protect import is_protected, marker_path as protect_marker, protect_beneath, unprotect
+from .protect import (
+    is_protected,
+    made_in_another_boot,
+    marker_path as protect_marker,
+    protect_beneath,
+    unprotect,
+)
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -246,7 +252,9 @@ class ReplicationService:
             for local in {Path(directory), self._local_dir(directory)}:
                 marker = protect_marker(self.state_dir, self.module, local)
                 try:
-                    if marker.exists() and not is_protected(local):
+                    if marker.exists() and not is_protected(local) and made_in_another_boot(marker):
+                        marker.unlink()  # gone with the reboot: the journal knows since when (its boot)
+                    elif marker.exists() and not is_protected(local):
                         since = marker.stat().st_mtime_ns
                         log.warning("the read-only bind over %s was removed behind our back: what changed there "
                                     "since is compared at the next resync", local)

@@ -125,6 +125,21 @@ def test_read_only_bind_goes_beneath_the_mount_before_it_is_removed(tmp_path: Pa
         _detach_all(d)
 
 
+def test_a_marker_says_in_which_boot_its_bind_was_made(tmp_path: Path) -> None:
+    """A bind of ours found gone: removed by hand in this boot (what changed since is compared), or
+    gone with a reboot (the journal's boot logic covers it)."""
+    d, marker = tmp_path / "d", tmp_path / "state" / "m.readonly"
+    d.mkdir()
+    try:
+        p.protect(d, marker)
+        assert not p.made_in_another_boot(marker)
+        directory, _this_boot = marker.read_text().splitlines()
+        marker.write_text(f"{directory}\nan-earlier-boot\n")
+        assert p.made_in_another_boot(marker)
+    finally:
+        _detach_all(d)
+
+
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
