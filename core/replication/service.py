@@ -125,11 +125,12 @@ class ReplicationService:
         self._start_watchdog()
 
     async def stop(self) -> None:
-        # A stopped module leaves its directories writable, as before it started (the primary's
-        # agent leaves them read-only as its mount goes, for a next role; the receiver makes them
-        # writable as it stops). What is changed there from now on goes around us: the next agent
-        # looks for it (unwatched.py). Marked first: the marker must not be later than the moment
-        # the directory became writable (a change the agents made just before counts twice, harmless).
+        # A stopped module leaves its directories writable, as before it started (the agents leave
+        # them read-only, for a next role). What is changed there from now on goes around us: the
+        # next agent looks for it (unwatched.py). Marked first: the marker must not be later than
+        # the moment the directory became writable (a change the agents made just before counts
+        # twice, harmless); a bind already gone counts from when it was made.
+        self._check_protection()
         self._mark_unwatched(self.config.directories)
         await self._stop_agents()
         self._unprotect_all()
