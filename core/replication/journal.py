@@ -441,6 +441,9 @@ class RState(_Rec, tag="state"):
     marks: list[RMarks] = []
     suspects: list[bytes] = []
     reason: str = ""
+    # The exclusion patterns under which lineage `sync` was established (None: unknown, written
+    # before they were recorded): other patterns make the trees differ where they differ.
+    exclude: list[str] | None = None
 
 
 class RSuspect(_Rec, tag="suspect"):
@@ -568,6 +571,7 @@ class Journal:
         self.torn = 0
         self.active: dict[int, set[bytes]] = {}  # activity log: epoch -> paths (epochs not closed)
         self.closed = -1  # last closed epoch of this session (-1: none yet, nothing claimed)
+        self.exclude: list[str] | None = None  # the lineage's exclusion patterns (RState.exclude)
         # A target's paths changed while no agent watched (unwatched.py): reported with its lineage.
         self.unwatched: list[bytes] = []
 
@@ -619,6 +623,7 @@ class Journal:
         if isinstance(rec, RState):
             self.kind, self.sync, self.generation = rec.kind, rec.sync, rec.generation
             self.boot, self.clean, self.block, self.reason = rec.boot, rec.clean, rec.block, rec.reason
+            self.exclude = rec.exclude
             self.state = st = State()
             self.active, self.closed = {}, -1
             for r in rec.marks:
@@ -748,7 +753,7 @@ class Journal:
             self._reset(RState("alone", self.sync, gen, boot_id(), block=self.block, at=time.time(),
                                marks=[marks_record(mk) for mk in self.state.marks.values()],
                                suspects=coarsen(self.state.suspects | set(unwatched), MAX_SUSPECTS),
-                               reason="alone (continued)" + note),
+                               exclude=self.exclude, reason="alone (continued)" + note),
                         keep_log=True)
             return
         sync = self.lineage()
@@ -758,13 +763,13 @@ class Journal:
                 self.kind, "alone")
             self._reset(RState("alone", sync, generation, boot_id(), block=self.block, at=time.time(),
                                suspects=coarsen(set(unwatched), MAX_SUSPECTS),
-                               reason=f"alone since lineage {sync.hex()[:8]} ({why}{note})"))
+                               exclude=self.exclude, reason=f"alone since lineage {sync.hex()[:8]} ({why}{note})"))
         elif suspects is not None and self.sync is not None:
             sync = self.sync
             suspects = coarsen(set(suspects) | set(unwatched), MAX_SUSPECTS)
             self._reset(RState("alone", sync, self.generation if self.generation is not None else generation,
                                boot_id(), block=self.block, at=time.time(), suspects=suspects,
-                               reason=f"alone since lineage {sync.hex()[:8]} (crash while replicating: "
+                               exclude=self.exclude, reason=f"alone since lineage {sync.hex()[:8]} (crash while replicating: "
                                       f"{len(suspects)} path(s) possibly in flight, compared at the resync{note})"))
         else:
             why = self.reason if self.kind == "invalid" else {
@@ -783,14 +788,14 @@ class Journal:
         self.kind, self.clean, self.reason = "alone", False, "replication link lost"
         self.state = State()
         rec = RState("alone", self.sync, self.generation, boot_id(), block=self.block, at=time.time(),
-                     marks=recs, suspects=sorted(set(suspects)), reason=self.reason)
+                     marks=recs, suspects=sorted(set(suspects)), exclude=self.exclude, reason=self.reason)
         self._apply(rec)
         self.authoritative = True
         self.append(rec)
 
-    def start_session(self, sync: bytes, generation: int | None) -> None:
+    def start_session(self, sync: bytes, generation: int | None, exclude: list[str] | None = None) -> None:
         self._reset(RState("session", sync, generation, boot_id(), block=self.block, at=time.time(),
-                           reason="replicating"))
+                           exclude=exclude, reason="replicating"))
 
     def note_active(self, epoch: int, paths: list[bytes]) -> None:
         """Activity log: `paths` are about to change in `epoch` (durable once `commit()` returns)."""
@@ -811,7 +816,7 @@ class Journal:
             self._appended += 1
             return
         rec = RState("session", self.sync, self.generation, self.boot, block=self.block, at=time.time(),
-                     reason=self.reason)
+                     exclude=self.exclude, reason=self.reason)
         body = [encode_record(rec), encode_record(RClosed(epoch))]
         body += [encode_record(RActive(e, sorted(ps))) for e, ps in sorted(self.active.items())]
         self._buf.clear()  # reflected in self.active, hence in the rewrite
@@ -821,21 +826,21 @@ class Journal:
     def close_session(self) -> None:
         if self.kind == "session":
             self._reset(RState("session", self.sync, self.generation, boot_id(), clean=True, block=self.block,
-                               at=time.time(), reason="stopped cleanly"))
+                               at=time.time(), exclude=self.exclude, reason="stopped cleanly"))
 
     def target_invalidate(self, why: str) -> None:
         if self.kind != "invalid":
             self.invalidate(why)
 
-    def target_done(self, sync: bytes, generation: int | None) -> None:
+    def target_done(self, sync: bytes, generation: int | None, exclude: list[str] | None = None) -> None:
         self._reset(RState("target", sync, generation, boot_id(), block=self.block, at=time.time(),
-                           reason="resynchronised"))
+                           exclude=exclude, reason="resynchronised"))
         self.watched_again()
 
     def target_clean(self) -> None:
         if self.kind == "target":
             self._reset(RState("target", self.sync, self.generation, boot_id(), clean=True, block=self.block,
-                               at=time.time(), reason="secondary stopped cleanly"))
+                               at=time.time(), exclude=self.exclude, reason="secondary stopped cleanly"))
 
     def invalidate(self, why: str, keep_state: bool = False) -> None:
         """Nothing is known any more (durably). `keep_state`: the in-memory state stays (a resync
@@ -990,7 +995,7 @@ class Journal:
             return
         st = self.state
         rec = RState("alone", self.sync, self.generation, self.boot, block=self.block, at=time.time(),
-                     suspects=sorted(st.suspects), reason=self.reason)
+                     suspects=sorted(st.suspects), exclude=self.exclude, reason=self.reason)
         body = [encode_record(rec)]
         body += [encode_record(marks_record(mk)) for mk in st.marks.values()]
         body += [encode_record(ROps(0, st.log[i:i + 1000], False)) for i in range(0, len(st.log), 1000)]

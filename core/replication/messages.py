@@ -18,8 +18,9 @@ from msgspec import Meta, Struct
 
 from ..decoding import DECODE_ERRORS
 
-# 3: frames sealed after the handshake (framing.py); 4: RsState.suspects; 5: RsReserve
-PROTOCOL_VERSION = 5
+# 3: frames sealed after the handshake (framing.py); 4: RsState.suspects; 5: RsReserve;
+# 6: RsDone.exclude (the exclusion patterns a lineage holds under)
+PROTOCOL_VERSION = 6
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
@@ -351,6 +352,8 @@ class RsDone(_Msg, tag="rsdone"):
     seq: U63
     sync: SyncId
     generation: U63 | None = None
+    # The exclusion patterns the two trees now equal each other under (recorded with the lineage).
+    exclude: Annotated[list[Text], Meta(max_length=256)] | None = None
 
 
 class RsBye(_Msg, tag="rsbye"):

@@ -548,7 +548,8 @@ class ResyncApplier(Applier):
         finally:
             os.close(fd)
         if self.journal is not None:
-            self.journal.target_done(op.sync, op.generation if op.generation is not None else self.generation)
+            self.journal.target_done(op.sync, op.generation if op.generation is not None else self.generation,
+                                     op.exclude)
         self.in_sync = True
         self._emit("resync_done", lineage=op.sync.hex())
 
@@ -1131,13 +1132,19 @@ class MirrorReplicator:
         assert isinstance(reply, m.RsState)
         j = self.journal
         same = j.trusted and reply.sync is not None and reply.sync == j.sync
-        theirs = _valid_suspects(reply.suspects) if same else []
-        if theirs is None:
+        # The trees equal each other under the exclusion patterns of their lineage: under others
+        # they may differ wherever the two sets disagree (a directory no longer excluded was never
+        # sent). Patterns not recorded (an older journal) are taken as unchanged.
+        patterns_changed = j.exclude is not None and sorted(j.exclude) != sorted(self.exclude.patterns)
+        theirs = _valid_suspects(reply.suspects) if same and not patterns_changed else []
+        if theirs is None or patterns_changed:
             same, theirs = False, []
         mode = "journal" if same else "checksum"
         why = ((f"journal trusted, secondary at its base lineage except {len(theirs)} path(s) it had in flight "
                 "when it crashed as primary" if theirs else "journal trusted, secondary at its base lineage")
                if same else
+               f"exclusion patterns changed since lineage {j.sync.hex()[:8] if j.sync else '?'} "
+               f"({j.exclude} -> {sorted(self.exclude.patterns)})" if patterns_changed else
                f"journal: {j.reason if not j.trusted else 'trusted'}; secondary: "
                f"{'lineage ' + reply.sync.hex()[:8] if reply.sync else reply.detail or 'no lineage'}")
         if reply.generation is not None and j.generation is not None and reply.generation != j.generation:
@@ -1188,9 +1195,10 @@ class MirrorReplicator:
         self._gate.set()
         await self._drain()
         prog.phase = self.phase = "done"
-        self._send(m.RsDone(0, new_sync, self.generation))
+        patterns = sorted(self.exclude.patterns)
+        self._send(m.RsDone(0, new_sync, self.generation, patterns))
         await self._barrier()
-        j.start_session(new_sync, self.generation)
+        j.start_session(new_sync, self.generation, patterns)
         self.mode, self.phase = "live", ""
         self.live_at = time.monotonic()
         self._al_epoch = 0  # start_session emptied the journal's activity log

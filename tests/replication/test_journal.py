@@ -336,3 +336,19 @@ def test_a_record_whose_string_is_not_utf8_ends_the_log_like_a_torn_tail() -> No
     bad = jn._HEAD.pack(len(payload), zlib.crc32(payload)) + payload
     records, rest = jn.read_records(good + bad)
     assert [type(r) for r in records] == [jn.RMarks] and rest == len(bad)
+
+
+def test_a_lineage_keeps_the_exclusion_patterns_it_was_made_under(tmp_path: Path) -> None:
+    path = jn.journal_path(tmp_path, "mod", b"/data")
+    j = Journal.load(path)
+    j.target_done(b"s" * 16, 1, ["*.tmp"])
+    j.target_clean()
+    assert Journal.load(path).exclude == ["*.tmp"]
+    j = Journal.load(path)
+    j.become_source(2)  # alone from that lineage: the same patterns
+    assert Journal.load(path).exclude == ["*.tmp"]
+    j.start_session(b"t" * 16, 2, ["tmp/"])  # a new lineage, made under other patterns
+    j.close_session()
+    assert Journal.load(path).exclude == ["tmp/"]
+    j.invalidate("test")
+    assert Journal.load(path).exclude is None

@@ -960,3 +960,30 @@ def test_a_reservation_the_replica_cannot_make_is_logged_and_malformed_ones_refu
         os.close(root)
     assert (tmp_path / "f").read_bytes() == b"kept"
     assert (tmp_path / "f").stat().st_blocks * 512 >= 8192  # the reservation it could make was made
+
+
+def test_a_change_of_the_exclusion_patterns_makes_the_next_resync_compare_everything(tmp_path: Path) -> None:
+    """`*.tmp` is excluded, then no longer: the files it covered were never sent, and a journal
+    resync (the lineage holds) would never send them. The lineage records its patterns, so the
+    next resync under other patterns compares everything (and says why)."""
+    with running_mirror(tmp_path, ResyncMirror, exclude=["*.tmp"], timeout=2.0) as mir:
+        populate(mir.primary)
+        (mir.primary / "d" / "keep.tmp").write_bytes(b"excluded until now")
+        go_live(mir)
+        assert not (mir.replica / "d" / "keep.tmp").exists()
+        mir.stop_primary()
+        mir.stop_secondary()
+    again = ResyncMirror(tmp_path / "primary", tmp_path / "replica", tmp_path / "state", exclude=[], timeout=2.0)
+    try:
+        go_live(again)
+        last = again.status()["last_resync"]
+        assert last["mode"] == "checksum", last
+        assert (again.replica / "d" / "keep.tmp").read_bytes() == b"excluded until now"
+        assert_same(again)
+        events = [d for e, d in again.events if e == "resync_started"]
+        assert "exclusion patterns changed" in events[-1]["reason"], events
+    finally:
+        try:
+            again.close()
+        finally:
+            force_unmount(tmp_path / "primary")
