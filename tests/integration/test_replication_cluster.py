@@ -64,24 +64,39 @@ def verify(cluster: LabCluster, node: str) -> subprocess.CompletedProcess[str]:
     return cluster.cli(node, "verify", timeout=120)
 
 
-def test_every_fsynced_write_survives_a_crash_of_the_primary(cluster: LabCluster) -> None:
-    folder = cluster.data_dir / "load"
-    writer = cluster.app_spawn("n1", [sys.executable, "-c", WRITER, str(folder), "100000", "8192"],
-                               stdout=subprocess.PIPE, text=True)
+def start_writer(cluster: LabCluster, node: str, first: int) -> tuple[subprocess.Popen[str], list[int]]:
+    """The WRITER on `node`, once `first` of its files are acknowledged (fsync returned)."""
+    writer = cluster.app_spawn(node, [sys.executable, "-c", WRITER, str(cluster.data_dir / "load"), "100000", "8192"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert writer.stdout is not None
-    acknowledged = []
-    while len(acknowledged) < 300:
+    acknowledged: list[int] = []
+    while len(acknowledged) < first:
         line = writer.stdout.readline()
         assert line, "the writer stopped early"
         acknowledged.append(int(line))
+    return writer, acknowledged
+
+
+def rest_of(writer: subprocess.Popen[str]) -> list[int]:
+    """What the writer still acknowledged until it ended (its node died, or its mount went)."""
+    assert writer.stdout is not None
+    return [int(line) for line in writer.stdout.read().split()]
+
+
+def assert_fsynced_files_on(cluster: LabCluster, node: str, acknowledged: list[int]) -> None:
+    files = cluster.disk(node) / "load"
+    missing = [i for i in acknowledged if not (files / f"f{i:05d}").exists()]
+    assert not missing, f"{len(missing)} fsynced files missing on {node}, e.g. {missing[:5]}"
+    torn = [i for i in acknowledged if (files / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
+    assert not torn, f"fsynced files with wrong content on {node}: {torn[:5]}"
+
+
+def test_every_fsynced_write_survives_a_crash_of_the_primary(cluster: LabCluster) -> None:
+    writer, acknowledged = start_writer(cluster, "n1", 300)
     cluster.power_off("n1")  # every process of n1 killed at once, cables pulled
-    acknowledged += [int(line) for line in writer.stdout.read().split()]
+    acknowledged += rest_of(writer)
     cluster.wait_states({"n2": "ALONE"}, timeout=20)
-    replica = cluster.disk("n2") / "load"
-    missing = [i for i in acknowledged if not (replica / f"f{i:05d}").exists()]
-    assert not missing, f"{len(missing)} fsynced files missing on n2, e.g. {missing[:5]}"
-    torn = [i for i in acknowledged if (replica / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
-    assert not torn, f"fsynced files with wrong content on n2: {torn[:5]}"
+    assert_fsynced_files_on(cluster, "n2", acknowledged)
 
 
 @pytest.mark.parametrize(("primary", "first_back"), [("n1", "secondary"), ("n2", "secondary"), ("n1", "primary")])
@@ -95,19 +110,11 @@ def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_
         assert cluster.cli("n1", "swap").returncode == 0
         cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
     secondary = "n2" if primary == "n1" else "n1"
-    folder = cluster.data_dir / "load"
-    writer = cluster.app_spawn(primary, [sys.executable, "-c", WRITER, str(folder), "100000", "8192"],
-                               stdout=subprocess.PIPE, text=True)
-    assert writer.stdout is not None
-    acknowledged = []
-    while len(acknowledged) < 200:
-        line = writer.stdout.readline()
-        assert line, "the writer stopped early"
-        acknowledged.append(int(line))
+    writer, acknowledged = start_writer(cluster, primary, 200)
     wait_activity_log(cluster, primary)
     cluster.power_off(secondary)
     cluster.power_off(primary)
-    acknowledged += [int(line) for line in writer.stdout.read().split()]
+    acknowledged += rest_of(writer)
     # The node back first cannot know whether the other served alone after it died (the secondary),
     # or whether its secondary took over (the primary): it must not serve; it waits and says why.
     first, second = (secondary, primary) if first_back == "secondary" else (primary, secondary)
@@ -127,11 +134,7 @@ def test_after_a_power_cut_of_both_nodes_the_pair_comes_back_with_every_fsynced_
         assert time.monotonic() < deadline, f"the pair did not form again: {modules}"
         time.sleep(0.2)
     for node in ("n1", "n2"):
-        files = cluster.disk(node) / "load"
-        missing = [i for i in acknowledged if not (files / f"f{i:05d}").exists()]
-        assert not missing, f"{len(missing)} fsynced files missing on {node}, e.g. {missing[:5]}"
-        torn = [i for i in acknowledged if (files / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
-        assert not torn, f"fsynced files with wrong content on {node}: {torn[:5]}"
+        assert_fsynced_files_on(cluster, node, acknowledged)
     # (The resync is a journal or a checksum one: the lab's power cut keeps the boot id, so a node
     # cannot tell it from its read-only bind removed by hand, and compares what changed since.)
     now_primary = "n1" if modules["n1"]["state"] == "PRIM" else "n2"
@@ -144,25 +147,13 @@ def test_swap_under_an_fsync_load_keeps_every_fsynced_write(cluster: LabCluster)
     that leaves a process behind): the role moves, the writer fails as the old primary's mount goes
     (the directory is read-only from that moment), every write whose fsync returned is on the new
     primary, and the replicas end identical (times included) once the old primary is secondary."""
-    folder = cluster.data_dir / "load"
-    writer = cluster.app_spawn("n1", [sys.executable, "-c", WRITER, str(folder), "100000", "8192"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert writer.stdout is not None
-    acknowledged = []
-    while len(acknowledged) < 200:
-        line = writer.stdout.readline()
-        assert line, "the writer stopped early"
-        acknowledged.append(int(line))
+    writer, acknowledged = start_writer(cluster, "n1", 200)
     result = cluster.cli("n1", "swap", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    acknowledged += [int(line) for line in writer.stdout.read().split()]  # it fails once its mount is gone
+    acknowledged += rest_of(writer)  # it fails once its mount is gone
     assert writer.wait(30) != 0
     cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
-    files = cluster.disk("n2") / "load"
-    missing = [i for i in acknowledged if not (files / f"f{i:05d}").exists()]
-    assert not missing, f"{len(missing)} fsynced files missing on n2, e.g. {missing[:5]}"
-    torn = [i for i in acknowledged if (files / f"f{i:05d}").read_bytes() != bytes([i % 251]) * 8192]
-    assert not torn, f"fsynced files with wrong content on n2: {torn[:5]}"
+    assert_fsynced_files_on(cluster, "n2", acknowledged)
     deadline = time.monotonic() + 60
     while (cluster.status("n1") or {}).get("modules", [{}])[0].get("data") != "uptodate":
         assert time.monotonic() < deadline, cluster.status("n1")
@@ -171,7 +162,7 @@ def test_swap_under_an_fsync_load_keeps_every_fsynced_write(cluster: LabCluster)
     assert result.returncode == 0, result.stdout + result.stderr
     # n1 is the secondary now: read-only for applications, and it was from the moment its mount went
     # (before, the writer went on writing into n1's directory: 622 "fsynced" files n2 never had).
-    probe = cluster.app_spawn("n1", [sys.executable, "-c", f"open({str(folder / 'probe')!r}, 'w')"],
+    probe = cluster.app_spawn("n1", [sys.executable, "-c", f"open({str(cluster.data_dir / 'load' / 'probe')!r}, 'w')"],
                               stderr=subprocess.PIPE, text=True)
     _, err = probe.communicate(timeout=30)
     assert probe.returncode != 0 and "Read-only file system" in err, err
