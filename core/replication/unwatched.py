@@ -89,4 +89,4 @@ def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], b
     if found:
         log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
                     "the directory itself" if found == [b""] else f"{len(found)} path(s)")
-    return sorted(found)
+    return found
