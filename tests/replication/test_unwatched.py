@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from safekit_cloud.core.config import ReplicationConfig
-from safekit_cloud.core.replication import unwatched
+from safekit_cloud.core.replication import journal as jn, unwatched
 from safekit_cloud.core.replication.exclude import Excluder
 from safekit_cloud.core.replication.journal import Journal, journal_path, mark_writable, writable_marker
 from safekit_cloud.core.replication.service import ReplicationService
@@ -240,3 +240,23 @@ def test_a_read_only_bind_removed_by_hand_while_the_daemon_was_down_is_noticed(t
     finally:
         subprocess.run(["umount", "-l", str(replica)], capture_output=True, check=False)
     assert ours == theirs and not (replica / "app/stray").exists()
+
+
+def test_an_alone_journal_keeps_its_records_and_adds_what_changed_around_it(tmp_path: Path) -> None:
+    """A primary alone (its secondary away) is stopped, its directory changed by hand, restarted:
+    its journal keeps what it recorded and adds the paths changed meanwhile as suspects."""
+    path = journal_path(tmp_path, "mod", b"/data")
+    j = Journal.load(path)
+    j.start_session(os.urandom(16), 1, [])
+    j.close_session()
+    j = Journal.load(path)
+    j.become_source(2)
+    j.state.add_data(b"written/alone", 0, 4)  # what the agent recorded while alone
+    j.append(jn.marks_record(j.state.marks[b"written/alone"]))
+    j.flush_sync()
+    j = Journal.load(path)
+    assert j.kind == "alone" and b"written/alone" in j.state.marks
+    j.become_source(2, [b"changed/by-hand"])
+    j = Journal.load(path)
+    assert j.trusted and b"written/alone" in j.state.marks and j.state.suspects == {b"changed/by-hand"}
+    assert "changed while unwatched" in j.reason
