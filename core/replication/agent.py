@@ -26,7 +26,6 @@ import asyncio
 import ctypes
 import errno
 import faulthandler
-import functools
 import json
 import logging
 import os
@@ -104,13 +103,13 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     excluder = Excluder(args.exclude)
     journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
     unwatched_paths: list[bytes] = []
-    since = journal.unwatched_since_ns() if journal.could_be_trusted() else None
+    since = journal.unwatched_since_ns()
     if since is not None:  # before the mount: the walk reads the real directory
         fd = open_replicated_dir(directory)
         try:
-            walking = functools.partial(emit, "walking", directory=str(directory))  # alive, for the service
-            unwatched_paths = await asyncio.to_thread(unwatched.find, fd, since, excluder.excluded, directory,
-                                                      lambda n: walking(entries=n))
+            unwatched_paths = await asyncio.to_thread(  # its progress says to the service we are alive
+                unwatched.find, fd, since, excluder.excluded, directory,
+                lambda n: emit("walking", directory=str(directory), entries=n))
         finally:
             os.close(fd)
     journal.become_source(args.generation, unwatched_paths)

@@ -697,12 +697,14 @@ class Journal:
         read-only bind removed), else the start of this boot when the journal was written in an
         earlier one (the mount and the read-only bind went with the reboot). None: watched all
         along, or nothing trusted to protect (the next resync compares everything anyway)."""
+        if not self.could_be_trusted():
+            return None
         if self.path is not None:
             try:
                 return writable_marker(self.path).stat().st_mtime_ns
             except OSError:
                 pass
-        if self.kind != "invalid" and self.boot and self.boot != boot_id():
+        if self.boot and self.boot != boot_id():
             return boot_time_ns()
         return None
 

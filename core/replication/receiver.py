@@ -84,27 +84,29 @@ class Receiver:
         """Listen; returns the bound port (useful with port 0)."""
         raise_fd_limit()
         for name, path in self._dirs.items():
-            if self.state_dir is not None:  # writable beneath a read-only bind that covers it already
-                self._root_fds[name] = open_writable(path, protect_marker(self.state_dir, self.module, path))
-            else:
+            if self.state_dir is None:
                 self._root_fds[name] = open_replicated_dir(path)
-            if self.state_dir is not None:
-                j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
-                if self.fullsync:
-                    j.target_invalidate("full resync requested")
-                since = j.unwatched_since_ns() if j.could_be_trusted() else None
-                if since is not None:
-                    def walking(n: int, where: str = str(path)) -> None:  # alive, for the service
-                        self._emit("walking", directory=where, entries=n)
-
-                    j.unwatched = await asyncio.to_thread(unwatched.find, self._root_fds[name], since,
-                                                          where=path, progress=walking)
-                    if j.unwatched == [b""]:
-                        j.target_invalidate("the replicated directory itself changed while no agent watched it")
-                if not j.unwatched:
-                    j.watched_again()  # nothing went around us, or the next resync compares everything
+                continue
+            # Writable beneath a read-only bind that covers the directory already.
+            self._root_fds[name] = open_writable(path, protect_marker(self.state_dir, self.module, path))
+            j = self.journals[name] = Journal.load(journal_path(self.state_dir, self.module, name))
+            if self.fullsync:
+                j.target_invalidate("full resync requested")
+            await self._look_around(j, self._root_fds[name], path)
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=READ_CHUNK)
         return self._server.sockets[0].getsockname()[1]
+
+    async def _look_around(self, j: Journal, root_fd: int, path: Path) -> None:
+        """What changed in `path` while no agent watched it: reported with the lineage (unwatched.py)."""
+        since = j.unwatched_since_ns()
+        if since is not None:
+            j.unwatched = await asyncio.to_thread(  # its progress says to the service we are alive
+                unwatched.find, root_fd, since, where=path,
+                progress=lambda n: self._emit("walking", directory=str(path), entries=n))
+            if j.unwatched == [b""]:
+                j.target_invalidate("the replicated directory itself changed while no agent watched it")
+        if not j.unwatched:
+            j.watched_again()  # nothing went around us, or the next resync compares everything
 
     async def stop(self) -> None:
         self._stopping = True

@@ -1140,13 +1140,17 @@ class MirrorReplicator:
         if theirs is None or patterns_changed:
             same, theirs = False, []
         mode = "journal" if same else "checksum"
-        why = ((f"journal trusted, secondary at its base lineage except {len(theirs)} path(s) it had in flight "
-                "when it crashed as primary" if theirs else "journal trusted, secondary at its base lineage")
-               if same else
-               f"exclusion patterns changed since lineage {j.sync.hex()[:8] if j.sync else '?'} "
-               f"({j.exclude} -> {sorted(self.exclude.patterns)})" if patterns_changed else
-               f"journal: {j.reason if not j.trusted else 'trusted'}; secondary: "
-               f"{'lineage ' + reply.sync.hex()[:8] if reply.sync else reply.detail or 'no lineage'}")
+        if same and theirs:
+            why = (f"journal trusted, secondary at its base lineage except {len(theirs)} path(s) it had in "
+                   "flight when it crashed as primary")
+        elif same:
+            why = "journal trusted, secondary at its base lineage"
+        elif patterns_changed:
+            why = (f"exclusion patterns changed since lineage {j.sync.hex()[:8] if j.sync else '?'} "
+                   f"({j.exclude} -> {sorted(self.exclude.patterns)})")
+        else:
+            why = (f"journal: {j.reason if not j.trusted else 'trusted'}; secondary: "
+                   f"{'lineage ' + reply.sync.hex()[:8] if reply.sync else reply.detail or 'no lineage'}")
         if reply.generation is not None and j.generation is not None and reply.generation != j.generation:
             log.warning("resync: secondary at generation %x, journal based on %x (lineage %s)",
                         reply.generation, j.generation, "matches" if same else "differs")

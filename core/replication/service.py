@@ -253,14 +253,14 @@ class ReplicationService:
             for local in {Path(directory), self._local_dir(directory)}:
                 marker = protect_marker(self.state_dir, self.module, local)
                 try:
-                    if marker.exists() and not is_protected(local) and made_in_another_boot(marker):
-                        marker.unlink()  # gone with the reboot: the journal knows since when (its boot)
-                    elif marker.exists() and not is_protected(local):
-                        since = marker.stat().st_mtime_ns
+                    if not marker.exists() or is_protected(local):
+                        continue
+                    # Gone with a reboot: the journal knows since when (its boot). Else removed by hand.
+                    if not made_in_another_boot(marker):
                         log.warning("the read-only bind over %s was removed behind our back: what changed there "
                                     "since is compared at the next resync", local)
-                        self._mark_unwatched([directory], since)
-                        marker.unlink()
+                        self._mark_unwatched([directory], marker.stat().st_mtime_ns)
+                    marker.unlink()
                 except OSError as exc:
                     log.error("cannot check the read-only protection of %s: %s", local, exc)
 
