@@ -104,14 +104,16 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
     unwatched_paths: list[bytes] = []
     since = journal.unwatched_since_ns()
-    if since is not None:  # before the mount: the walk reads the real directory
-        fd = open_replicated_dir(directory)
-        try:
+    fd = open_replicated_dir(directory)  # before the mount: the real directory
+    try:
+        journal.root_id = unwatched.root_identity(fd)
+        if since is not None:
             unwatched_paths = await asyncio.to_thread(  # its progress says to the service we are alive
                 unwatched.find, fd, since, excluder.excluded, directory,
-                lambda n: emit("walking", directory=str(directory), entries=n))
-        finally:
-            os.close(fd)
+                lambda n: emit("walking", directory=str(directory), entries=n),
+                journal.root_id is not None and journal.remembered_root() == journal.root_id)
+    finally:
+        os.close(fd)
     journal.become_source(args.generation, unwatched_paths)
     journal.watched_again()  # recorded as suspects (or a checksum resync): the marker can go
     log.info("journal of %s: %s", directory, journal.describe())

@@ -121,6 +121,12 @@ def mark_writable(journal_file: Path, since_ns: int | None = None) -> None:
         os.utime(marker, ns=(since_ns, since_ns))
 
 
+def root_marker(journal_file: Path) -> Path:
+    """The file that holds the identity of the directory the journal was last watching
+    (unwatched.root_identity): a directory moved into its place while unwatched is another one."""
+    return journal_file.with_suffix(".root")
+
+
 def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:
     name = os.fsdecode(directory).strip("/").replace("/", "_") or "root"
     return Path(state_dir) / f"{module}.{name}.journal"
@@ -510,6 +516,26 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
         pos = end
     return out, len(data) - pos
 
+# A suspect of the form "<directory>/\0" (b"\0" for the top) stands for that directory's entries
+# A suspect of the form "<directory>/\0" (b"\0" for the top) stands for that directory's entries
+# only: their names and kinds are compared, not what they hold (resync.py). NUL is never in a
+# name, and as a path below the directory it follows every rule of the subtree (a rename of the
+# directory carries it, a removal drops it, the directory as a suspect covers it).
+ENTRIES = b"\0"
+
+
+def entries_of(directory: bytes) -> bytes:
+    return directory + b"/" + ENTRIES if directory else ENTRIES
+
+
+def entries_dir(path: bytes) -> bytes | None:
+    """The directory whose entries `path` stands for (entries_of), or None for a plain path."""
+    if path == ENTRIES:
+        return b""
+    if path.endswith(b"/" + ENTRIES):
+        return path[:-2]
+    return None
+
 
 def coarsen(paths: Iterable[bytes], limit: int) -> list[bytes]:
     """At most `limit` subtrees covering every path of `paths` (the deepest paths are replaced by
@@ -574,6 +600,9 @@ class Journal:
         self.exclude: list[str] | None = None  # the lineage's exclusion patterns (RState.exclude)
         # A target's paths changed while no agent watched (unwatched.py): reported with its lineage.
         self.unwatched: list[bytes] = []
+        # The identity of the directory the agent works on (unwatched.root_identity), recorded
+        # once what went around the agents is accounted for (watched_again).
+        self.root_id: str | None = None
 
     # -- loading --
 
@@ -716,10 +745,29 @@ class Journal:
         return self.lineage() is not None or self.crash_suspects() is not None
 
     def watched_again(self) -> None:
-        """What went around us is now in the journal (source) or resynchronised (target)."""
+        """What went around us is now in the journal (source) or resynchronised (target): the
+        directory's identity is recorded, then the marker goes."""
         self.unwatched = []
-        if self.path is not None:
-            writable_marker(self.path).unlink(missing_ok=True)
+        if self.path is None:
+            return
+        if self.root_id is not None and self.remembered_root() != self.root_id:
+            marker = root_marker(self.path)
+            try:
+                tmp = marker.with_suffix(".root.tmp")
+                tmp.write_text(self.root_id + "\n")
+                os.replace(tmp, marker)
+            except OSError as exc:  # the next walk then takes the top directory as changed
+                log.warning("cannot record the identity of the replicated directory in %s: %s", marker, exc)
+        writable_marker(self.path).unlink(missing_ok=True)
+
+    def remembered_root(self) -> str | None:
+        """The identity recorded by the last watched_again (None: none recorded)."""
+        if self.path is None:
+            return None
+        try:
+            return root_marker(self.path).read_text().strip() or None
+        except OSError:
+            return None
 
     def describe(self) -> dict[str, object]:
         st = self.state

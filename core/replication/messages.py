@@ -19,8 +19,9 @@ from msgspec import Meta, Struct
 from ..decoding import DECODE_ERRORS
 
 # 3: frames sealed after the handshake (framing.py); 4: RsState.suspects; 5: RsReserve;
-# 6: RsDone.exclude (the exclusion patterns a lineage holds under)
-PROTOCOL_VERSION = 6
+# 6: RsDone.exclude (the exclusion patterns a lineage holds under); 7: RsList.children and
+# suspects that stand for a directory's entries (journal.entries_of)
+PROTOCOL_VERSION = 7
 
 # Write payloads above this are split over several frames: asyncio streams degrade with megabytes
 # in flight (facts.md), and a bounded frame bounds what a hostile peer makes us buffer.
@@ -310,12 +311,14 @@ class RsReplay(_Msg, tag="rsreplay"):
 
 
 class RsList(_Msg, tag="rslist"):
-    """List the subtree at `path` (answered by RsEntries, the last one with `last`)."""
+    """List the subtree at `path` (answered by RsEntries, the last one with `last`); with
+    `children`, only `path` and its entries, without content digests."""
 
     seq: U63
     req: U63
     path: Path
     exclude: Annotated[list[Text], Meta(max_length=256)] = []
+    children: bool = False
 
 
 class RsHash(_Msg, tag="rshash"):

@@ -99,10 +99,12 @@ class Receiver:
     async def _look_around(self, j: Journal, root_fd: int, path: Path) -> None:
         """What changed in `path` while no agent watched it: reported with the lineage (unwatched.py)."""
         since = j.unwatched_since_ns()
+        j.root_id = unwatched.root_identity(root_fd)
         if since is not None:
             j.unwatched = await asyncio.to_thread(  # its progress says to the service we are alive
                 unwatched.find, root_fd, since, where=path,
-                progress=lambda n: self._emit("walking", directory=str(path), entries=n))
+                progress=lambda n: self._emit("walking", directory=str(path), entries=n),
+                same_root=j.root_id is not None and j.remembered_root() == j.root_id)
             if j.unwatched == [b""]:
                 j.target_invalidate("the replicated directory itself changed while no agent watched it")
         if not j.unwatched:

@@ -80,6 +80,7 @@ from .journal import (
     RSuspect,
     State,
     coarsen,
+    entries_dir,
     marks_record,
     replay_form,
 )
@@ -239,11 +240,12 @@ def _reserved_beyond(ours: m.RsEntry, theirs: m.RsEntry) -> bool:
 
 
 def _valid_suspects(paths: list[bytes]) -> list[bytes] | None:
-    """The secondary's suspects if every one is a plain relative path (None: a peer that sends
-    anything else gets no benefit of the doubt, the resync compares everything)."""
+    """The secondary's suspects if every one is a plain relative path or the entries of one (None:
+    a peer that sends anything else gets no benefit of the doubt, the resync compares everything)."""
     try:
         for p in paths:
-            components(p)
+            d = entries_dir(p)
+            components(p if d is None else d)
     except PathError as exc:
         log.warning("resync: the secondary reported an invalid suspect path (%s): checksum resync", exc)
         return None
@@ -312,9 +314,10 @@ def _entry(dfd: int, name: bytes, path: bytes, st: os.stat_result, digests: bool
 
 
 def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
-              digests: bool = True) -> tuple[bool, list[m.RsEntry]]:
-    """(parent found, entries of the subtree at `path`, parents before children, names sorted).
-    Never follows a symlink; device nodes and excluded entries are left out."""
+              digests: bool = True, children_only: bool = False) -> tuple[bool, list[m.RsEntry]]:
+    """(parent found, entries of the subtree at `path`, parents before children, names sorted;
+    `children_only`: `path` and its own entries). Never follows a symlink; device nodes and
+    excluded entries are left out."""
     exclude = exclude or Excluder()
     entries: list[m.RsEntry] = []
     if path:
@@ -369,7 +372,7 @@ def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
                 if e is None:
                     continue
                 entries.append(e)
-                if is_dir:
+                if is_dir and not children_only:
                     subdirs.append((name, child))
             for name, child in reversed(subdirs):
                 try:
@@ -487,7 +490,7 @@ class ResyncApplier(Applier):
         self.replies.append(m.RsReplayed(op.req, keep))
 
     def _rs_list(self, op: m.RsList) -> None:
-        found, entries = list_tree(self.root, op.path, Excluder(list(op.exclude)))
+        found, entries = list_tree(self.root, op.path, Excluder(list(op.exclude)), not op.children, op.children)
         batch: list[m.RsEntry] = []
         size = 0
         for e in entries:
@@ -1226,10 +1229,44 @@ class MirrorReplicator:
             for p in tops:
                 if any(p == d or p.startswith(d + b"/") or not d for d in done):
                     continue
+                directory = entries_dir(p)
+                if directory is not None:
+                    await self._reconcile_entries(directory, set(tops))
+                    continue
                 top = await self._reconcile(p)
                 done.append(top)
                 if top:  # the change in doubt also changed its directory's times: resend them
                     st.add_meta(_parent(top))
+
+    async def _reconcile_entries(self, directory: bytes, suspects: set[bytes]) -> None:
+        """Only the entries of `directory` are in doubt (journal.entries_of): one present on one
+        side only, or of another kind (or symlink target) there, becomes a suspect of its own, its
+        subtree reconciled in the next round; an entry on both sides is compared only if it is a
+        suspect itself (what it holds changed on one side). A new name of a file with several
+        names, or `directory` not a directory on both sides: its whole subtree instead."""
+        excl = list(self.exclude.patterns)
+        replies = await self._ask(lambda req: m.RsList(0, req, directory, excl, children=True))
+        found = all(r.found for r in replies)  # type: ignore[union-attr]
+        theirs = [e for r in replies for e in r.entries]  # type: ignore[union-attr]
+        ours_found, ours = await asyncio.to_thread(list_tree, self.root, directory, self.exclude, False, True)
+        if self.progress is not None:
+            self.progress.entries_listed += len(theirs) + len(ours)
+        tmap = {e.path: e for e in theirs}
+        omap = {e.path: e for e in ours}
+        t_top, o_top = tmap.pop(directory, None), omap.pop(directory, None)
+        if not (found and ours_found) or t_top is None or o_top is None or t_top.kind != "d" or o_top.kind != "d":
+            self.state.add_suspect(directory)
+            return
+        differ = sorted(p for p in tmap.keys() | omap.keys()
+                        if p not in tmap or p not in omap or tmap[p].kind != omap[p].kind
+                        or tmap[p].target != omap[p].target)
+        if any(omap[p].kind == "f" and omap[p].nlink > 1 for p in differ + sorted(suspects & omap.keys())
+               if p in omap):
+            self.state.add_suspect(directory)  # its other names are found in one subtree (_other_names)
+            return
+        for p in differ:
+            self.state.add_suspect(p)
+        self.state.add_meta(directory)
 
     async def _reconcile(self, path: bytes) -> bytes:
         """Make the secondary's subtree at `path` match ours in structure; mark what to compare.

@@ -161,7 +161,8 @@ class ReplicationService:
         if not runs:
             return None
         out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in runs) for k in (
-            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops")}
+            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops",
+            "entries_listed")}
         etas = [r.get("eta_seconds") for r in runs]
         out.update(
             directories=len(runs), modes=sorted({r.get("mode") for r in runs}),
@@ -180,7 +181,8 @@ class ReplicationService:
         if not runs:
             return None
         out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in runs) for k in (
-            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops")}
+            "bytes_total", "bytes_done", "bytes_sent", "files_total", "files_done", "namespace_ops",
+            "entries_listed")}
         out.update(directories=len(runs), modes=sorted({r.get("mode") for r in runs}),
                    results=sorted({r.get("result") for r in runs}),
                    seconds=max(r.get("elapsed") or 0 for r in runs),

@@ -1,7 +1,8 @@
 """The Linux system calls Python's os module lacks, through libc, each raising OSError like os does:
 renameat2 with flags, fallocate with a mode, syncfs, sync_file_range, mount(2) and umount2(2), the
-mount API's open_tree, mount_setattr and move_mount (x86-64 and arm64 numbers); and the FIEMAP ioctl
-for a file's unwritten (reserved, never written) extents."""
+mount API's open_tree, mount_setattr and move_mount (x86-64 and arm64 numbers); name_to_handle_at
+for the identity of an inode; and the FIEMAP ioctl for a file's unwritten (reserved, never written)
+extents."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 
 # mount(2) flags
 MS_RDONLY = 1
@@ -111,6 +114,22 @@ def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
 
 def umount2(target: bytes, flags: int) -> None:
     _check(_libc.umount2(target, flags), f"umount {target.decode(errors='replace')}")
+
+
+_MAX_HANDLE_SZ = 128
+_HANDLE_HEAD = struct.Struct("=Ii")  # struct file_handle: handle_bytes, handle_type, then the handle
+
+
+def file_handle(fd: int) -> bytes:
+    """The file system's handle of the inode `fd` refers to (its type, then the handle): the same
+    bytes for as long as that inode lives, others for any other inode (ext4, XFS, btrfs and tmpfs
+    put the inode's generation in it, so a number reused by a new inode gives another handle)."""
+    buf = ctypes.create_string_buffer(_HANDLE_HEAD.size + _MAX_HANDLE_SZ)
+    _HANDLE_HEAD.pack_into(buf, 0, _MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH), "name_to_handle_at")
+    size, kind = _HANDLE_HEAD.unpack_from(buf, 0)
+    return _HANDLE_HEAD.pack(size, kind) + buf.raw[_HANDLE_HEAD.size:_HANDLE_HEAD.size + size]
 
 
 # FIEMAP (linux/fiemap.h): struct fiemap, then fm_extent_count struct fiemap_extent.

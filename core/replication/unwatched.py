@@ -13,7 +13,16 @@ reboot). The changes since are found by their ctime, which every change of an en
 size, mode, owner, xattrs, links, a rename of it) and which no system call can set back. A
 directory's ctime also moves when an entry is created, removed or renamed in it, so a removed file
 shows as its directory. Each such path becomes a suspect of the next resync (its subtree compared, as
-after a crash); the root itself changed means "everything" (b""), a checksum resync.
+after a crash).
+
+The top directory itself changed (an entry created, removed or renamed at the top) stands for its
+entries only (journal.entries_of(b"")), and the walk goes on below it: its entries are compared by
+name and kind, and each one that changed is a suspect of its own. That holds only if the top
+directory is the one that was watched: a directory moved into its place keeps its entries' ctimes,
+so its identity (the file system's handle of its inode) is compared with the one recorded when it
+was last watched; another one, or none recorded, means "everything" (b""), a checksum resync. Below
+the top, a changed directory stands for its whole subtree, for the same reason: nothing records the
+identity of a directory that was renamed over another.
 
 The walk costs one lstat per entry, only when an agent starts on a directory that went unwatched
 (not at a swap or a failover, where the directory stays covered).
@@ -27,6 +36,9 @@ import os
 import stat
 from collections.abc import Callable
 
+from .journal import entries_of
+from .syscalls import file_handle
+
 log = logging.getLogger(__name__)
 
 # Timestamps come from the kernel's coarse clock: entries changed up to this long before the
@@ -37,17 +49,31 @@ LIMIT = 100_000
 PROGRESS_EVERY = 100_000  # entries: about 0.3 s of walking here
 
 
+def root_identity(root_fd: int) -> str | None:
+    """The identity of the directory `root_fd` (its inode's file handle), None where the file
+    system gives none (then a change of the top directory means everything)."""
+    try:
+        return file_handle(root_fd).hex()
+    except OSError as exc:
+        log.info("no file handle for the replicated directory (%s): a change at its top will be a checksum resync",
+                 exc)
+        return None
+
+
 def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool], bool],
-                  progress: Callable[[int], None] | None = None) -> list[bytes]:
+                  progress: Callable[[int], None] | None = None, same_root: bool = False) -> list[bytes]:
     """Relative paths below the directory `root_fd` whose ctime is later than `since_ns` minus the
-    margin, topmost only (a changed directory stands for its subtree); [b""] when the directory
-    itself changed or too much did. `excluded(path, is_dir)`: paths not replicated, skipped.
+    margin, topmost only (a changed directory stands for its subtree). The directory itself
+    changed: entries_of(b"") when `same_root` (it is the directory that was watched), else [b""],
+    everything, as when too much changed. `excluded(path, is_dir)`: paths not replicated, skipped.
     `progress(entries)`: called every PROGRESS_EVERY entries looked at."""
     after = since_ns - MARGIN_NS
     base = b"/proc/self/fd/%d" % root_fd
-    if os.stat(base).st_ctime_ns > after:
-        return [b""]
     found: list[bytes] = []
+    if os.stat(base).st_ctime_ns > after:
+        if not same_root:
+            return [b""]
+        found.append(entries_of(b""))
     todo: list[bytes] = [b""]
     seen = 0
     while todo:
@@ -81,11 +107,11 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
 
 
 def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], bool] = lambda p, d: False,
-         where: object = "", progress: Callable[[int], None] | None = None) -> list[bytes]:
+         where: object = "", progress: Callable[[int], None] | None = None, same_root: bool = False) -> list[bytes]:
     """`changed_since` when the directory went unwatched at `since_ns` (None: it did not), logged."""
     if since_ns is None:
         return []
-    found = changed_since(root_fd, since_ns, excluded, progress)
+    found = changed_since(root_fd, since_ns, excluded, progress, same_root)
     if found:
         log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
                     "the directory itself" if found == [b""] else f"{len(found)} path(s)")

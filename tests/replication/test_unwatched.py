@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -49,9 +50,53 @@ def test_changed_since_finds_every_kind_of_change_and_only_those(tmp_path: Path)
         assert found == {b"app/sub", b"app/old", b"other/c"}  # app/sub stands for a, new and b2
         assert unwatched.find(fd, None) == []  # watched all along: no walk at all
         (root / "created-at-the-top").write_bytes(b"t")  # the directory itself changed
-        assert unwatched.changed_since(fd, since, lambda p, d: False) == [b""]
+        assert unwatched.changed_since(fd, since, lambda p, d: False) == [b""]  # not known to be the same
+        # The same directory as the one watched: its entries, and what changed below, as before.
+        found = set(unwatched.changed_since(fd, since, lambda p, d: False, same_root=True))
+        assert found == {jn.entries_of(b""), b"created-at-the-top", b"app/sub", b"app/old", b"other/c"}
     finally:
         os.close(fd)
+
+
+def test_the_identity_of_the_top_directory_tells_it_from_one_moved_into_its_place(tmp_path: Path) -> None:
+    """The identity recorded once the directory is watched again is that of its inode: the same
+    directory keeps it, one renamed into its place (or made anew, even on a reused inode) has another."""
+    root, other = tmp_path / "d", tmp_path / "restored"
+    root.mkdir()
+    other.mkdir()
+    path = journal_path(tmp_path / "state", "mod", b"/d")
+
+    def identity(d: Path) -> str | None:
+        fd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+        try:
+            return unwatched.root_identity(fd)
+        finally:
+            os.close(fd)
+
+    j = Journal.load(path)
+    assert j.remembered_root() is None  # nothing recorded yet: a change at the top means everything
+    j.root_id = identity(root)
+    assert j.root_id is not None
+    mark_writable(path)
+    j.watched_again()
+    assert Journal.load(path).remembered_root() == identity(root) and not writable_marker(path).exists()
+    (root / "new").write_bytes(b"n")
+    assert identity(root) == j.root_id  # its entries changed, not what it is
+    os.rename(root, tmp_path / "away")
+    os.rename(other, root)
+    assert identity(root) != j.root_id
+
+
+def test_suspects_that_stand_for_a_directory_s_entries_follow_the_journal_s_rules() -> None:
+    st = jn.State()
+    st.add_suspect(jn.entries_of(b""))
+    st.add_suspect(jn.entries_of(b"a/b"))
+    assert st.suspects == {b"\0", b"a/b/\0"}
+    assert [jn.entries_dir(p) for p in sorted(st.suspects)] == [b"", b"a/b"]
+    assert jn.entries_dir(b"a/b") is None
+    st.add_suspect(b"a")  # the whole subtree covers its entries
+    assert st.suspects == {b"\0", b"a"}
+    assert jn.coarsen({b"\0", b"x/y"}, 1) == [b""]  # coarsened, it means the whole tree
 
 
 def test_changed_since_skips_what_is_not_replicated(tmp_path: Path) -> None:
@@ -129,18 +174,27 @@ def test_a_source_whose_directory_itself_changed_resyncs_everything(tmp_path: Pa
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
+BULK = 300  # files of a subtree nobody changes: never listed by a resync that compares what changed
+
+
 @pytest.mark.fuse
 @fuse
-@pytest.mark.parametrize("at_the_top", [False, True])
-def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: Path, at_the_top: bool) -> None:
+@pytest.mark.parametrize("where", ["below", "top", "top-link", "replaced"])
+def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: Path, where: str) -> None:
     """Both nodes replicate, then the module stops on both. While stopped, someone changes the
     primary's directory (an edit, a new file, a removal) and the secondary's (a stray file, an edit).
-    When the module starts again, the resync finds them: journal mode, comparing only those paths,
-    or, when the top directory itself changed, a checksum resync. Before, the journal resync sent
-    nothing and the replicas stayed different, silently."""
+    When the module starts again, the resync finds them: journal mode, comparing only those paths.
+    Before, the journal resync sent nothing and the replicas stayed different, silently.
+    - "top": entries created, removed and renamed at the top of both trees: still a journal resync,
+      the top compared by its entries only (the unchanged subtree `bulk` is not even listed);
+    - "top-link": a hard link made at the top: the top's whole subtree is compared (its names must
+      be found together), and the link is a link on the replica too;
+    - "replaced": the primary's directory was replaced by another one, prepared before the stop
+      (its files' ctimes predate the stop, one differs in content only): a checksum resync."""
     data, replica = tmp_path / "data", tmp_path / "replica"
     data.mkdir()
     replica.mkdir()
+    restored = tmp_path / "restored"
     cfg = ReplicationConfig(directories=[data], port=free_port())
 
     def services() -> tuple[ReplicationService, ReplicationService]:
@@ -158,8 +212,28 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
         (replica / "other/stray").write_bytes(b"on the secondary only")
         with open(replica / "app/sub/b", "r+b") as f:
             f.write(b"secondary edit")
-        if at_the_top:
+        if where in ("top", "replaced"):
             (data / "top").unlink()
+        if where == "top":
+            (data / "new-at-the-top").write_bytes(b"primary")
+            os.symlink("app", data / "top")  # a file before: another kind under the same name
+            (data / "new-dir-at-the-top").mkdir()
+            (data / "new-dir-at-the-top/f").write_bytes(b"inside")
+            os.rename(data / "other", data / "other-renamed")
+            (replica / "stray-at-the-top").write_bytes(b"secondary")
+        if where == "top-link":
+            os.link(data / "app/sub/a", data / "link-at-the-top")
+        if where == "replaced":
+            os.rename(data, tmp_path / "data.away")
+            os.rename(restored, data)
+
+    def prepare_a_restore() -> None:
+        """The same tree, one file with other bytes and the same size and times: only a comparison finds it."""
+        shutil.copytree(data, restored, symlinks=True)
+        with open(restored / "app/old/gone", "r+b") as f:  # a file the secondary does not touch
+            f.write(b"restored")
+        st = os.stat(data / "app/old/gone")
+        os.utime(restored / "app/old/gone", ns=(st.st_atime_ns, st.st_mtime_ns))
 
     async def scenario() -> tuple[dict, dict, dict]:
         secondary, primary = services()
@@ -168,7 +242,13 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
             await primary.become_primary()
             assert await wait_for(lambda: primary.status()["synced"], 20)
             await asyncio.to_thread(_tree, data)  # through the mount
+            (data / "bulk").mkdir()
+            for i in range(BULK):
+                (data / f"bulk/{i}").write_bytes(b"b")
             await asyncio.sleep(0.5)
+            if where == "replaced":  # before the stop: its entries' ctimes are older than the stop
+                await asyncio.to_thread(prepare_a_restore)
+                await asyncio.sleep(0.2)
         finally:
             await primary.stop()
             await secondary.stop()
@@ -188,9 +268,21 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
 
     last, ours, theirs = asyncio.run(scenario())
     assert ours == theirs
-    assert (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
-    assert not (replica / "other/stray").exists() and not (replica / "app/old/gone").exists()
-    assert last["modes"] == (["checksum"] if at_the_top else ["journal"]), last
+    assert last["modes"] == (["checksum"] if where == "replaced" else ["journal"]), last
+    if where in ("below", "top"):
+        assert last["entries_listed"] < BULK, last  # only what changed was compared
+    if where == "top":
+        assert (replica / "new-dir-at-the-top/f").read_bytes() == b"inside"
+        assert not (replica / "stray-at-the-top").exists() and not (replica / "other").exists()
+        assert not (replica / "other-renamed/stray").exists() and os.readlink(replica / "top") == "app"
+    elif where == "top-link":
+        assert os.stat(replica / "link-at-the-top").st_ino == os.stat(replica / "app/sub/a").st_ino
+    if where == "replaced":  # what was moved into place, not what was edited before
+        assert (replica / "app/old/gone").read_bytes().startswith(b"restored")
+        assert not (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
+    else:
+        assert (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
+        assert not (replica / "other/stray").exists() and not (replica / "app/old/gone").exists()
 
 
 @pytest.mark.fuse
