@@ -38,7 +38,7 @@ from . import messages as m, unwatched
 from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
-from .journal import DEFAULT_BLOCK, Journal, journal_path
+from .journal import DEFAULT_BLOCK, Journal, directories_marker, journal_path
 from .mount import FuseMount, fuse_mount_listed
 from .paths import open_replicated_dir
 from .protect import is_protected, marker_path as protect_marker, protect
@@ -111,7 +111,8 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
             unwatched_paths = await asyncio.to_thread(  # its progress says to the service we are alive
                 unwatched.find, fd, since, excluder.excluded, directory,
                 lambda n: emit("walking", directory=str(directory), entries=n),
-                journal.root_id is not None and journal.remembered_root() == journal.root_id)
+                journal.root_id is not None and journal.remembered_root() == journal.root_id,
+                directories_marker(journal.path) if journal.path is not None else None)
     finally:
         os.close(fd)
     journal.become_source(args.generation, unwatched_paths)

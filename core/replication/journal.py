@@ -127,6 +127,12 @@ def root_marker(journal_file: Path) -> Path:
     return journal_file.with_suffix(".root")
 
 
+def directories_marker(journal_file: Path) -> Path:
+    """The identities of the directories of the tree at the moment it became writable with no
+    agent (unwatched.record_directories): written at a module's stop, gone once watched again."""
+    return journal_file.with_suffix(".dirs")
+
+
 def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:
     name = os.fsdecode(directory).strip("/").replace("/", "_") or "root"
     return Path(state_dir) / f"{module}.{name}.journal"
@@ -750,6 +756,7 @@ class Journal:
         self.unwatched = []
         if self.path is None:
             return
+        directories_marker(self.path).unlink(missing_ok=True)  # describes the moment the marker says
         if self.root_id is not None and self.remembered_root() != self.root_id:
             marker = root_marker(self.path)
             try:

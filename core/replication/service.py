@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the engine passes it in; replication does not depend on the config layer
     from safekit_cloud.core.config import ReplicationConfig
 
+from . import unwatched
 from .busypoll import DEFAULT_MAX_WINDOW
-from .journal import journal_path, mark_writable
+from .exclude import Excluder
+from .journal import directories_marker, journal_path, mark_writable, writable_marker
 from .mount import abort_connection, mounted_fuse_at, unmount
 from .protect import (
     is_protected,
@@ -131,10 +133,36 @@ class ReplicationService:
         # the moment the directory became writable (a change the agents made just before counts
         # twice, harmless); a bind already gone counts from when it was made.
         self._check_protection()
+        watched = [d for d in self.config.directories if not writable_marker(self._journal(d)).exists()]
         self._mark_unwatched(self.config.directories)
         await self._stop_agents()
+        await self._record_directories(watched)
         self._unprotect_all()
         self.role = "stopped"
+
+    def _journal(self, directory: Path | str) -> Path:
+        return journal_path(self.state_dir, self.module, os.fsencode(str(directory)))
+
+    async def _record_directories(self, directories: list[Path] | list[str]) -> None:
+        """While our read-only binds still cover the trees (watched until now): the identity of
+        each of their directories, so that a directory whose entries change while the module is
+        stopped is compared by its entries, not as a whole subtree (unwatched.py)."""
+        excluder = Excluder(list(self.config.exclude))
+        for directory in directories:
+            local, marker = self._local_dir(directory), directories_marker(self._journal(directory))
+            try:
+                if not is_protected(local):
+                    marker.unlink(missing_ok=True)
+                    continue
+                fd = os.open(local, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    count = await asyncio.to_thread(unwatched.record_directories, fd, marker, excluder.excluded)
+                finally:
+                    os.close(fd)
+                log.info("%s: the identity of its %d directories recorded", local, count)
+            except OSError as exc:  # changed directories are then compared whole: slower, not wrong
+                log.warning("cannot record the directories of %s: %s", local, exc)
+                marker.unlink(missing_ok=True)
 
     def peer_lost(self) -> None:
         """Heartbeats declared the peer lost: the primary gives the link up at once, so the
@@ -281,7 +309,7 @@ class ReplicationService:
     def _mark_unwatched(self, directories: list[Path] | list[str], since_ns: int | None = None) -> None:
         for directory in directories:
             try:
-                mark_writable(journal_path(self.state_dir, self.module, os.fsencode(str(directory))), since_ns)
+                mark_writable(self._journal(directory), since_ns)
             except OSError as exc:  # then changes made from now on may go unnoticed: say so
                 log.error("cannot record that %s is writable with no agent watching it: %s", directory, exc)
 

@@ -124,10 +124,19 @@ def file_handle(fd: int) -> bytes:
     """The file system's handle of the inode `fd` refers to (its type, then the handle): the same
     bytes for as long as that inode lives, others for any other inode (ext4, XFS, btrfs and tmpfs
     put the inode's generation in it, so a number reused by a new inode gives another handle)."""
+    return _name_to_handle(fd, b"", AT_EMPTY_PATH)
+
+
+def file_handle_at(path: bytes) -> bytes:
+    """file_handle of the inode at `path` (a final symlink is not followed)."""
+    return _name_to_handle(_AT_FDCWD, path, 0)
+
+
+def _name_to_handle(dir_fd: int, path: bytes, flags: int) -> bytes:
     buf = ctypes.create_string_buffer(_HANDLE_HEAD.size + _MAX_HANDLE_SZ)
     _HANDLE_HEAD.pack_into(buf, 0, _MAX_HANDLE_SZ, 0)
     mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH), "name_to_handle_at")
+    _check(_libc.name_to_handle_at(dir_fd, path, buf, ctypes.byref(mount_id), flags), "name_to_handle_at")
     size, kind = _HANDLE_HEAD.unpack_from(buf, 0)
     return _HANDLE_HEAD.pack(size, kind) + buf.raw[_HANDLE_HEAD.size:_HANDLE_HEAD.size + size]
 

@@ -15,14 +15,16 @@ directory's ctime also moves when an entry is created, removed or renamed in it,
 shows as its directory. Each such path becomes a suspect of the next resync (its subtree compared, as
 after a crash).
 
-The top directory itself changed (an entry created, removed or renamed at the top) stands for its
-entries only (journal.entries_of(b"")), and the walk goes on below it: its entries are compared by
-name and kind, and each one that changed is a suspect of its own. That holds only if the top
-directory is the one that was watched: a directory moved into its place keeps its entries' ctimes,
-so its identity (the file system's handle of its inode) is compared with the one recorded when it
-was last watched; another one, or none recorded, means "everything" (b""), a checksum resync. Below
-the top, a changed directory stands for its whole subtree, for the same reason: nothing records the
-identity of a directory that was renamed over another.
+A changed directory stands for its entries only (journal.entries_of), and the walk goes on below
+it: its entries are compared by name and kind, and each one that changed is a suspect of its own.
+That holds only if it is the directory that was there when the tree became unwatched: a directory
+moved into its place keeps its entries' ctimes, and only its own ctime shows the move. So its
+identity (the file system's handle of its inode) is compared with the one recorded then:
+- the top directory's is recorded each time the tree is watched again (while watched it is a mount
+  point, which cannot be renamed); another one, or none, means "everything" (b""), a checksum resync;
+- the other directories' are recorded at a module's stop, while the read-only bind still covers the
+  tree (`record_directories`); another one, or none recorded (a reboot, a dead agent), means that
+  directory's whole subtree.
 
 The walk costs one lstat per entry, only when an agent starts on a directory that went unwatched
 (not at a swap or a failover, where the directory stays covered).
@@ -35,9 +37,12 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
 
 from .journal import entries_of
-from .syscalls import file_handle
+from .syscalls import file_handle, file_handle_at
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +65,51 @@ def root_identity(root_fd: int) -> str | None:
         return None
 
 
+def record_directories(root_fd: int, marker: Path, excluded: Callable[[bytes, bool], bool]) -> int:
+    """Write the identity of every directory below `root_fd` (replicated ones) to `marker`, durably;
+    returns how many. The tree must not change meanwhile (it is read-only for applications)."""
+    found: dict[bytes, bytes] = {}
+    base = b"/proc/self/fd/%d" % root_fd
+    todo: list[bytes] = [b""]
+    while todo:
+        rel = todo.pop()
+        with os.scandir(base + b"/" + rel if rel else base) as entries:
+            for entry in entries:
+                path = rel + b"/" + entry.name if rel else entry.name
+                if entry.is_dir(follow_symlinks=False) and not excluded(path, True):
+                    found[path] = file_handle_at(base + b"/" + path)
+                    todo.append(path)
+    tmp = marker.with_suffix(".dirs.tmp")
+    with open(tmp, "wb") as f:
+        f.write(msgspec.msgpack.encode(found))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
+    return len(found)
+
+
+def load_directories(marker: Path) -> dict[bytes, bytes]:
+    """What record_directories wrote ({} when nothing usable: every changed directory then stands
+    for its subtree)."""
+    try:
+        return msgspec.msgpack.decode(marker.read_bytes(), type=dict[bytes, bytes])
+    except FileNotFoundError:
+        return {}
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("cannot read the directories recorded in %s (%s): changed ones are compared whole", marker, exc)
+        return {}
+
+
 def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool], bool],
-                  progress: Callable[[int], None] | None = None, same_root: bool = False) -> list[bytes]:
+                  progress: Callable[[int], None] | None = None, same_root: bool = False,
+                  directories: dict[bytes, bytes] | None = None) -> list[bytes]:
     """Relative paths below the directory `root_fd` whose ctime is later than `since_ns` minus the
-    margin, topmost only (a changed directory stands for its subtree). The directory itself
-    changed: entries_of(b"") when `same_root` (it is the directory that was watched), else [b""],
-    everything, as when too much changed. `excluded(path, is_dir)`: paths not replicated, skipped.
-    `progress(entries)`: called every PROGRESS_EVERY entries looked at."""
+    margin, topmost only. A changed directory stands for its entries (entries_of) when it is the
+    one that was there then (for the top, `same_root`; below, the identity `directories` holds
+    for its path), else for its subtree; the top directory that is not the one watched means
+    everything, [b""], as when too much changed. `excluded(path, is_dir)`: paths not replicated,
+    skipped. `progress(entries)`: called every PROGRESS_EVERY entries looked at."""
+    directories = directories or {}
     after = since_ns - MARGIN_NS
     base = b"/proc/self/fd/%d" % root_fd
     found: list[bytes] = []
@@ -98,7 +141,11 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
                 if excluded(path, is_dir):
                     continue
                 if st.st_ctime_ns > after:
-                    found.append(path)
+                    if is_dir and _same_directory(directories.get(path), base + b"/" + path):
+                        found.append(entries_of(path))
+                        todo.append(path)
+                    else:
+                        found.append(path)
                     if len(found) > LIMIT:
                         return [b""]
                 elif is_dir:
@@ -106,12 +153,24 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
     return sorted(found)
 
 
+def _same_directory(recorded: bytes | None, path: bytes) -> bool:
+    if recorded is None:
+        return False
+    try:
+        return file_handle_at(path) == recorded
+    except OSError:
+        return False
+
+
 def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], bool] = lambda p, d: False,
-         where: object = "", progress: Callable[[int], None] | None = None, same_root: bool = False) -> list[bytes]:
-    """`changed_since` when the directory went unwatched at `since_ns` (None: it did not), logged."""
+         where: object = "", progress: Callable[[int], None] | None = None, same_root: bool = False,
+         directories: Path | None = None) -> list[bytes]:
+    """`changed_since` when the directory went unwatched at `since_ns` (None: it did not), logged.
+    `directories`: the file record_directories wrote when it did, if any."""
     if since_ns is None:
         return []
-    found = changed_since(root_fd, since_ns, excluded, progress, same_root)
+    recorded = load_directories(directories) if directories is not None else {}
+    found = changed_since(root_fd, since_ns, excluded, progress, same_root, recorded)
     if found:
         log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
                     "the directory itself" if found == [b""] else f"{len(found)} path(s)")

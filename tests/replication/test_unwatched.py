@@ -87,6 +87,36 @@ def test_the_identity_of_the_top_directory_tells_it_from_one_moved_into_its_plac
     assert identity(root) != j.root_id
 
 
+def test_a_changed_directory_recorded_at_the_stop_stands_for_its_entries_and_the_walk_goes_on(tmp_path: Path) -> None:
+    """The directories' identities recorded at the stop: one whose entries changed is compared by
+    its entries, and what changed inside it is found; one moved into the place of another (or
+    not recorded) stands for its whole subtree."""
+    root = tmp_path / "d"
+    _tree(root)
+    (root / "app/tmp").mkdir()
+    marker = tmp_path / "mod.d.dirs"
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert unwatched.record_directories(fd, marker, Excluder(["tmp/"]).excluded) == 4  # app/tmp left out
+        recorded = unwatched.load_directories(marker)
+        assert set(recorded) == {b"app", b"app/sub", b"app/old", b"other"}
+        since = _after_a_tick()
+        (root / "app/sub/new").write_bytes(b"n")  # app/sub: its entries
+        with open(root / "app/sub/a", "r+b") as f:
+            f.write(b"y")  # and one of them
+        os.rename(root / "other", tmp_path / "other.away")
+        (tmp_path / "other.new").mkdir()
+        os.rename(tmp_path / "other.new", root / "other")  # moved into the place of another
+        found = set(unwatched.changed_since(fd, since, lambda p, d: False, same_root=True, directories=recorded))
+        assert found == {jn.entries_of(b""), jn.entries_of(b"app/sub"), b"app/sub/new", b"app/sub/a", b"other"}
+        assert set(unwatched.changed_since(fd, since, lambda p, d: False, same_root=True)) == {
+            jn.entries_of(b""), b"app/sub", b"other"}  # nothing recorded: whole subtrees
+    finally:
+        os.close(fd)
+    marker.write_bytes(b"torn")
+    assert unwatched.load_directories(marker) == {}  # unreadable: whole subtrees, never an error
+
+
 def test_suspects_that_stand_for_a_directory_s_entries_follow_the_journal_s_rules() -> None:
     st = jn.State()
     st.add_suspect(jn.entries_of(b""))
@@ -174,23 +204,29 @@ def test_a_source_whose_directory_itself_changed_resyncs_everything(tmp_path: Pa
 fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
-BULK = 300  # files of a subtree nobody changes: never listed by a resync that compares what changed
+# A subtree of large files (compared block by block when in doubt, not by one digest).
+BULK_FILES, BULK_SIZE = 20, 128 * 1024
 
 
 @pytest.mark.fuse
 @fuse
-@pytest.mark.parametrize("where", ["below", "top", "top-link", "replaced"])
+@pytest.mark.parametrize("where", ["below", "top", "top-link", "replaced", "in-bulk", "bulk-replaced"])
 def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: Path, where: str) -> None:
     """Both nodes replicate, then the module stops on both. While stopped, someone changes the
     primary's directory (an edit, a new file, a removal) and the secondary's (a stray file, an edit).
     When the module starts again, the resync finds them: journal mode, comparing only those paths.
     Before, the journal resync sent nothing and the replicas stayed different, silently.
+    Every case but the replaced ones compares none of the unchanged large files of `bulk`.
     - "top": entries created, removed and renamed at the top of both trees: still a journal resync,
-      the top compared by its entries only (the unchanged subtree `bulk` is not even listed);
+      the top compared by its entries only;
     - "top-link": a hard link made at the top: the top's whole subtree is compared (its names must
       be found together), and the link is a link on the replica too;
     - "replaced": the primary's directory was replaced by another one, prepared before the stop
-      (its files' ctimes predate the stop, one differs in content only): a checksum resync."""
+      (its files' ctimes predate the stop, one differs in content only): a checksum resync;
+    - "in-bulk": a file created in `bulk` on the primary, one removed there on the secondary: the
+      directory is compared by its entries (it is the one there at the stop);
+    - "bulk-replaced": `bulk` replaced on the primary by a copy prepared before the stop, one
+      file differing in content only: `bulk` is compared whole, in a journal resync."""
     data, replica = tmp_path / "data", tmp_path / "replica"
     data.mkdir()
     replica.mkdir()
@@ -226,14 +262,21 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
         if where == "replaced":
             os.rename(data, tmp_path / "data.away")
             os.rename(restored, data)
+        if where == "in-bulk":
+            (data / "bulk/new").write_bytes(b"n" * BULK_SIZE)
+            os.unlink(replica / "bulk/0")
+        if where == "bulk-replaced":
+            os.rename(data / "bulk", tmp_path / "bulk.away")
+            os.rename(restored, data / "bulk")
 
-    def prepare_a_restore() -> None:
-        """The same tree, one file with other bytes and the same size and times: only a comparison finds it."""
-        shutil.copytree(data, restored, symlinks=True)
-        with open(restored / "app/old/gone", "r+b") as f:  # a file the secondary does not touch
+    def prepare_a_restore(tree: Path, changed: str) -> None:
+        """A copy of `tree` where the file `changed` has other bytes and the same size and times:
+        only a comparison finds it (the secondary leaves that file alone)."""
+        shutil.copytree(tree, restored, symlinks=True)
+        with open(restored / changed, "r+b") as f:
             f.write(b"restored")
-        st = os.stat(data / "app/old/gone")
-        os.utime(restored / "app/old/gone", ns=(st.st_atime_ns, st.st_mtime_ns))
+        st = os.stat(tree / changed)
+        os.utime(restored / changed, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     async def scenario() -> tuple[dict, dict, dict]:
         secondary, primary = services()
@@ -243,12 +286,15 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
             assert await wait_for(lambda: primary.status()["synced"], 20)
             await asyncio.to_thread(_tree, data)  # through the mount
             (data / "bulk").mkdir()
-            for i in range(BULK):
-                (data / f"bulk/{i}").write_bytes(b"b")
+            for i in range(BULK_FILES):
+                (data / f"bulk/{i}").write_bytes(b"b" * BULK_SIZE)
             await asyncio.sleep(0.5)
-            if where == "replaced":  # before the stop: its entries' ctimes are older than the stop
-                await asyncio.to_thread(prepare_a_restore)
-                await asyncio.sleep(0.2)
+            # Before the stop: the copy's entries' ctimes are older than the stop.
+            if where == "replaced":
+                await asyncio.to_thread(prepare_a_restore, data, "app/old/gone")
+            elif where == "bulk-replaced":
+                await asyncio.to_thread(prepare_a_restore, data / "bulk", "5")
+            await asyncio.sleep(0.2)
         finally:
             await primary.stop()
             await secondary.stop()
@@ -269,20 +315,58 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
     last, ours, theirs = asyncio.run(scenario())
     assert ours == theirs
     assert last["modes"] == (["checksum"] if where == "replaced" else ["journal"]), last
-    if where in ("below", "top"):
-        assert last["entries_listed"] < BULK, last  # only what changed was compared
+    if where in ("below", "top", "in-bulk"):
+        assert last["bytes_total"] < 4 * BULK_SIZE, last  # only what changed was compared
     if where == "top":
         assert (replica / "new-dir-at-the-top/f").read_bytes() == b"inside"
         assert not (replica / "stray-at-the-top").exists() and not (replica / "other").exists()
         assert not (replica / "other-renamed/stray").exists() and os.readlink(replica / "top") == "app"
     elif where == "top-link":
         assert os.stat(replica / "link-at-the-top").st_ino == os.stat(replica / "app/sub/a").st_ino
+    elif where == "in-bulk":
+        assert (replica / "bulk/0").exists() and (replica / "bulk/new").exists()
+    elif where == "bulk-replaced":
+        assert (replica / "bulk/5").read_bytes().startswith(b"restored")
     if where == "replaced":  # what was moved into place, not what was edited before
         assert (replica / "app/old/gone").read_bytes().startswith(b"restored")
         assert not (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
     else:
         assert (replica / "app/sub/a").read_bytes().startswith(b"edited while stopped")
         assert not (replica / "other/stray").exists() and not (replica / "app/old/gone").exists()
+
+
+@pytest.mark.fuse
+@fuse
+def test_the_directories_are_recorded_at_a_stop_only_when_watched_until_then(tmp_path: Path) -> None:
+    """A secondary's module stops: the identities of its directories are recorded under its
+    read-only bind, and dropped when an agent watches the tree again. A tree already unwatched
+    before the stop (its marker older) gets none: they would describe a later moment than the
+    marker, and a directory swapped in between would pass for the one that was there."""
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.mkdir()
+    replica.mkdir()
+    (replica / "sub").mkdir()
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+    state = tmp_path / "state"
+    dirs = jn.directories_marker(journal_path(state, "mod", os.fsencode(str(data))))
+
+    async def scenario() -> None:
+        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, state, listen_address="127.0.0.1",
+                                       receive_into={data: replica})
+        try:
+            await secondary.become_secondary()
+            await secondary.stop()
+            assert unwatched.load_directories(dirs).keys() == {b"sub"}
+            assert writable_marker(dirs.with_suffix(".journal")).exists()
+            await secondary.become_secondary()  # watched again: nothing changed, both go
+            assert not dirs.exists() and not writable_marker(dirs.with_suffix(".journal")).exists()
+            mark_writable(dirs.with_suffix(".journal"), time.time_ns() - 10**9)  # unwatched before
+            await secondary.stop()
+            assert not dirs.exists()
+        finally:
+            await secondary.stop()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.fuse
