@@ -205,3 +205,69 @@ def test_pgbench_through_vip_survives_power_off_of_the_primary(cluster: LabClust
     assert int(sql_when_up(cluster, "select count(*) from pgbench_history")) == kept
     assert sql(cluster, "select count(*) from after_failover") == "1"
 
+
+
+def run_by_hand(cluster: LabCluster, node: str, argv: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    """What an administrator runs on `node` itself: in its namespaces, on its own copy of the data."""
+    proc = cluster.app_spawn(node, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(argv)} did not finish in {timeout:g}s: {output[-2000:]}")
+    assert proc.returncode == 0, f"{' '.join(argv)}: {output[-2000:]}"
+    return output
+
+
+def wait_stopped(cluster: LabCluster, node: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while (cluster.status(node) or {}).get("modules", [{}])[0].get("state") != "STOP":
+        assert time.monotonic() < deadline, f"{node} did not stop: {cluster.status(node)}"
+        time.sleep(0.2)
+
+
+def test_postgresql_run_by_hand_while_the_module_is_stopped_is_resynchronised(cluster: LabCluster) -> None:
+    """An administrator stops the module on both nodes (the secondary first), starts PostgreSQL by
+    hand on the primary for maintenance, runs transactions, stops it, then starts the module again.
+    None of that went through replication. The restart finds it: a journal resync (the tree was
+    watched until the stop, so only what changed is compared, not the data set), replicas that
+    verify identical, and every row there, on both nodes."""
+    assert cluster.lab is not None and cluster.workdir is not None
+    cluster.start_daemon("n1")
+    cluster.start_daemon("n2")
+    cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=60)
+    vip = cluster.vip.split("/")[0]
+    init = cluster.lab.run("client", [tool("pgbench"), "-i", "-s", "2", "-q", "-h", vip, "-p", str(PORT), "-U",
+                                      "postgres", "postgres"], timeout=60, check=False)
+    assert init.returncode == 0, init.stderr
+    sql(cluster, "checkpoint")
+
+    for node in ("n2", "n1"):  # the secondary first: the primary then has no one to hand over to
+        stop = cluster.cli(node, "stop", timeout=90)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        wait_stopped(cluster, node)
+
+    env = dict(cluster.env("n1"), PG_REQUIRE_REPLICATED="0")  # the plain directory: no mount now
+    run_by_hand(cluster, "n1", [str(EXAMPLE / "start_prim"), "STOP", "PRIM", "start"], env)
+    run_by_hand(cluster, "n1", ["runuser", "-u", "postgres", "--", tool("pgbench"), "-n", "-c", "2", "-t", "150",
+                                "-h", str(cluster.workdir / "run-n1"), "-p", str(PORT), "postgres"], env)
+    run_by_hand(cluster, "n1", [str(EXAMPLE / "stop_prim"), "PRIM", "STOP", "stop"], env)
+    data_set = sum(f.stat().st_size for f in cluster.disk("n1").rglob("*") if f.is_file() and not f.is_symlink())
+
+    for node in ("n1", "n2"):
+        start = cluster.cli(node, "start", timeout=90)
+        assert start.returncode == 0, start.stdout + start.stderr
+    cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=90)
+    replication = (cluster.status("n1") or {}).get("modules", [{}])[0].get("replication") or {}
+    last = replication.get("last_resync") or {}
+    print(f"resync after PostgreSQL ran by hand ({data_set} bytes in the data directory): {last}")
+    assert last.get("modes") == ["journal"], last
+    assert sql_when_up(cluster, "select count(*) from pgbench_history") == "300"
+    sql(cluster, "checkpoint")
+    verify = cluster.cli("n1", "verify", timeout=90)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    swap = cluster.cli("n1", "swap", timeout=90)
+    assert swap.returncode == 0, swap.stdout + swap.stderr
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=90)
+    assert sql_when_up(cluster, "select count(*) from pgbench_history") == "300"
