@@ -760,6 +760,7 @@ class Journal:
         if self.root_id is not None and self.remembered_root() != self.root_id:
             marker = root_marker(self.path)
             try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
                 tmp = marker.with_suffix(".root.tmp")
                 tmp.write_text(self.root_id + "\n")
                 os.replace(tmp, marker)

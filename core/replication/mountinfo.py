@@ -25,3 +25,9 @@ def entries() -> list[list[bytes]]:
 def unescape(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040...)."""
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mounts_below(directory: bytes) -> list[bytes]:
+    """Mount points strictly inside `directory` (an absolute path without symlinks), sorted."""
+    prefix = directory.rstrip(b"/") + b"/"
+    return sorted({f[4] for f in entries() if f[4].startswith(prefix)})

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 from collections.abc import Iterator
 
 from .messages import ProtocolError
+from .mountinfo import mounts_below
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -140,8 +142,26 @@ def openat2_available() -> bool:
 def open_replicated_dir(path: str | os.PathLike[str]) -> int:
     """An O_PATH descriptor of a replicated directory itself, or an OSError saying what to do."""
     try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise OSError(exc.errno, f"replicated directory {os.fspath(path)}: {exc.strerror}: create it on this "
                                  "node (with the application's owner and mode), or correct "
                                  "replication.directories") from None
+    try:
+        refuse_nested_mounts(os.fsencode(os.readlink(f"/proc/self/fd/{fd}")))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def refuse_nested_mounts(directory: bytes) -> None:
+    """OSError if another file system is mounted inside `directory` (absolute, no symlinks): its
+    files would be reached through the directory, their inode numbers mixed with its own, and the
+    other node would hold them on its own file system or not at all."""
+    nested = mounts_below(directory)
+    if nested:
+        raise OSError(errno.EXDEV, f"replicated directory {os.fsdecode(directory)}: {os.fsdecode(nested[0])} is a "
+                                   "mount point inside it (another file system), which replication does not "
+                                   "support: mount it outside the replicated directory, or replicate a directory "
+                                   "that does not contain it")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import mountinfo
 from .journal import boot_id
-from .paths import open_replicated_dir
+from .paths import open_replicated_dir, refuse_nested_mounts
 from .syscalls import (
     MNT_DETACH,
     MOUNT_ATTR_RDONLY,
@@ -141,6 +141,7 @@ def open_writable(directory: Path, marker: Path) -> int:
     see protect_beneath), the root of a private copy of that bind with read-only cleared, attached
     nowhere (applications still see the read-only one, so there is no writable moment)."""
     if marker.exists() and is_protected(directory):
+        refuse_nested_mounts(os.fsencode(os.path.realpath(directory)))
         tree = open_tree(os.fsencode(directory))
         try:
             mount_setattr(tree, clear_flags=MOUNT_ATTR_RDONLY)

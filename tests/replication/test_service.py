@@ -150,6 +150,47 @@ def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) ->
         assert "Traceback" not in reason
 
 
+def test_another_file_system_mounted_inside_a_replicated_directory_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A tmpfs mounted inside the directory: its files would be served and replicated as the
+    directory's own (their inode numbers mixed with its files', reads of one file answered with
+    another's bytes), and the other node would hold them on its own disk. Both roles refuse it,
+    the secondary also when its read-only bind (left by an earlier run) covers the directory."""
+    import subprocess
+
+    from safekit_cloud.core.replication.protect import marker_path, protect
+
+    data = tmp_path / "data"
+    (data / "logs").mkdir(parents=True)
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+
+    async def attempt(role: str) -> str:
+        svc = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / role, listen_address="127.0.0.1")
+        try:
+            await (svc.become_primary() if role == "primary" else svc.become_secondary())
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            await svc.stop()
+        return "no error"
+
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(data / "logs")], check=True)
+    try:
+        want = (f"replicated directory {data}: {data / 'logs'} is a mount point inside it (another file system), "
+                "which replication does not support: mount it outside the replicated directory")
+        for role in ("primary", "secondary"):
+            reason = asyncio.run(attempt(role))
+            assert want in reason and "Traceback" not in reason, reason
+            assert not mounted_fuse_at(data)
+        protect(data, marker_path(tmp_path / "secondary", "mod", data))
+        try:
+            reason = asyncio.run(attempt("secondary"))
+            assert want in reason, reason
+        finally:
+            subprocess.run(["umount", "-l", str(data)], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(data / "logs")], check=False)
+
+
 def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_everything(tmp_path: Path) -> None:
     """`umount -l` of the primary's mount by someone else: what the application writes there next goes
     around replication into no journal. The agent reports it as failed (the engine restarts the
