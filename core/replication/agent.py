@@ -98,13 +98,16 @@ def die_with_the_daemon() -> None:
 
 
 async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event) -> None:
+    # `directory` names it (journal, stream); `local` is where it is here, symlinks resolved
+    # before the mount (mounts are removed and protected by their real path).
     directory = Path(args.directory)
+    local = Path(args.local or os.path.realpath(directory))
     name = os.fsencode(directory)
     excluder = Excluder(args.exclude)
     journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
     unwatched_paths: list[bytes] = []
     since = journal.unwatched_since_ns()
-    fd = open_replicated_dir(directory)  # before the mount: the real directory
+    fd = open_replicated_dir(local)  # before the mount: the real directory
     try:
         journal.root_id = unwatched.root_identity(fd)
         if since is not None:
@@ -137,9 +140,9 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, peer_gone)
     # At the stop, a read-only bind goes beneath the mount before it is removed (protect.py).
-    guard = protect_marker(Path(args.state_dir), args.module, directory) if args.protect else None
-    mount = FuseMount(directory, make_fs, guard=guard)
-    where = os.fsencode(os.path.realpath(directory))  # resolved before the mount: never through it
+    guard = protect_marker(Path(args.state_dir), args.module, local) if args.protect else None
+    mount = FuseMount(local, make_fs, guard=guard)
+    where = os.fsencode(local)
     await mount.start()
     emit("ready", dirty=True, journal=journal.describe())
     connector = asyncio.create_task(_connect_loop(args, key, name, repl, stop), name="repl-connect")
@@ -274,6 +277,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--exclude", action="append", default=[])
     ap.add_argument("--directory", help="primary: the directory to mount over")
+    ap.add_argument("--local", help="primary: where --directory is on this node, symlinks resolved (default: "
+                                    "resolved here)")
     ap.add_argument("--peer", help="primary: host:port of the secondary's receiver")
     ap.add_argument("--listen", help="secondary: host:port to listen on")
     ap.add_argument("--directory-list", action="append", default=[], help="secondary: DIR or DIR=LOCAL_DIR, repeated")

@@ -103,12 +103,12 @@ class ReplicationService:
         self._unprotect_all()  # a crashed secondary's read-only bind must not be under our mount
         self._open_local_fds()
         for directory in self.config.directories:
-            argv = ["--role", "primary", "--directory", str(directory),
+            argv = ["--role", "primary", "--directory", str(directory), "--local", str(self._local_dir(directory)),
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
             argv += [f"--exclude={p}" for p in self.config.exclude]
             argv += self._resync_argv(base_generation)
             # Resolved now, before the mount: the watchdog must not ask a mount that may be hung.
-            await self._spawn(str(directory), argv, mount_point=os.fsencode(os.path.realpath(directory)))
+            await self._spawn(str(directory), argv, mount_point=os.fsencode(self._local_dir(directory)))
         self.role = "primary"
         self._start_watchdog()
 
@@ -120,7 +120,7 @@ class ReplicationService:
         await self._stop_agents()
         self._check_protection()
         argv = ["--role", "secondary", "--listen", f"{self._bracket(self.listen_address)}:{self.config.port}"]
-        argv += [f"--directory-list={d}={self.receive_into.get(Path(d), d)}" for d in self.config.directories]
+        argv += [f"--directory-list={d}={self._local_dir(d)}" for d in self.config.directories]
         argv += self._resync_argv(generation) + (["--fullsync"] if fullsync else [])
         await self._spawn("receiver", argv)
         self.role = "secondary"
@@ -265,7 +265,9 @@ class ReplicationService:
         return report
 
     def _local_dir(self, directory: Path | str) -> Path:
-        return self.receive_into.get(Path(directory), Path(directory))
+        """Where `directory` is on this node, symlinks resolved: mounts are made, found and
+        removed by their real path (umount and move_mount do not follow a final symlink)."""
+        return Path(os.path.realpath(self.receive_into.get(Path(directory), Path(directory))))
 
     def _unprotect_all(self) -> None:
         """Remove our read-only binds."""
@@ -298,9 +300,10 @@ class ReplicationService:
         """A killed agent's dead mount is about to go: our read-only bind beneath it first, as the
         agent itself does at a stop (protect.py), else the directory is marked unwatched."""
         fd = self._local_fds.get(directory)
+        local = self._local_dir(directory)
         if fd is not None:
             try:
-                protect_beneath(fd, directory, protect_marker(self.state_dir, self.module, directory))
+                protect_beneath(fd, local, protect_marker(self.state_dir, self.module, local))
                 return
             except OSError as exc:
                 log.warning("cannot put a read-only bind beneath the dead mount over %s: %s", directory, exc)
@@ -316,12 +319,13 @@ class ReplicationService:
     def _open_local_fds(self) -> None:
         self._close_local_fds()
         for directory in self.config.directories:
+            local = self._local_dir(directory)
             try:
-                unmount(Path(directory))  # a dead mount of a crashed agent would hide the directory
+                unmount(local)  # a dead mount of a crashed agent would hide the directory
             except OSError as exc:
                 log.error("cannot unmount %s: %s", directory, exc)
             try:
-                self._local_fds[Path(directory)] = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._local_fds[Path(directory)] = os.open(local, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as exc:  # the agent will report it too; verify says so
                 log.error("cannot open %s: %s", directory, exc)
 
@@ -482,9 +486,9 @@ class ReplicationService:
         if previous == "primary":
             for directory in self.config.directories:
                 try:
-                    if mounted_fuse_at(Path(directory)):  # a killed agent leaves a dead mount behind
+                    if mounted_fuse_at(self._local_dir(directory)):  # a killed agent leaves a dead mount behind
                         self._cover(Path(directory))
-                        unmount(Path(directory))
+                        unmount(self._local_dir(directory))
                 except OSError as exc:
                     log.error("cannot unmount %s: %s", directory, exc)
             self._close_local_fds()

@@ -191,6 +191,54 @@ def test_another_file_system_mounted_inside_a_replicated_directory_is_refused_wi
         subprocess.run(["umount", "-l", str(data / "logs")], check=False)
 
 
+def test_a_replicated_directory_named_through_a_symlink_is_mounted_protected_and_released(tmp_path: Path) -> None:
+    """replication.directories names /var/lib/app, a symlink to /data/app (a common layout). The
+    mounts go on the real directory and are found and removed there: before, the primary's stop
+    could neither put its read-only bind beneath its mount nor unmount it (umount and move_mount
+    do not follow a final symlink), the agent failed and left a dead mount (ENOTCONN) over the
+    application's data. Two rounds: the second one is a journal resync, and nothing is left."""
+    real, replica_real = tmp_path / "real", tmp_path / "replica-real"
+    real.mkdir()
+    replica_real.mkdir()
+    data, replica = tmp_path / "data", tmp_path / "replica"
+    data.symlink_to(real)
+    replica.symlink_to(replica_real)
+    cfg = ReplicationConfig(directories=[data], port=free_port())
+
+    def ours_mounted() -> list[str]:
+        return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in line]
+
+    async def round_(n: int) -> tuple[list[str], bool]:
+        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "s2", listen_address="127.0.0.1",
+                                       receive_into={data: replica})
+        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "s1", timeout=2.0)
+        try:
+            await secondary.become_secondary()
+            await primary.become_primary()
+            assert await wait_for(lambda: primary.status()["synced"], 20)
+            assert mounted_fuse_at(real)
+            await _blocking((data / f"written-{n}").write_bytes, b"through the symlink")
+            await asyncio.sleep(0.3)
+            with pytest.raises(OSError) as refused:
+                (replica / "stray").write_bytes(b"x")
+            assert refused.value.errno == errno.EROFS
+            modes = (primary.status()["last_resync"] or {}).get("modes")
+        finally:
+            await primary.stop()
+            await secondary.stop()
+        return modes, bool(ours_mounted())
+
+    try:
+        assert asyncio.run(round_(0))[1] is False  # nothing left mounted after the stop
+        modes, left = asyncio.run(round_(1))
+        assert modes == ["journal"] and not left
+        assert describe_tree(real) == describe_tree(replica_real)
+        assert (replica_real / "written-1").read_bytes() == b"through the symlink"
+        (data / "after-the-stop").write_bytes(b"writable again")  # no read-only bind, no dead mount
+    finally:
+        force_unmount(real)
+
+
 def test_a_mount_removed_from_outside_is_reported_and_the_next_resync_compares_everything(tmp_path: Path) -> None:
     """`umount -l` of the primary's mount by someone else: what the application writes there next goes
     around replication into no journal. The agent reports it as failed (the engine restarts the
