@@ -130,11 +130,10 @@ def test_reconnect_delay_doubles_up_to_a_cap() -> None:
     assert reconnect_delay(10**6, 0.5) == 30.0
 
 
-def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) -> None:
-    cfg = ReplicationConfig(directories=[tmp_path / "missing"], port=free_port())
-
-    async def attempt(role: str) -> str:
-        svc = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / role, listen_address="127.0.0.1")
+def _start_error(cfg: ReplicationConfig, state_dir: Path, role: str) -> str:
+    """What the service raises when its role cannot start ("no error" if it starts)."""
+    async def attempt() -> str:
+        svc = ReplicationService("mod", cfg, "127.0.0.1", KEY, state_dir, listen_address="127.0.0.1")
         try:
             await (svc.become_primary() if role == "primary" else svc.become_secondary())
         except RuntimeError as exc:
@@ -143,8 +142,13 @@ def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) ->
             await svc.stop()
         return "no error"
 
+    return asyncio.run(attempt())
+
+
+def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) -> None:
+    cfg = ReplicationConfig(directories=[tmp_path / "missing"], port=free_port())
     for role in ("primary", "secondary"):
-        reason = asyncio.run(attempt(role))
+        reason = _start_error(cfg, tmp_path / role, role)
         want = f"replicated directory {tmp_path / 'missing'}: No such file or directory: create it on this node"
         assert want in reason, reason
         assert "Traceback" not in reason
@@ -152,8 +156,8 @@ def test_a_missing_replicated_directory_fails_with_what_to_do(tmp_path: Path) ->
 
 def test_another_file_system_mounted_inside_a_replicated_directory_is_refused_with_what_to_do(tmp_path: Path) -> None:
     """A tmpfs mounted inside the directory: its files would be served and replicated as the
-    directory's own (their inode numbers mixed with its files', reads of one file answered with
-    another's bytes), and the other node would hold them on its own disk. Both roles refuse it,
+    directory's own (their inode numbers mixed with its files': on two file systems one number
+    names two files), and the other node would hold them on its own disk. Both roles refuse it,
     the secondary also when its read-only bind (left by an earlier run) covers the directory."""
     import subprocess
 
@@ -162,28 +166,17 @@ def test_another_file_system_mounted_inside_a_replicated_directory_is_refused_wi
     data = tmp_path / "data"
     (data / "logs").mkdir(parents=True)
     cfg = ReplicationConfig(directories=[data], port=free_port())
-
-    async def attempt(role: str) -> str:
-        svc = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / role, listen_address="127.0.0.1")
-        try:
-            await (svc.become_primary() if role == "primary" else svc.become_secondary())
-        except RuntimeError as exc:
-            return str(exc)
-        finally:
-            await svc.stop()
-        return "no error"
-
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(data / "logs")], check=True)
     try:
         want = (f"replicated directory {data}: {data / 'logs'} is a mount point inside it (another file system), "
                 "which replication does not support: mount it outside the replicated directory")
         for role in ("primary", "secondary"):
-            reason = asyncio.run(attempt(role))
+            reason = _start_error(cfg, tmp_path / role, role)
             assert want in reason and "Traceback" not in reason, reason
             assert not mounted_fuse_at(data)
         protect(data, marker_path(tmp_path / "secondary", "mod", data))
         try:
-            reason = asyncio.run(attempt("secondary"))
+            reason = _start_error(cfg, tmp_path / "secondary", "secondary")
             assert want in reason, reason
         finally:
             subprocess.run(["umount", "-l", str(data)], check=False)
@@ -209,12 +202,7 @@ def test_a_replicated_directory_named_through_a_symlink_is_mounted_protected_and
         return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in line]
 
     async def round_(n: int) -> tuple[list[str], bool]:
-        secondary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "s2", listen_address="127.0.0.1",
-                                       receive_into={data: replica})
-        primary = ReplicationService("mod", cfg, "127.0.0.1", KEY, tmp_path / "s1", timeout=2.0)
-        try:
-            await secondary.become_secondary()
-            await primary.become_primary()
+        async with running_pair(tmp_path, cfg, data, replica, timeout=2.0) as (_, primary):
             assert await wait_for(lambda: primary.status()["synced"], 20)
             assert mounted_fuse_at(real)
             await _blocking((data / f"written-{n}").write_bytes, b"through the symlink")
@@ -223,9 +211,6 @@ def test_a_replicated_directory_named_through_a_symlink_is_mounted_protected_and
                 (replica / "stray").write_bytes(b"x")
             assert refused.value.errno == errno.EROFS
             modes = (primary.status()["last_resync"] or {}).get("modes")
-        finally:
-            await primary.stop()
-            await secondary.stop()
         return modes, bool(ours_mounted())
 
     try:
