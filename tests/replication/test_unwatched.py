@@ -210,7 +210,7 @@ BULK_FILES, BULK_SIZE = 20, 128 * 1024
 
 @pytest.mark.fuse
 @fuse
-@pytest.mark.parametrize("where", ["below", "top", "top-link", "replaced", "in-bulk", "bulk-replaced"])
+@pytest.mark.parametrize("where", ["below", "top", "top-link", "cross-link", "replaced", "in-bulk", "bulk-replaced"])
 def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: Path, where: str) -> None:
     """Both nodes replicate, then the module stops on both. While stopped, someone changes the
     primary's directory (an edit, a new file, a removal) and the secondary's (a stray file, an edit).
@@ -221,6 +221,8 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
       the top compared by its entries only;
     - "top-link": a hard link made at the top: the top's whole subtree is compared (its names must
       be found together), and the link is a link on the replica too;
+    - "cross-link": a hard link made from one directory into another, with no identities recorded
+      (as after a reboot with no stop): both subtrees compared, the link a link on the replica;
     - "replaced": the primary's directory was replaced by another one, prepared before the stop
       (its files' ctimes predate the stop, one differs in content only): a checksum resync;
     - "in-bulk": a file created in `bulk` on the primary, one removed there on the secondary: the
@@ -259,6 +261,11 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
             (replica / "stray-at-the-top").write_bytes(b"secondary")
         if where == "top-link":
             os.link(data / "app/sub/a", data / "link-at-the-top")
+        if where == "cross-link":
+            os.link(data / "other/c", data / "app/sub/link-elsewhere")
+            for state in ("state1", "state2"):  # as after a reboot with no stop: no identities
+                for f in (tmp_path / state).glob("*.dirs"):
+                    f.unlink()
         if where == "replaced":
             os.rename(data, tmp_path / "data.away")
             os.rename(restored, data)
@@ -323,6 +330,8 @@ def test_changes_made_while_the_module_was_stopped_are_resynchronised(tmp_path: 
         assert not (replica / "other-renamed/stray").exists() and os.readlink(replica / "top") == "app"
     elif where == "top-link":
         assert os.stat(replica / "link-at-the-top").st_ino == os.stat(replica / "app/sub/a").st_ino
+    elif where == "cross-link":
+        assert os.stat(replica / "app/sub/link-elsewhere").st_ino == os.stat(replica / "other/c").st_ino
     elif where == "in-bulk":
         assert (replica / "bulk/0").exists() and (replica / "bulk/new").exists()
     elif where == "bulk-replaced":
