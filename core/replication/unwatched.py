@@ -41,7 +41,7 @@ from pathlib import Path
 
 import msgspec
 
-from .journal import entries_of
+from .journal import MAX_SUSPECTS, coarsen, entries_of
 from .syscalls import file_handle, file_handle_at
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 # Timestamps come from the kernel's coarse clock: entries changed up to this long before the
 # moment are taken too (harmless: compared for nothing).
 MARGIN_NS = 50_000_000
-# Beyond this many suspects the caller coarsens them; the walk stops collecting and says "everything".
+# Beyond this many paths found, the walk coarsens them to directories (journal.coarsen) and no longer
+# walks below those: its memory stays bounded whatever changed.
 LIMIT = 100_000
 PROGRESS_EVERY = 100_000  # entries: about 0.3 s of walking here
 
@@ -107,8 +108,9 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
     margin, topmost only. A changed directory stands for its entries (entries_of) when it is the
     one that was there then (for the top, `same_root`; below, the identity `directories` holds
     for its path), else for its subtree; the top directory that is not the one watched means
-    everything, [b""], as when too much changed. `excluded(path, is_dir)`: paths not replicated,
-    skipped. `progress(entries)`: called every PROGRESS_EVERY entries looked at."""
+    everything, [b""]. Beyond LIMIT paths, coarsened to directories. `excluded(path, is_dir)`:
+    paths not replicated, skipped. `progress(entries)`: called every PROGRESS_EVERY entries
+    looked at."""
     directories = directories or {}
     after = since_ns - MARGIN_NS
     base = b"/proc/self/fd/%d" % root_fd
@@ -118,9 +120,12 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
             return [b""]
         found.append(entries_of(b""))
     todo: list[bytes] = [b""]
+    covered: set[bytes] = set()  # subtrees found already, once coarsened (not walked further)
     seen = 0
     while todo:
         rel = todo.pop()
+        if covered and _within(rel, covered):
+            continue
         try:
             entries = os.scandir(base + b"/" + rel if rel else base)
         except OSError as exc:
@@ -133,6 +138,8 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
                 if progress is not None and seen % PROGRESS_EVERY == 0:
                     progress(seen)
                 path = rel + b"/" + entry.name if rel else entry.name
+                if covered and _within(path, covered):
+                    continue
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -146,11 +153,23 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
                         todo.append(path)
                     else:
                         found.append(path)
-                    if len(found) > LIMIT:
-                        return [b""]
+                    if len(found) > LIMIT:  # bounded: to directories, as the journal would anyway
+                        found = coarsen(found, MAX_SUSPECTS)
+                        if found == [b""]:
+                            return found
+                        covered = set(found)
                 elif is_dir:
                     todo.append(path)
     return sorted(found)
+
+
+def _within(path: bytes, tops: set[bytes]) -> bool:
+    """`path` is one of `tops` or below one."""
+    while path not in tops:
+        if b"/" not in path:
+            return False
+        path = path.rpartition(b"/")[0]
+    return True
 
 
 def _same_directory(recorded: bytes | None, path: bytes) -> bool:

@@ -117,6 +117,30 @@ def test_a_changed_directory_recorded_at_the_stop_stands_for_its_entries_and_the
     assert unwatched.load_directories(marker) == {}  # unreadable: whole subtrees, never an error
 
 
+def test_a_walk_that_finds_too_much_coarsens_to_directories_rather_than_everything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many files changed in a few recorded directories: beyond the walk's limit, their paths are
+    coarsened to those directories (compared whole), not to the whole tree, and nothing changed
+    is left out."""
+    root = tmp_path / "d"
+    _tree(root)
+    marker = tmp_path / "mod.d.dirs"
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        unwatched.record_directories(fd, marker, lambda p, d: False)
+        since = _after_a_tick()
+        for i in range(12):
+            (root / f"app/sub/new{i}").write_bytes(b"n")
+            (root / f"other/new{i}").write_bytes(b"n")
+        monkeypatch.setattr(unwatched, "LIMIT", 10)
+        monkeypatch.setattr(unwatched, "MAX_SUSPECTS", 2)
+        found = unwatched.changed_since(fd, since, lambda p, d: False, same_root=True,
+                                        directories=unwatched.load_directories(marker))
+    finally:
+        os.close(fd)
+    assert found == [b"app/sub", b"other"]
+
+
 def test_suspects_that_stand_for_a_directory_s_entries_follow_the_journal_s_rules() -> None:
     st = jn.State()
     st.add_suspect(jn.entries_of(b""))
