@@ -19,8 +19,9 @@ batch per side (plus the differences kept for the re-check), whatever the size o
 Hashing reads 1 MiB at a time into one reused buffer.
 
 Files that change while verify runs may show up as differences. Every difference found (up to
-MAX_TRACKED of them) is re-checked once at the end, on both sides, path by path; those that
-vanished are counted as `settled` and not reported. Differences in `link` are kept as they were
+MAX_TRACKED of them) is re-checked at the end, on both sides, path by path, in up to
+RECHECK_ROUNDS rounds a growing delay apart (each round looking at the two sides in the other
+order); those that vanished in any round are counted as `settled` and not reported. Differences in `link` are kept as they were
 found (a single path cannot be re-checked for it).
 """
 
@@ -56,6 +57,8 @@ KEEPALIVE = 2.0  # the receiver sends an empty part this often while a batch is 
 READ_TIMEOUT = 60.0  # the primary gives up on a receiver silent for this long
 MAX_LISTED = 100  # differences listed in the report (all are counted)
 MAX_TRACKED = 10_000  # differences kept for the re-check
+RECHECK_ROUNDS = 4  # a difference is reported only if every round still finds it
+RECHECK_DELAY = 0.1  # seconds before the second round, doubled for each one after
 _XATTR_NAMES_MAX = 8192
 
 PROBLEMS = ("missing_on_secondary", "missing_on_primary", "differs")
@@ -542,17 +545,43 @@ async def verify_directory(local_root_fd: int, host: str, port: int, key: bytes,
 
 async def _recheck(result: DirectoryResult, conn: _Connection, local_root_fd: int, excluder: Excluder,
                    exclude: list[str]) -> None:
+    """Re-check the differences found, in up to RECHECK_ROUNDS rounds a growing delay apart; one
+    that is gone in any round is settled. A file that the application keeps making and renaming
+    (a temporary file) exists on each side only part of the time, and the two sides are looked at
+    a moment apart: one look can catch it on one side only, several in a row do not."""
+    result.rechecked = len(result.tracked)
+    for round_ in range(RECHECK_ROUNDS):
+        if not result.tracked:
+            return
+        if round_:
+            await asyncio.sleep(RECHECK_DELAY * 2 ** (round_ - 1))
+        await _recheck_round(result, conn, local_root_fd, excluder, exclude, remote_first=bool(round_ % 2))
+
+
+async def _recheck_round(result: DirectoryResult, conn: _Connection, local_root_fd: int, excluder: Excluder,
+                         exclude: list[str], remote_first: bool) -> None:
     paths = list(result.tracked)
-    scanner = Scanner(local_root_fd, excluder)
-    try:
-        local = {e.path: e for e in await asyncio.to_thread(lambda: list(_lookups(scanner, paths)))}
-    finally:
-        scanner.close()
-    remote: dict[bytes, m.Entry] = {}
-    for chunk in _path_chunks(paths):
-        async for entry in conn.request(chunk, exclude):
-            remote[entry.path] = entry
-    result.rechecked = len(paths)
+
+    async def look_local() -> dict[bytes, m.Entry]:
+        scanner = Scanner(local_root_fd, excluder)
+        try:
+            return {e.path: e for e in await asyncio.to_thread(lambda: list(_lookups(scanner, paths)))}
+        finally:
+            scanner.close()
+
+    async def look_remote() -> dict[bytes, m.Entry]:
+        out: dict[bytes, m.Entry] = {}
+        for chunk in _path_chunks(paths):
+            async for entry in conn.request(chunk, exclude):
+                out[entry.path] = entry
+        return out
+
+    if remote_first:
+        remote = await look_remote()
+        local = await look_local()
+    else:
+        local = await look_local()
+        remote = await look_remote()
     for path in paths:
         old = result.tracked[path]
         a, b = local.get(path), remote.get(path)

@@ -204,6 +204,33 @@ def test_changes_during_verify_filtered_by_the_recheck(trees: tuple[Path, Path],
     assert any("re-checked" in n for n in report["notes"])
 
 
+def test_a_temporary_file_caught_on_one_side_by_a_re_check_is_not_a_difference(
+        trees: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An application that keeps writing a temporary file and renaming it (the demo's service does)
+    has it on each side part of the time: the walk and the first re-check both catch it on the
+    primary only, a later round does not. Reported once, it made verify of a busy, identical pair
+    say "different" now and then. A real difference stays in every round."""
+    primary, replica = trees
+    (primary / "visits.tmp").write_bytes(b"being renamed")
+    os.chmod(replica / "sparse", 0o600)  # a real difference
+    rounds: list[int] = []
+    original = v._recheck_round
+
+    async def recheck_round(*args: Any, **kw: Any) -> None:
+        await original(*args, **kw)
+        rounds.append(len(rounds))
+        if len(rounds) == 1:  # renamed away after that look, and the top's times equal again
+            (primary / "visits.tmp").unlink()
+            st_ = replica.stat()
+            os.utime(primary, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+
+    monkeypatch.setattr(v, "_recheck_round", recheck_round)
+    monkeypatch.setattr(v, "RECHECK_DELAY", 0.01)
+    report = run(_verify(primary, replica))
+    assert _problems(report) == {"sparse": ("differs", ("mode",))}
+    assert report["settled"] == 2 and len(rounds) == v.RECHECK_ROUNDS  # visits.tmp and the top's mtime
+
+
 def test_report_is_capped_and_counts_everything(tmp_path: Path) -> None:
     primary, replica = tmp_path / "p", tmp_path / "r"
     primary.mkdir()
