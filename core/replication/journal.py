@@ -522,7 +522,7 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
         pos = end
     return out, len(data) - pos
 
-# A suspect of the form "<directory>/\0" (b"\0" for the top) stands for that directory's entries
+
 # A suspect of the form "<directory>/\0" (b"\0" for the top) stands for that directory's entries
 # only: their names and kinds are compared, not what they hold (resync.py). NUL is never in a
 # name, and as a path below the directory it follows every rule of the subtree (a rename of the

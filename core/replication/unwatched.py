@@ -105,12 +105,12 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
                   progress: Callable[[int], None] | None = None, same_root: bool = False,
                   directories: dict[bytes, bytes] | None = None) -> list[bytes]:
     """Relative paths below the directory `root_fd` whose ctime is later than `since_ns` minus the
-    margin, topmost only. A changed directory stands for its entries (entries_of) when it is the
-    one that was there then (for the top, `same_root`; below, the identity `directories` holds
-    for its path), else for its subtree; the top directory that is not the one watched means
-    everything, [b""]. Beyond LIMIT paths, coarsened to directories. `excluded(path, is_dir)`:
-    paths not replicated, skipped. `progress(entries)`: called every PROGRESS_EVERY entries
-    looked at."""
+    margin. A changed directory stands for its entries (entries_of), and the walk goes on inside
+    it, when it is the one that was there then (for the top, `same_root`; below, the identity
+    `directories` holds for its path); else for its whole subtree, not walked further. The top
+    directory that is not the one watched means everything, [b""]. Beyond LIMIT paths, coarsened
+    to directories. `excluded(path, is_dir)`: paths not replicated, skipped. `progress(entries)`:
+    called every PROGRESS_EVERY entries looked at."""
     directories = directories or {}
     after = since_ns - MARGIN_NS
     base = b"/proc/self/fd/%d" % root_fd
