@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -319,6 +320,23 @@ def config_check(g: Globals) -> None:
     cfg = g.config()
     click.echo(f"# {g.config_path}: valid; effective configuration with defaults filled in")
     click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False), nl=False)
+    for warning in _this_node_warnings(cfg):
+        click.echo(f"warning: this node: {warning}", err=True)
+
+
+def _this_node_warnings(cfg: ClusterConfig) -> list[str]:
+    """What would stop a module's replication from starting on this node, whatever the file says:
+    a replicated directory missing, or another file system mounted inside one."""
+    from .replication.paths import open_replicated_dir  # the same check as the agents', same words
+
+    out = []
+    for module in cfg.modules:
+        for directory in module.replication.directories:
+            try:
+                os.close(open_replicated_dir(directory))
+            except OSError as exc:
+                out.append(f"module {module.name}: {exc.strerror or exc}")
+    return out
 
 
 # ---- commands to the daemon ----------------------------------------------------------------------

@@ -321,6 +321,19 @@ def test_config_check_lists_every_problem(tmp_path: Path) -> None:
     assert status.exit_code == 1 and status.stderr == result.stderr
 
 
+def test_config_check_warns_about_a_replicated_directory_missing_on_this_node(tmp_path: Path) -> None:
+    """The file is valid, but the module could not replicate here: said at once, not at the first
+    failover (the file stays valid: exit 0)."""
+    out, data = tmp_path / "cluster.yaml", tmp_path / "data"
+    assert invoke(*INIT_FLAGS, "--replicate", str(data), "-o", str(out)).exit_code == 0
+    result = invoke("-c", str(out), "config", "check")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["modules"][0]["name"] == "app"
+    assert f"warning: this node: module app: replicated directory {data}: No such file or directory: create it " \
+           "on this node" in result.stderr
+    data.mkdir()
+    assert "warning" not in invoke("-c", str(out), "config", "check").stderr
+
+
 def test_config_file_missing(tmp_path: Path) -> None:
     result = invoke("-c", str(tmp_path / "none.yaml"), "config", "check")
     assert result.exit_code == 1 and "file not found" in result.stderr and "safekit-cloud init" in result.stderr
