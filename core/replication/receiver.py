@@ -132,6 +132,8 @@ class Receiver:
                     j.target_clean()
                 except OSError as exc:
                     log.error("cannot record the clean stop of %r: %s", name, exc)
+        for j in self.journals.values():
+            j.close()
         for fd in self._root_fds.values():
             os.close(fd)
         self._root_fds.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import time
 from pathlib import Path
 
@@ -153,6 +154,13 @@ class ResyncMirror:
                 sender._lose("primary crashed")
             if self.mount is not None:
                 await self.mount.stop()
+            # What the process's death would close (nothing is written through them any more).
+            if repl.journal._fd >= 0:
+                os.close(repl.journal._fd)
+                repl.journal._fd = -1
+            if repl.root >= 0:
+                os.close(repl.root)
+                repl.root = -1
 
         try:
             self.fs_thread.call(down())
