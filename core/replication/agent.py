@@ -38,7 +38,7 @@ from . import messages as m, unwatched
 from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
-from .journal import DEFAULT_BLOCK, Journal, directories_marker, journal_path
+from .journal import DEFAULT_BLOCK, Journal, journal_path
 from .mount import FuseMount, fuse_mount_listed
 from .paths import open_replicated_dir
 from .protect import is_protected, marker_path as protect_marker, protect
@@ -105,17 +105,11 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
     name = os.fsencode(directory)
     excluder = Excluder(args.exclude)
     journal = Journal.load(journal_path(Path(args.state_dir), args.module, name), args.journal_block)
-    unwatched_paths: list[bytes] = []
-    since = journal.unwatched_since_ns()
     fd = open_replicated_dir(local)  # before the mount: the real directory
     try:
-        journal.root_id = unwatched.root_identity(fd)
-        if since is not None:
-            unwatched_paths = await asyncio.to_thread(  # its progress says to the service we are alive
-                unwatched.find, fd, since, excluder.excluded, directory,
-                lambda n: emit("walking", directory=str(directory), entries=n),
-                journal.root_id is not None and journal.remembered_root() == journal.root_id,
-                directories_marker(journal.path) if journal.path is not None else None)
+        unwatched_paths = await asyncio.to_thread(  # its progress says to the service we are alive
+            unwatched.look_around, journal, fd, excluder.excluded, directory,
+            lambda n: emit("walking", directory=str(directory), entries=n))
     finally:
         os.close(fd)
     journal.become_source(args.generation, unwatched_paths)

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import messages as m, unwatched
 from .auth import server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
-from .journal import Journal, directories_marker, journal_path
+from .journal import Journal, journal_path
 from .paths import open_beneath, open_replicated_dir
 from .protect import marker_path as protect_marker, open_writable
 from .resync import ResyncApplier
@@ -98,16 +98,11 @@ class Receiver:
 
     async def _look_around(self, j: Journal, root_fd: int, path: Path) -> None:
         """What changed in `path` while no agent watched it: reported with the lineage (unwatched.py)."""
-        since = j.unwatched_since_ns()
-        j.root_id = unwatched.root_identity(root_fd)
-        if since is not None:
-            j.unwatched = await asyncio.to_thread(  # its progress says to the service we are alive
-                unwatched.find, root_fd, since, where=path,
-                progress=lambda n: self._emit("walking", directory=str(path), entries=n),
-                same_root=j.root_id is not None and j.remembered_root() == j.root_id,
-                directories=directories_marker(j.path) if j.path is not None else None)
-            if j.unwatched == [b""]:
-                j.target_invalidate("the replicated directory itself changed while no agent watched it")
+        j.unwatched = await asyncio.to_thread(  # its progress says to the service we are alive
+            unwatched.look_around, j, root_fd, where=path,
+            progress=lambda n: self._emit("walking", directory=str(path), entries=n))
+        if j.unwatched == [b""]:
+            j.target_invalidate("the replicated directory itself changed while no agent watched it")
         if not j.unwatched:
             j.watched_again()  # nothing went around us, or the next resync compares everything
 

@@ -1226,12 +1226,13 @@ class MirrorReplicator:
         while st.suspects:
             tops = sorted(st.suspects)
             st.suspects = set()
+            in_doubt = set(tops)
             for p in tops:
                 if any(p == d or p.startswith(d + b"/") or not d for d in done):
                     continue
                 directory = entries_dir(p)
                 if directory is not None:
-                    await self._reconcile_entries(directory, set(tops))
+                    await self._reconcile_entries(directory, in_doubt)
                     continue
                 top = await self._reconcile(p)
                 done.append(top)
@@ -1244,13 +1245,7 @@ class MirrorReplicator:
         subtree reconciled in the next round; an entry on both sides is compared only if it is a
         suspect itself (what it holds changed on one side). A new name of a file with several
         names, or `directory` not a directory on both sides: its whole subtree instead."""
-        excl = list(self.exclude.patterns)
-        replies = await self._ask(lambda req: m.RsList(0, req, directory, excl, children=True))
-        found = all(r.found for r in replies)  # type: ignore[union-attr]
-        theirs = [e for r in replies for e in r.entries]  # type: ignore[union-attr]
-        ours_found, ours = await asyncio.to_thread(list_tree, self.root, directory, self.exclude, False, True)
-        if self.progress is not None:
-            self.progress.entries_listed += len(theirs) + len(ours)
+        found, theirs, ours_found, ours = await self._list_both(directory, children=True)
         tmap = {e.path: e for e in theirs}
         omap = {e.path: e for e in ours}
         t_top, o_top = tmap.pop(directory, None), omap.pop(directory, None)
@@ -1268,20 +1263,27 @@ class MirrorReplicator:
             self.state.add_suspect(p)
         self.state.add_meta(directory)
 
+    async def _list_both(self, path: bytes, children: bool = False
+                         ) -> tuple[bool, list[m.RsEntry], bool, list[m.RsEntry]]:
+        """The secondary's listing of `path` and ours (list_tree; `children`: one level, no
+        content digests), each with whether its parent was found; counted in the progress."""
+        excl = list(self.exclude.patterns)
+        replies = await self._ask(lambda req: m.RsList(0, req, path, excl, children=children))
+        found = all(r.found for r in replies)  # type: ignore[union-attr]
+        theirs = [e for r in replies for e in r.entries]  # type: ignore[union-attr]
+        ours_found, ours = await asyncio.to_thread(list_tree, self.root, path, self.exclude, not children, children)
+        if self.progress is not None:
+            self.progress.entries_listed += len(theirs) + len(ours)
+        return found, theirs, ours_found, ours
+
     async def _reconcile(self, path: bytes) -> bytes:
         """Make the secondary's subtree at `path` match ours in structure; mark what to compare.
         Returns the path actually reconciled (a parent when `path`'s is missing on either side)."""
-        excl = list(self.exclude.patterns)
         while True:
-            replies = await self._ask(lambda req, p=path: m.RsList(0, req, p, excl))
-            found = all(r.found for r in replies)  # type: ignore[union-attr]
-            theirs = [e for r in replies for e in r.entries]  # type: ignore[union-attr]
-            ours_found, ours = await asyncio.to_thread(list_tree, self.root, path, self.exclude, True)
+            found, theirs, ours_found, ours = await self._list_both(path)
             if (found and ours_found) or not path:
                 break
             path = _parent(path)
-        if self.progress is not None:
-            self.progress.entries_listed += len(theirs) + len(ours)
         ops = self._compare_trees(path, theirs, ours, self._other_names(path, ours))
         for i, op in enumerate(ops):
             self._send(op)

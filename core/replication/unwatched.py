@@ -41,7 +41,7 @@ from pathlib import Path
 
 import msgspec
 
-from .journal import MAX_SUSPECTS, coarsen, entries_of
+from .journal import MAX_SUSPECTS, Journal, coarsen, directories_marker, entries_of
 from .syscalls import file_handle, file_handle_at
 
 log = logging.getLogger(__name__)
@@ -194,3 +194,15 @@ def find(root_fd: int, since_ns: int | None, excluded: Callable[[bytes, bool], b
         log.warning("%s: %s changed while no agent watched it: compared at the next resync", where,
                     "the directory itself" if found == [b""] else f"{len(found)} path(s)")
     return found
+
+
+def look_around(journal: Journal, root_fd: int, excluded: Callable[[bytes, bool], bool] = lambda p, d: False,
+                where: object = "", progress: Callable[[int], None] | None = None) -> list[bytes]:
+    """`find` with what `journal` knows of its directory `root_fd`: since when it went unwatched,
+    whether it is the directory last watched, the identities recorded at the stop. Sets the
+    journal's `root_id` (recorded by watched_again, once these changes are accounted for).
+    Blocking: run it in a thread."""
+    journal.root_id = root_identity(root_fd)
+    same_root = journal.root_id is not None and journal.remembered_root() == journal.root_id
+    recorded = directories_marker(journal.path) if journal.path is not None else None
+    return find(root_fd, journal.unwatched_since_ns(), excluded, where, progress, same_root, recorded)

@@ -21,8 +21,8 @@ Hashing reads 1 MiB at a time into one reused buffer.
 Files that change while verify runs may show up as differences. Every difference found (up to
 MAX_TRACKED of them) is re-checked at the end, on both sides, path by path, in up to
 RECHECK_ROUNDS rounds a growing delay apart (each round looking at the two sides in the other
-order); those that vanished in any round are counted as `settled` and not reported. Differences in `link` are kept as they were
-found (a single path cannot be re-checked for it).
+order); those that vanished in any round are counted as `settled` and not reported. Differences
+in `link` are kept as they were found (a single path cannot be re-checked for it).
 """
 
 from __future__ import annotations
