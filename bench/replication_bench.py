@@ -31,8 +31,11 @@ directory with nothing replicated (bench/fuse_only.py, its own process). local -
 the FUSE layer costs, fuse-only -> mirror what the replication costs.
 
     .venv/bin/python bench/replication_bench.py [--mib 1024] [--iops 2000] [--files 10000] [--runs 3]
-                                                [--pgbench] [--gluster | --no-gluster] [--gluster-set KEY=VALUE]
-                                                [--fuse-only | --no-fuse-only]
+                                                [--pgbench] [--only NAME ...] [--gluster | --no-gluster]
+                                                [--gluster-set KEY=VALUE] [--fuse-only | --no-fuse-only]
+
+`--only seq` (repeatable: seq, iops, files, nofsync, pgbench) runs only those workloads: an A/B of a
+change that touches one of them.
 """
 
 from __future__ import annotations
@@ -158,6 +161,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# --only's names for the workloads.
+SHORT = {"seq": "seq MB/s", "iops": "4k fsync iops", "files": "small files/s", "nofsync": "small nofsync/s",
+         "pgbench": "pgbench tps"}
+
+
 def workloads(args: argparse.Namespace) -> dict[str, tuple[Callable[[Path], float], int]]:
     w: dict[str, tuple[Callable[[Path], float], int]] = {
         "seq MB/s": (lambda r: sequential(r, args.mib), args.runs),
@@ -167,6 +175,9 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[Callable[[Path], floa
     }
     if args.pgbench:
         w["pgbench tps"] = (pgbench, 1)
+    if args.only:
+        wanted = {SHORT[name] for name in args.only}
+        w = {name: run for name, run in w.items() if name in wanted}
     return w
 
 
@@ -253,8 +264,11 @@ def versus(mirror: float, other: float) -> str:
 def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: str = "") -> str:
     med = statistics.median
     has_g = any("gluster" in f.rates for f in results.values())
+    sizes = {"seq MB/s": f"seq {args.mib} MiB", "4k fsync iops": f"{args.iops} x 4k fsync",
+             "small files/s": f"{args.files} files"}
+    what = ", ".join(text for name, text in sizes.items() if name in results)
     lines = [(f"replication_bench {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, protocol {args.protocol}, "
-              f"seq {args.mib} MiB, {args.iops} x 4k fsync, {args.files} files, medians of {args.runs}+ runs "
+              f"{what}, medians of {args.runs}+ runs "
               f"(4k fsync: {max(args.runs, 5)}; pgbench: 1), after a warm-up pass; {os.cpu_count()} cores, "
               "both nodes and the workload on this machine")]
     if gluster_info:
@@ -279,6 +293,8 @@ def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: 
                      "the ceiling of the mirror here; mirror/fuse-only is what replication keeps of it:")
         lines.append("  " + ", ".join(f"{name} {med(f.rates['mirror']) / med(f.rates['fuse-only']):.2f}"
                                       for name, f in results.items()))
+    lines.append("the mirror's 2 agent processes, CPU seconds per run, medians: "
+                 + ", ".join(f"{name} {med(f.cpu['mirror']):.2f}" for name, f in results.items()))
     if has_g:
         lines.append(f"mirror vs GlusterFS replica 2, same run, medians (level: within {LEVEL:.0%}):")
         for name, f in results.items():
@@ -354,6 +370,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--protocol", choices=["A", "B", "C"], default="C")
     ap.add_argument("--pgbench", action="store_true", help="also PostgreSQL pgbench TPS (needs user postgres)")
+    ap.add_argument("--only", action="append", choices=sorted(SHORT), default=[],
+                    help="run only this workload (repeatable; pgbench also needs --pgbench)")
     ap.add_argument("--gluster", action=argparse.BooleanOptionalAction, default=None,
                     help="also a GlusterFS replica 2 volume of this machine, side by side "
                          "(default: on when GlusterFS is installed, see scripts/bench-setup.sh)")

@@ -78,9 +78,10 @@ def test_listing_carries_64_bit_inode_numbers() -> None:
 
 
 def test_split_write() -> None:
-    big = m.Write(seq=0, hid=1, off=10, data=bytes(range(256)) * 4096 + b"tail")  # 1 MiB + 4
+    big = m.Write(seq=0, hid=1, off=10, data=bytes(range(256)) * (m.MAX_CHUNK // 64) + b"tail")  # 4 chunks + 4
     parts = m.split_write(big)
     assert [p.off for p in parts] == [10 + i * m.MAX_CHUNK for i in range(5)]
+    assert len(parts[-1].data) == 4
     assert b"".join(p.data for p in parts) == big.data
     assert all(len(frame(m.with_seq(p, 1))) <= m.MAX_FRAME + 4 for p in parts)
 
