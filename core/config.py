@@ -116,7 +116,8 @@ class VipConfig(Strict):
     """The virtual IP of a module. Everything but `provider` and `address` belongs to the provider."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    provider: str = Field("lan", description="lan, aws, gcp, azure or fake.")
+    provider: str = Field("lan", description="lan or fake (aws, gcp and azure: names reserved for the cloud "
+                          "providers, refused by this version).")
     address: str = Field(description="Virtual IP with its prefix length, e.g. 198.18.0.100/24.")
 
     @field_validator("address")

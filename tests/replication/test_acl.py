@@ -13,7 +13,7 @@ import pytest
 
 from .harness import Mirror, describe_tree, fuse_available, running_mirror
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = [pytest.mark.fuse, pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))]
 
 NOBODY, NOGROUP = 65534, 65534
 UNDEFINED = 0xFFFFFFFF
