@@ -7,9 +7,12 @@ failures, usage errors included, use 5: a script must never read an error as a s
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import math
 import os
+import stat
 import sys
 import time
 import traceback
@@ -39,13 +42,18 @@ from .config import (
 from .init import (
     InitError,
     InitSpec,
+    InitTarget,
+    NodeSpec,
+    and_list,
+    check_init_targets,
     check_nodes,
     default_secret_paths,
+    file_kind,
     new_api_token,
     new_cluster_key,
     parse_node_flags,
     render_cluster_file,
-    write_file,
+    write_init_files,
 )
 from .status import COMMANDS, ModuleOut, NodeOut
 from .types import ModuleState
@@ -69,6 +77,7 @@ class Globals:
 
     def config(self) -> ClusterConfig:
         if self._config is None:
+            check_config_path(self.config_path)
             self._config = load_config(self.config_path)
         return self._config
 
@@ -147,8 +156,47 @@ def _code(ctx: click.Context, code: int) -> int:
     return EXIT_UNREACHABLE if ctx.invoked_subcommand == "state" else code
 
 
+MAX_SECONDS = 365 * 24 * 3600.0  # a year: far beyond any wait, and socket timeouts overflow near 1e10
+
+
+class Seconds(click.ParamType):
+    """A duration in seconds for every timeout option: a finite number from 0 (or above 0 where 0
+    cannot work) to a year. click's FloatRange lets nan through (no comparison with it is ever true,
+    so a wait on it never ends) and inf (a socket timeout then overflows)."""
+
+    name = "seconds"
+
+    def __init__(self, allow_zero: bool) -> None:
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        lowest = "from 0" if self.allow_zero else "above 0,"
+        rule = f"use a number of seconds {lowest} up to {MAX_SECONDS:.0f} (a year)"
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number: {rule}", param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number: {rule}", param, ctx)
+        if seconds < 0 or (seconds == 0 and not self.allow_zero) or seconds > MAX_SECONDS:
+            self.fail(f"{value!r} is out of range: {rule}", param, ctx)
+        return seconds
+
+
+def check_config_path(path: Path) -> None:
+    """Refuse a cluster file path that is not a regular file before load_config opens it: a FIFO
+    would block it for ever, a directory gives a cryptic "Is a directory"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: load_config says so, in its own words
+    if not stat.S_ISREG(mode):
+        fail(f"the cluster file {path} is {file_kind(mode)}, not a regular file: "
+             "name the cluster file with -c/--config (or SAFEKIT_CONFIG)")
+
+
 @click.group(cls=SafekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH,
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=str), default=DEFAULT_CONFIG_PATH,
               envvar="SAFEKIT_CONFIG", show_default=True, help="Cluster file.")
 @click.option("--node", envvar="SAFEKIT_NODE", help="This node's name (default: the node whose address is local).")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, envvar="SAFEKIT_STATE_DIR",
@@ -156,9 +204,11 @@ def _code(ctx: click.Context, code: int) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks of internal errors.")
 @click.version_option(package_name="safekit-cloud", prog_name="safekit-cloud")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path, node: str | None, state_dir: Path, verbose: bool) -> None:
+def main(ctx: click.Context, config_path: str, node: str | None, state_dir: Path, verbose: bool) -> None:
     """High availability for an application on two Linux nodes: mirror clusters with a virtual IP."""
-    ctx.obj = Globals(config_path, node, state_dir, verbose)
+    if not config_path:  # Path("") would silently be the current directory
+        fail(f"-c/--config is empty: name the cluster file (default {DEFAULT_CONFIG_PATH})")
+    ctx.obj = Globals(Path(config_path), node, state_dir, verbose)
     if ctx.invoked_subcommand != "run":  # the daemon sets up its own logging
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
@@ -218,35 +268,62 @@ def demo(fast: bool) -> None:
               help="A node's address (twice at least; NAME:NETWORK=ADDRESS adds a heartbeat network).")
 @click.option("--module", help="Module (application) name.")
 @click.option("--vip", help="Virtual IP with prefix, e.g. 198.18.0.100/24 (provider lan).")
-@click.option("--interface", help="Interface that carries the VIP, e.g. eth0.")
-@click.option("--scripts", type=click.Path(path_type=Path), help="Directory of the module's scripts.")
-@click.option("--replicate", multiple=True, type=click.Path(path_type=Path), help="Directory to replicate.")
+@click.option("--interface", help="Interface that carries the VIP, e.g. eth0 (only with --vip).")
+# Paths stay strings until checked: click turns "" into Path("."), the current directory.
+@click.option("--scripts", type=click.Path(path_type=str), help="Directory of the module's scripts.")
+@click.option("--replicate", multiple=True, type=click.Path(path_type=str), help="Directory to replicate.")
 @click.option("--preferred", help="Preferred primary node (default: the first --node).")
-@click.option("--key-file", type=click.Path(path_type=Path), help="Cluster key [OUTPUT_DIR/cluster.key].")
-@click.option("--token-file", type=click.Path(path_type=Path), help="API token [OUTPUT_DIR/api.token].")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Cluster file to write [the -c path].")
+@click.option("--key-file", type=click.Path(path_type=str), help="Cluster key [OUTPUT_DIR/cluster.key].")
+@click.option("--token-file", type=click.Path(path_type=str), help="API token [OUTPUT_DIR/api.token].")
+@click.option("-o", "--output", type=click.Path(path_type=str), help="Cluster file to write [the -c path].")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.pass_obj
-def init(g: Globals, output: Path | None, force: bool, **flags: Any) -> None:
+def init(g: Globals, output: str | None, force: bool, **flags: Any) -> None:
     """Write a commented starter cluster file, a fresh cluster key and an API token.
 
     Every answer can come from flags (automation); in a terminal, missing ones are asked for.
+    Nothing is written unless all three files can be.
     """
-    output = (output or g.config_path).absolute()
-    spec = _init_spec(flags, output)
+    output_path = (_path_flag("-o/--output", output, "the cluster file to write") or g.config_path).absolute()
+    spec = _init_spec(_checked_path_flags(flags), output_path)
     text = render_cluster_file(spec)
-    parse_config(text, str(output))  # never write a file that `run` would refuse
-    files = [(output, text, 0o644), (spec.key_file, new_cluster_key(), 0o600),
-             (spec.token_file, new_api_token(), 0o600)]
-    existing = [str(path) for path, _, _ in files if path.exists()]
-    if existing and not force:
-        fail(f"{', '.join(existing)} already exist(s): pass --force to overwrite (a new cluster key "
-             "must then be copied to both nodes)")
-    for path, content, mode in files:
-        write_file(path, content, mode, force)
+    parse_config(text, str(output_path))  # never write a file that `run` would refuse
+    targets = [
+        InitTarget("the cluster file", output_path, "cluster.yaml", text, 0o644),
+        InitTarget("the cluster key (--key-file)", spec.key_file, "cluster.key", new_cluster_key(), 0o600),
+        InitTarget("the API token (--token-file)", spec.token_file, "api.token", new_api_token(), 0o600),
+    ]
+    try:
+        existing = check_init_targets(targets)
+        if existing and not force:
+            names = and_list([str(t.path) for t in existing])
+            verb, pronoun = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+            fail(f"{names} already {verb}: pass --force to replace {pronoun} (a new cluster key must then be "
+                 "copied to both nodes), or choose other paths with -o, --key-file, --token-file")
+        write_init_files(targets, replace=force)
+    except InitError as exc:
+        fail(str(exc))
     peer = spec.nodes[1].name
-    click.echo(f"wrote {output}, {spec.key_file} (mode 0600) and {spec.token_file} (mode 0600)\n"
+    click.echo(f"wrote {output_path}, {spec.key_file} (mode 0600) and {spec.token_file} (mode 0600)\n"
                f"copy all three to the same paths on {peer}, then run `safekit-cloud run` on both nodes")
+
+
+def _path_flag(option: str, value: str | None, what: str) -> Path | None:
+    """A path option of init as a Path; an empty one is refused (it would mean the current directory)."""
+    if value is None:
+        return None
+    if not value.strip():
+        fail(f"{option} is empty: give {what}, or leave {option} out")
+    return Path(value)
+
+
+def _checked_path_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    checked = dict(flags)
+    checked["scripts"] = _path_flag("--scripts", flags["scripts"], "the directory of the module's scripts")
+    checked["replicate"] = tuple(_path_flag("--replicate", d, "a directory to replicate") for d in flags["replicate"])
+    checked["key_file"] = _path_flag("--key-file", flags["key_file"], "the file to write the cluster key to")
+    checked["token_file"] = _path_flag("--token-file", flags["token_file"], "the file to write the API token to")
+    return checked
 
 
 def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
@@ -261,12 +338,15 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
              "pass them, or run init in a terminal to be asked")
     if flags["vip"] and not flags["interface"]:
         fail("--vip needs --interface (the LAN interface that carries the virtual IP, e.g. eth0)")
+    if flags["interface"] and not flags["vip"]:
+        fail("--interface is only used with --vip: add --vip ADDRESS/PREFIX, or leave --interface out")
     key_default, token_default = default_secret_paths(output)
     try:
         nodes = parse_node_flags(flags["nodes"])
         check_nodes(nodes)
     except InitError as exc:
         fail(str(exc))
+    check_distinct_addresses(nodes)
     return InitSpec(
         cluster=flags["cluster"], nodes=nodes, module=flags["module"],
         key_file=(flags["key_file"] or key_default).absolute(),
@@ -275,6 +355,23 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
         scripts=flags["scripts"].absolute() if flags["scripts"] else None,
         replicate=tuple(p.absolute() for p in flags["replicate"]), preferred=flags["preferred"] or None,
     )
+
+
+def check_distinct_addresses(nodes: tuple[NodeSpec, ...]) -> None:
+    """Two nodes with one address: heartbeats would go to the sender itself, and `run` could not tell
+    which node it is from its local addresses."""
+    first, second = nodes
+    for net, address in first.addresses.items():
+        if _same_address(address, second.addresses[net]):
+            fail(f"--node: {first.name} and {second.name} both have the address {address} on network {net}: "
+                 "give each node its own address")
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)  # 2001:db8::1 is 2001:db8:0::1
+    except ValueError:
+        return a == b  # not an IP address: the config loader will say so
 
 
 def interactive() -> bool:
@@ -300,7 +397,7 @@ def _ask(flags: dict[str, Any]) -> dict[str, Any]:
     if not flags["scripts"]:
         scripts = click.prompt("Directory of the start/stop scripts (empty: none yet)", default="",
                                show_default=False)
-        answers["scripts"] = Path(scripts) if scripts else None
+        answers["scripts"] = Path(scripts) if scripts.strip() else None
     if not flags["replicate"]:
         dirs = click.prompt("Directories to replicate, comma-separated (empty: none)", default="",
                             show_default=False)
@@ -392,7 +489,7 @@ def status(g: Globals, as_json: bool, module: str | None) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="The report exactly as the API returns it.")
-@click.option("--timeout", type=float, default=VERIFY_TIMEOUT, show_default=True,
+@click.option("--timeout", type=Seconds(allow_zero=False), default=VERIFY_TIMEOUT, show_default=True,
               help="Seconds to wait for the report (verify hashes all replicated data on both nodes).")
 @module_option
 @click.pass_obj
@@ -571,7 +668,8 @@ def state(g: Globals, module: str | None) -> None:
 @main.command()
 @click.argument("wanted", metavar="STATE", type=click.Choice(STATE_NAMES, case_sensitive=False))
 @module_option
-@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=Seconds(allow_zero=True), default=60.0, show_default=True,
+              help="Seconds (0: look once).")
 @click.pass_obj
 def waitstate(g: Globals, wanted: str, module: str | None, timeout: float) -> None:
     """Wait until the module is in STATE (SECOND: with up-to-date data); exit 1 on timeout."""

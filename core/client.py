@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import ssl
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -50,9 +51,17 @@ class RequestFailed(ClientError):
         super().__init__(message)
 
 
+TOKEN_REDO = "copy it again from the other node, or regenerate it with `safekit-cloud init --force`"
+
+
 def read_token(path: Path) -> str:
+    """The bearer token: one line of printable ASCII, what `init` writes and an HTTP header can carry."""
     try:
-        token = path.read_text().strip()
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block the read for ever
+            raise ClientError(f"the API token file {path} is not a regular file: point api.token_file "
+                              "at the token `safekit-cloud init` wrote")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ClientError(f"cannot read the API token {path}: no such file "
                           "(api.token_file; `safekit-cloud init` writes it)") from None
@@ -61,9 +70,32 @@ def read_token(path: Path) -> str:
                           "(run as root or as the daemon's user)") from None
     except OSError as exc:
         raise ClientError(f"cannot read the API token {path}: {exc.strerror}") from None
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ClientError(f"the API token file {path} is not text (byte {exc.start + 1} is not UTF-8): "
+                          f"{TOKEN_REDO}") from None
     if not token:
         raise ClientError(f"the API token file {path} is empty")
+    bad = _unsendable_character(token)
+    if bad:
+        raise ClientError(f"the API token file {path} holds {bad} inside the token, which must be one line "
+                          f"of printable ASCII: {TOKEN_REDO}")
     return token
+
+
+def _unsendable_character(token: str) -> str | None:
+    """What in the token an HTTP header cannot carry: urllib refuses a line break, and a non-ASCII
+    character goes out as Latin-1 (or not at all) and so never matches the daemon's token."""
+    for char in token:
+        if " " <= char <= "~":
+            continue
+        if char in "\r\n":
+            return "a line break"
+        if char.isascii() or not char.isprintable():
+            return f"a control character ({char!r})"
+        return f"a non-ASCII character ({char!r})"
+    return None
 
 
 def client_ssl_context(cert_file: Path) -> ssl.SSLContext:

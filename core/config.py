@@ -7,14 +7,25 @@ its YAML path, line and a hint. Providers validate their own `vip` settings thro
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
-from pathlib import Path
+import urllib.parse
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -24,11 +35,59 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .replication.exclude import check_pattern
 from .types import CheckerAction
 
 DEFAULT_CONFIG_PATH = Path("/etc/safekit-cloud/cluster.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/safekit-cloud")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# RFC 1123 labels, plus "_": resolvers accept it and container service names use it.
+HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def normal_path(path: str | PurePath) -> Path:
+    """One spelling per place: `//srv` and `/srv//data/` are /srv and /srv/data on Linux (pathlib keeps
+    a leading `//`, which POSIX leaves to the system)."""
+    return Path("/" + str(path).lstrip("/")) if str(path).startswith("/") else Path(path)
+
+
+def _absolute_path(value: Any) -> Any:
+    """A configured file or directory: absolute (the daemon's working directory is arbitrary), without
+    NUL (the system calls would fail), `//` and repeated slashes collapsed (one spelling per place)."""
+    if not isinstance(value, (str, PurePath)):
+        return value  # pydantic reports the wrong type
+    text = str(value)
+    if "\0" in text:
+        raise ValueError(f"{text!r} holds a NUL byte: no file name can")
+    if not text.startswith("/"):
+        raise ValueError(f"{text!r} must be an absolute path (starting with /): the daemon's working "
+                         "directory is arbitrary")
+    return normal_path(text)
+
+
+AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
+
+
+def is_host(value: str) -> bool:
+    """An IP address, or a host name of RFC 1123 labels and "_" (never a leading "-": it would pass for an
+    option of ping); an all-numeric last label is a mistyped IPv4 address, not a name."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value.removesuffix(".")  # a fully qualified name may end with a dot
+    labels = name.split(".")
+    return (0 < len(name) <= 253 and all(HOST_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def _check_host(value: str) -> str:
+    if not is_host(value):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name (dot-separated labels of "
+                         "letters, digits, '-' and '_', not starting with '-')")
+    return value
 
 
 class Strict(BaseModel):
@@ -38,8 +97,9 @@ class Strict(BaseModel):
 class NodeConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Node name, unique in the cluster.")
     addresses: dict[str, str] = Field(
-        description="Address of this node on each heartbeat network, by network name "
-        "(a plain string means the network `default`).",
+        description="IP address of this node on each heartbeat network, by network name "
+        "(a plain string means the network `default`). The two nodes' addresses differ, and on one "
+        "network both are IPv4 or both IPv6.",
     )
 
     @field_validator("addresses", mode="before")
@@ -54,9 +114,12 @@ class NodeConfig(Strict):
             raise ValueError("a node needs at least one address")
         for net, addr in value.items():
             try:
-                ipaddress.ip_address(addr)
+                ip = ipaddress.ip_address(addr)
             except ValueError:
                 raise ValueError(f"network {net!r}: {addr!r} is not an IPv4 or IPv6 address") from None
+            if ip.is_unspecified or ip.is_multicast or ip == BROADCAST:
+                raise ValueError(f"network {net!r}: {addr} is not a node's own address (unspecified, "
+                                 "multicast or broadcast): write the address of its interface on that network")
         return value
 
 
@@ -66,9 +129,9 @@ class HeartbeatConfig(Strict):
     timeout: float = Field(
         3.0, ge=0.5, le=120, description="Seconds of silence on every network before the peer is lost."
     )
-    key_file: Path = Field(
+    key_file: AbsolutePath = Field(
         Path("/etc/safekit-cloud/cluster.key"),
-        description="Cluster key (hex, 32 bytes) authenticating heartbeats and replication (and encrypting the replication stream); "
+        description="Absolute path of the cluster key (hex, 32 bytes) authenticating heartbeats and replication (and encrypting the replication stream); "
         "`safekit-cloud init` writes one.",
     )
     replay_window: int = Field(64, ge=8, le=4096, description="Out-of-order datagrams accepted per peer.")
@@ -84,14 +147,17 @@ class HeartbeatConfig(Strict):
 
 
 class TLSConfig(Strict):
-    cert_file: Path = Field(description="PEM certificate of the API.")
-    key_file: Path = Field(description="PEM private key of the API.")
+    cert_file: AbsolutePath = Field(description="Absolute path of the PEM certificate of the API.")
+    key_file: AbsolutePath = Field(description="Absolute path of the PEM private key of the API.")
 
 
 class ApiConfig(Strict):
-    listen: str = Field("127.0.0.1:9010", description="host:port of the admin API of each node.")
-    token_file: Path = Field(
-        Path("/etc/safekit-cloud/api.token"), description="Bearer token of the admin API."
+    listen: str = Field(
+        "127.0.0.1:9010", description="host:port of the admin API of each node: an IP address (IPv6 in "
+        "brackets, [::1]:9010) or a host name, and a TCP port no replicated module uses.",
+    )
+    token_file: AbsolutePath = Field(
+        Path("/etc/safekit-cloud/api.token"), description="Absolute path of the bearer token of the admin API."
     )
     tls: TLSConfig | None = Field(None, description="Serve the API over HTTPS with this certificate.")
 
@@ -99,8 +165,18 @@ class ApiConfig(Strict):
     @classmethod
     def _host_port(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9010)")
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise ValueError(f"{host} is not an IPv6 address (brackets are for those)") from None
+        elif ":" in host:
+            raise ValueError(f"{value!r}: write an IPv6 address in brackets, as in [::1]:9010")
+        elif not is_host(host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name (for example "
+                             "127.0.0.1:9010 or [::1]:9010)")
         return value
 
     @property
@@ -118,15 +194,30 @@ class VipConfig(Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
     provider: str = Field("lan", description="lan or fake (aws, gcp and azure: names reserved for the cloud "
                           "providers, refused by this version).")
-    address: str = Field(description="Virtual IP with its prefix length, e.g. 198.18.0.100/24.")
+    address: str = Field(
+        description="Virtual IP with its prefix length, e.g. 198.18.0.100/24: a unicast host address of "
+                    "that prefix, neither a node's address nor another module's virtual IP.",
+    )
 
     @field_validator("address")
     @classmethod
     def _interface_address(cls, value: str) -> str:
         try:
-            ipaddress.ip_interface(value)
+            interface = ipaddress.ip_interface(value)
         except ValueError:
             raise ValueError(f"{value!r} is not an address with prefix (e.g. 198.18.0.100/24)") from None
+        ip, network = interface.ip, interface.network
+        kinds = [(ip.is_unspecified, "unspecified"), (ip.is_loopback, "a loopback address"),
+                 (ip.is_multicast, "a multicast address"), (ip == BROADCAST, "the broadcast address")]
+        # /31, /32 (IPv6: /127, /128) have no network nor broadcast address: every address is a host's.
+        if network.prefixlen < ip.max_prefixlen - 1:
+            kinds.append((ip == network.network_address, f"the network address of {network}"))
+            if ip.version == 4:
+                kinds.append((ip == network.broadcast_address, f"the broadcast address of {network}"))
+        for bad, kind in kinds:
+            if bad:
+                raise ValueError(f"{ip} is {kind}: a virtual IP must be a host address clients can reach "
+                                 "(e.g. 198.18.0.100/24)")
         return value if "/" in value else value + ("/128" if ":" in value else "/32")
 
     @property
@@ -146,7 +237,9 @@ class CheckerBase(Strict):
 class ProcessChecker(CheckerBase):
     type: Literal["process"] = Field(description="Watch a process.")
     process_name: str | None = Field(None, description="Exact process name (comm).")
-    pid_file: Path | None = Field(None, description="File holding the pid of the process to watch.")
+    pid_file: AbsolutePath | None = Field(
+        None, description="Absolute path of the file holding the pid of the process to watch."
+    )
     cmdline_regex: str | None = Field(None, description="Regular expression searched in the command line.")
 
     @model_validator(mode="after")
@@ -164,21 +257,67 @@ class ProcessChecker(CheckerBase):
 
 class TcpChecker(CheckerBase):
     type: Literal["tcp"] = Field(description="Connect to a TCP port.")
-    host: str = Field("127.0.0.1", description="Host to connect to.")
+    host: str = Field("127.0.0.1", description="IP address or host name to connect to.")
     port: int = Field(ge=1, le=65535, description="Port to connect to.")
+
+    _host = field_validator("host")(_check_host)
 
 
 class HttpChecker(CheckerBase):
     type: Literal["http"] = Field(description="GET a URL.")
-    url: str = Field(pattern=r"^https?://", description="URL to GET.")
+    url: str = Field(pattern=r"^https?://", description="URL to GET: http(s)://HOST[:PORT]/PATH.")
     expect_status: int = Field(200, ge=100, le=599, description="HTTP status the answer must have.")
-    body_regex: str | None = Field(None, description="The body must match this regular expression.")
+    body_regex: str | None = Field(
+        None, description="The body must match this regular expression (Python syntax, searched)."
+    )
     verify_tls: bool = Field(True, description="Check the server certificate for https URLs.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError(f"{value!r} holds a space or a control character: percent-encode it (%20)")
+        parts = urllib.parse.urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host: write http://HOST[:PORT]/PATH "
+                             "(e.g. http://127.0.0.1:8080/health)")
+        if port == 0:
+            raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+        _check_host(parts.hostname)
+        return value
+
+    @field_validator("body_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
 
 class CommandChecker(CheckerBase):
     type: Literal["command"] = Field(description="Run a command.")
-    command: list[str] = Field(min_length=1, description="argv; exit code 0 means ok.")
+    command: list[str] = Field(
+        min_length=1, description="argv: the program (a path, or a name looked up in PATH), then its "
+                                  "arguments; exit code 0 means ok.",
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _argv(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the program (the first item) is empty: write the command to run, e.g. "
+                             "[/usr/bin/pg_isready, -q]")
+        for i, arg in enumerate(value):
+            if "\0" in arg:
+                raise ValueError(f"item {i} holds a NUL byte: no command argument can")
+        return value
 
 
 CheckerConfig = Annotated[
@@ -190,9 +329,13 @@ class WitnessConfig(Strict):
     """A split-brain guard: a secondary that reaches no witness does not take over."""
 
     type: Literal["ping", "tcp"] = Field("ping", description="ping (ICMP echo) or tcp (connect).")
-    address: str = Field(description="The witness: a router, a gateway, a third machine.")
+    address: str = Field(
+        description="The witness (a router, a gateway, a third machine): an IP address or a host name."
+    )
     port: int | None = Field(None, ge=1, le=65535, description="For tcp witnesses.")
     timeout: float = Field(1.0, gt=0, description="Seconds to wait for its answer.")
+
+    _address = field_validator("address")(_check_host)
 
     @model_validator(mode="after")
     def _port_for_tcp(self) -> WitnessConfig:
@@ -207,8 +350,8 @@ class RestartPolicy(Strict):
 
 
 class ScriptsConfig(Strict):
-    directory: Path | None = Field(
-        None, description="Folder holding prestart, start_prim, stop_prim, ... (missing ones are skipped)."
+    directory: AbsolutePath | None = Field(
+        None, description="Absolute path of the folder holding prestart, start_prim, stop_prim, ... (missing ones are skipped)."
     )
     timeout: float = Field(120.0, gt=0, description="Seconds a script may run before its group is killed.")
     stop_timeout: float = Field(60.0, gt=0, description="The same for stop scripts.")
@@ -223,16 +366,37 @@ def overlapping(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _relative_fix(pattern: str, path: Path, directory: Path) -> str:
+    """Why an exclude pattern spelling an absolute path under a replicated directory matches nothing,
+    and how to write it."""
+    if path == directory:
+        return f"{pattern!r} is the replicated directory itself: leave it out of `directories` instead"
+    rest = str(path.relative_to(directory)) + ("/" if pattern.endswith("/") else "")
+    fix = f"write /{rest} (that path from its root)"
+    name = rest.rstrip("/")
+    if "/" not in name:  # one name: it may also be meant at any depth
+        fix += f" or {name}/ (every directory {name})"
+    return f"{pattern!r} is under {directory}, but patterns are relative to the replicated directory: {fix}"
+
+
 class ReplicationConfig(Strict):
-    directories: list[Path] = Field(
+    directories: list[AbsolutePath] = Field(
         default_factory=list,
         description="Absolute paths replicated: the application's data directories. None may be inside another, "
                     "in this module or another one (exclude leaves parts of a tree out); not / nor below /proc, "
                     "/sys, /dev.",
     )
-    exclude: list[str] = Field(default_factory=list, description='Patterns not replicated ("tmp/", "*.tmp").')
+    exclude: list[str] = Field(
+        default_factory=list,
+        description='Patterns not replicated, relative to each replicated directory: "tmp/" a directory '
+                    'tmp at any depth, "*.tmp" any entry so named, "/cache" or "cache/*.bin" a path from '
+                    "the directory's root.",
+    )
     protocol: Literal["A", "B", "C"] = Field("C", description="C: synchronous (applied on the peer); B: received; A: asynchronous.")
-    port: int = Field(4801, ge=1, le=65535, description="TCP port of the replication stream.")
+    port: int = Field(
+        4801, ge=1, le=65535, description="TCP port of the replication stream: each replicated module its own, "
+                                          "distinct from heartbeat.port and the api.listen port.",
+    )
     network: str | None = Field(
         None, description="Heartbeat network whose addresses carry the stream (default: the first listed)."
     )
@@ -277,8 +441,6 @@ class ReplicationConfig(Strict):
     @classmethod
     def _directories(cls, value: list[Path]) -> list[Path]:
         for path in value:
-            if not path.is_absolute():
-                raise ValueError(f"{path} is not an absolute path")
             if ".." in path.parts:
                 raise ValueError(f"{path} has a '..' component: write the directory's own path")
             if path == Path("/") or path.parts[1] in VIRTUAL_TOPS:
@@ -288,6 +450,27 @@ class ReplicationConfig(Strict):
                 if overlapping(path, other):
                     raise ValueError(f"{path} and {other} overlap: list the outer one only (its whole tree is "
                                      "replicated; leave parts out with exclude)")
+        return value
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        directories = info.data.get("directories", [])  # absent when they are invalid themselves
+        problems = []
+        for i, pattern in enumerate(value):
+            try:
+                check_pattern(pattern)
+            except ValueError as exc:
+                problems.append(f"[{i}]: {exc}")
+                continue
+            # "/x" anchors x at the replicated root; a pattern spelling a replicated directory's own
+            # absolute path would match nothing (there is no srv/data inside /srv/data).
+            path = normal_path(pattern)
+            inside = next((d for d in directories if d == path or d in path.parents), None)
+            if path.is_absolute() and inside is not None:
+                problems.append(f"[{i}]: {_relative_fix(pattern, path, inside)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
 
@@ -388,9 +571,20 @@ def _entries(value: Any) -> list[tuple[int, dict[str, Any]]]:
 def _int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value)
     return None
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip(value: Any) -> IPAddress | None:
+    """The IP of an address (with or without prefix); None when it does not parse (field validation says why)."""
+    try:
+        return ipaddress.ip_interface(value).ip if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _duplicates(items: list[tuple[Loc, Any]], what: str) -> list[tuple[Loc, str]]:
@@ -433,6 +627,28 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         why = f"every node needs an address on the same heartbeat networks, got {got}"
         problems.append((("nodes",), why))
 
+    addresses: list[tuple[int, str, IPAddress]] = []  # (node index, network, address) of every node
+    for i, node in nodes:
+        raw = node.get("addresses")
+        for net, address in _dict({"default": raw} if isinstance(raw, str) else raw).items():
+            ip = _ip(address)
+            if ip is None:
+                continue
+            where = ("nodes", i, "addresses", net)
+            for j, other_net, other in addresses:
+                if j == i:
+                    continue
+                if ip == other:
+                    # Both nodes would claim it: heartbeats and the local node's detection go wrong.
+                    why = (f"{ip} is also the address of nodes[{j}] (network {other_net!r}): each node needs "
+                           "its own addresses")
+                    problems.append((where, why))
+                elif net == other_net and ip.version != other.version:
+                    why = (f"{ip} is IPv{ip.version} but nodes[{j}] has the IPv{other.version} address {other} on "
+                           f"network {net!r}: both nodes of a heartbeat network need the same IP version")
+                    problems.append((where, why))
+            addresses.append((i, str(net), ip))
+
     modules = _entries(data.get("modules"))
     problems += _duplicates([(("modules", i, "name"), m.get("name")) for i, m in modules], "module names")
     for i, module in modules:
@@ -448,13 +664,31 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         problems += _duplicates([(("modules", i, "checkers", j, "name"), c.get("name")) for j, c in checkers],
                                 "checker names in a module")
 
+    vips: dict[IPAddress, int] = {}  # virtual IP -> the module that has it
+    for i, module in modules:
+        vip = _ip(_dict(module.get("vip")).get("address"))
+        if vip is None:
+            continue
+        where = ("modules", i, "vip", "address")
+        owner = next((j for j, _, ip in addresses if ip == vip), None)
+        if owner is not None:
+            why = (f"{vip} is the address of nodes[{owner}]: a virtual IP moves between the nodes, it needs an "
+                   "address of its own")
+            problems.append((where, why))
+        if vip in vips:
+            why = (f"{vip} is already the virtual IP of modules[{vips[vip]}]: each module needs its own (or make "
+                   "them one module)")
+            problems.append((where, why))
+        else:
+            vips[vip] = i
+
     replicated: list[tuple[int, Path]] = []  # (module index, directory) of the modules seen so far
     for i, module in modules:
         directories = _dict(module.get("replication")).get("directories")
         for d in directories if isinstance(directories, list) else []:
-            if not isinstance(d, (str, Path)) or not Path(d).is_absolute():
+            if not isinstance(d, (str, Path)) or not str(d).startswith("/"):
                 continue  # field validation reports it
-            path = Path(d)
+            path = normal_path(d)
             clash = next(((j, other) for j, other in replicated if j != i and overlapping(path, other)), None)
             if clash is not None:
                 why = (f"{path} overlaps {clash[1]} of modules[{clash[0]}]: a directory is replicated by one "
@@ -464,7 +698,13 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
 
     default_port = HeartbeatConfig.model_fields["port"].default
     heartbeat_port = _int(_dict(data.get("heartbeat")).get("port", default_port))
-    used: dict[int, str] = {heartbeat_port: "heartbeat.port"} if heartbeat_port is not None else {}
+    listen = _dict(data.get("api")).get("listen", ApiConfig.model_fields["listen"].default)
+    api_port = _int(listen.rpartition(":")[2]) if isinstance(listen, str) else None
+    used: dict[int, str] = {}  # port -> what uses it
+    if heartbeat_port is not None:
+        used[heartbeat_port] = "heartbeat.port"
+    if api_port is not None:
+        used.setdefault(api_port, "api.listen")  # TCP like the replication streams
     for i, module in modules:
         replication = _dict(module.get("replication"))
         if not replication.get("directories"):
@@ -474,7 +714,7 @@ def cross_check(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             continue
         if port in used:
             why = (f"port {port} is already used by {used[port]}: each replicated module needs its own "
-                   "port, distinct from heartbeat.port")
+                   "port, distinct from heartbeat.port and the api.listen port")
             problems.append((("modules", i, "replication", "port"), why))
         else:
             used[port] = f"modules[{i}].replication.port"
@@ -500,91 +740,179 @@ HINTS = {
     "union_tag_invalid": "checker type must be process, tcp, http or command",
     "union_tag_not_found": "add `type:` (process, tcp, http or command)",
 }
+CHECKER_TYPES = ("process", "tcp", "http", "command")
+ENV_PREFIX = "SAFEKIT_"
+YAML_HINT = ("fix the YAML there: indent with spaces (not tabs), close every bracket and quote, quote values "
+             "holding ': ' or ' #' or starting with one of [ ] { } , & * ! | > ' \" % @ `")
 
 
-def _line_index(text: str) -> dict[tuple[Any, ...], int]:
-    """Map YAML paths (keys and list indices) to 1-based line numbers, for error messages."""
-    index: dict[tuple[Any, ...], int] = {}
+def _scan(text: str) -> tuple[dict[Loc, int], list[str]]:
+    """Map YAML paths (keys and list indices) to 1-based line numbers, for error messages; and list the
+    keys given twice in one mapping (YAML would silently keep the last one, hiding a mistake)."""
+    index: dict[Loc, int] = {}
+    duplicates: list[str] = []
 
-    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+    def walk(node: yaml.Node, path: Loc, ancestors: frozenset[int]) -> None:
+        if id(node) in ancestors:
+            return  # an alias of an enclosing node: `&a [*a]`
+        ancestors = ancestors | {id(node)}
         index.setdefault(path, node.start_mark.line + 1)  # a key's own line, not where its block starts
         if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
             for key, value in node.value:
-                index[path + (key.value,)] = key.start_mark.line + 1
-                walk(value, path + (key.value,))
+                here, mark = path + (key.value,), key.start_mark
+                # `<<: *defaults` (a merge) may be repeated; safe_load refuses keys that are not scalars.
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        first = seen[key.value]
+                        duplicates.append(
+                            f"{_format_loc(here)} (line {mark.line + 1}): given twice in the same mapping, at "
+                            f"line {first.line + 1}, column {first.column + 1} and line {mark.line + 1}, column "
+                            f"{mark.column + 1} (YAML would keep the last one only): remove one of them")
+                    seen.setdefault(key.value, mark)
+                index[here] = mark.line + 1
+                walk(value, here, ancestors)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                walk(item, path + (i,))
+                walk(item, path + (i,), ancestors)
 
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
-        return index
+        return index, duplicates
     if root is not None:
-        walk(root, ())
-    return index
+        walk(root, (), frozenset())
+    return index, duplicates
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error, located in the file instead of "<unicode string>", with what to do."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (a NUL, a control)
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return (f"line {line}, column {column}: not valid YAML: character U+{exc.character:04X} is not allowed "
+                "in a YAML file: remove it (in a double-quoted string, write an escape such as \\t)")
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = exc.problem or "syntax error"
+        if exc.context and exc.context_mark is not None:
+            what += (f" ({exc.context} at line {exc.context_mark.line + 1}, "
+                     f"column {exc.context_mark.column + 1})")
+        return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}: {YAML_HINT}"
+    return f"not valid YAML: {exc}: {YAML_HINT}"
+
+
+def _format_loc(loc: Loc) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("process", "tcp", "http", "command") and out.endswith("]"):
-            continue  # pydantic's discriminator step, not a key the user wrote
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"
 
 
-def _where(loc: Loc, lines: dict[Loc, int]) -> str:
-    """`modules[0].vip (line 12)`: the path, and the line of its nearest part present in the file."""
+def _without_tag(loc: Loc) -> Loc:
+    """A pydantic error location without the discriminator step it inserts after a checker's index
+    (modules.0.checkers.1.command.command: the first `command` is the type, the second the key)."""
+    return tuple(part for n, part in enumerate(loc)
+                 if not (part in CHECKER_TYPES and n >= 2 and loc[n - 2] == "checkers"
+                         and isinstance(loc[n - 1], int)))
+
+
+def _variable(keys: list[str]) -> str | None:
+    """The SAFEKIT_* variable set for these keys, as spelled in the environment (any case)."""
+    wanted = (ENV_PREFIX + "__".join(keys)).upper()
+    return next((name for name in os.environ if name.upper() == wanted), None)
+
+
+def _env_sources(loc: Loc, env: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """Which SAFEKIT_* variables set the value at `loc`: (the one that set it whole, or None; those that
+    set a part of it, when it is a section)."""
+    node: Any = env
+    keys: list[str] = []
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        keys.append(str(part))
+        node = node[part]
+    if keys and not isinstance(node, dict):  # a value (or list) the environment gave whole
+        # SAFEKIT_HEARTBEAT__TIMEOUT=5 and SAFEKIT_HEARTBEAT='{"timeout": 5}' give the same data.
+        found = (_variable(keys[:n]) for n in range(len(keys), 0, -1))
+        return next((name for name in found if name), (ENV_PREFIX + "__".join(keys)).upper()), []
+    if len(keys) < len(loc) or not keys:
+        return None, []
+    base = (ENV_PREFIX + "__".join(keys)).upper()
+    return None, sorted(name for name in os.environ
+                        if name.upper() == base or name.upper().startswith(base + "__"))
+
+
+def _where(loc: Loc, lines: dict[Loc, int], env: dict[str, Any] | None = None) -> str:
+    """`modules[0].vip (line 12)`: the path, and the line of its nearest part present in the file (or the
+    SAFEKIT_* variable that gave the value)."""
+    whole, parts = _env_sources(loc, env or {})
+    if whole:
+        return f"{_format_loc(loc)} (from the environment variable {whole})"
     line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-    return _format_loc(loc) + (f" (line {line})" if line else "")
+    notes = ([f"line {line}"] if line else []) + ([f"overridden in part by {', '.join(parts)}"] if parts else [])
+    return _format_loc(loc) + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _describe(error: dict[str, Any], lines: dict[Loc, int]) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("process", "tcp", "http", "command"))
+def _describe(error: dict[str, Any], lines: dict[Loc, int], env: dict[str, Any]) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     hint = HINTS.get(error["type"], "")
-    return f"{_where(loc, lines)}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
+    return f"{_where(_without_tag(error['loc']), lines, env)}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
+
+
+def _environment_problems(exc: SettingsError) -> list[str]:
+    """A SAFEKIT_* variable pydantic-settings could not parse: name it and say what it must hold."""
+    cause = exc.__cause__
+    if not isinstance(cause, json.JSONDecodeError):
+        return [f"environment: {exc}"]
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        if name.upper().startswith(ENV_PREFIX) and value == cause.doc:  # the text that failed to parse
+            loc = tuple(name[len(ENV_PREFIX):].lower().split("__"))
+            problems.append(
+                f"{_format_loc(loc)} (from the environment variable {name}): not valid JSON ({cause.msg}, "
+                f"character {cause.pos + 1}): a variable that sets a list or a whole section must hold JSON, "
+                "e.g. SAFEKIT_HEARTBEAT='{\"timeout\": 5}'; one key is set with SAFEKIT_<SECTION>__<KEY>=value")
+    return problems or [f"environment: {exc}"]
 
 
 def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+        raise ConfigError(source, [_yaml_problem(exc, text)]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping with cluster, nodes and modules"])
-    lines = _line_index(text)
+    lines, problems = _scan(text)
+    for key in [key for key in data if not isinstance(key, str)]:  # `1: x`: not even a keyword argument
+        where = _where((str(key),), lines) if (str(key),) in lines else _format_loc(())
+        problems.append(f"{where}: key {key!r} is not a section name ({HINTS['extra_forbidden']})")
+        del data[key]
+    try:
+        env = EnvSettingsSource(ClusterConfig)()
+    except SettingsError as exc:  # a SAFEKIT_* variable that cannot be parsed (JSON for lists, ...)
+        raise ConfigError(source, problems + _environment_problems(exc)) from None
     try:
         cfg = ClusterConfig(**data)
-    except SettingsError as exc:  # a SAFEKIT_* variable that cannot be parsed (JSON for lists, ...)
-        raise ConfigError(source, [f"environment: {exc}"]) from None
     except ValidationError as exc:
         # Field errors make pydantic skip the cross-section rules and the providers never see their
         # settings: check both on the raw data (with the environment's overrides) so that every problem
         # is reported at once. Cross-check errors of the model itself are reported from here too.
-        plain = _merge(data, _environment())
-        problems = [_describe(e, lines) for e in exc.errors() if e["type"] != CROSS_CHECK]
+        plain = _merge(data, env)
+        errors = [_describe(e, lines, env) for e in exc.errors() if e["type"] != CROSS_CHECK]
         rules = cross_check(plain) + validate_providers(plain)
-        problems += [f"{_where(loc, lines)}: {msg}" for loc, msg in rules]
-        if not problems:  # cannot happen unless the rules disagree with the model: keep pydantic's words
-            problems = [_describe(e, lines) for e in exc.errors()]
-        raise ConfigError(source, list(dict.fromkeys(problems))) from None
-    problems = [f"{_where(loc, lines)}: {msg}" for loc, msg in validate_providers(cfg.model_dump())]
+        errors += [f"{_where(loc, lines, env)}: {msg}" for loc, msg in rules]
+        if not errors:  # cannot happen unless the rules disagree with the model: keep pydantic's words
+            errors = [_describe(e, lines, env) for e in exc.errors()]
+        raise ConfigError(source, problems + list(dict.fromkeys(errors))) from None
+    problems += [f"{_where(loc, lines, env)}: {msg}" for loc, msg in validate_providers(cfg.model_dump())]
     if problems:
         raise ConfigError(source, problems)
     return cfg
-
-
-def _environment() -> dict[str, Any]:
-    """The SAFEKIT_* overrides as the settings source reads them (nested by `__`)."""
-    try:
-        return EnvSettingsSource(ClusterConfig)()
-    except SettingsError:
-        return {}
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -620,11 +948,17 @@ def validate_providers(data: dict[str, Any]) -> list[tuple[Loc, str]]:
 def load_config(path: Path | str) -> ClusterConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, ["file not found (create one with `safekit-cloud init`)"]) from None
     except OSError as exc:
         raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        why = f"not UTF-8 text: byte {exc.start} (line {line}) is 0x{raw[exc.start]:02x}: save the file as UTF-8"
+        raise ConfigError(path, [why]) from None
     return parse_config(text, str(path))
 
 

@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import client
 from .api import build_app, serve_api
 from .config import ClusterConfig
 from .engine import Engine, EngineError
@@ -34,11 +35,12 @@ def setup_logging(node: str, verbose: bool = False) -> None:
 
 
 def read_token(path: Path) -> str:
+    # The CLI's own checks (text, one line of printable ASCII, a regular file): a token the daemon
+    # accepted but the CLI could not send would lock the operator out of the running daemon.
     try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise EngineError(f"cannot read the API token {path}: {exc.strerror} "
-                          f"(create one with `safekit-cloud init`)") from None
+        token = client.read_token(path)
+    except client.ClientError as exc:
+        raise EngineError(str(exc)) from None
     if len(token) < 16:
         raise EngineError(f"API token {path} is shorter than 16 characters")
     return token

@@ -6,12 +6,16 @@ config loader before anything is written, then writes the file, the cluster key 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
+import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import yaml
@@ -257,14 +261,152 @@ def default_secret_paths(output: Path) -> tuple[Path, Path]:
     return folder / "cluster.key", folder / "api.token"
 
 
-def write_file(path: Path, text: str, mode: int, force: bool) -> None:
-    """Write `text` with `mode` from the first byte (a secret is never briefly world-readable);
-    without `force`, O_EXCL refuses an existing file even if one appeared since we looked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    fd = os.open(path, flags, mode)
-    with os.fdopen(fd, "w") as fh:
-        os.fchmod(fd, mode)  # an overwritten file keeps its old mode otherwise; umask narrows a new one
-        fh.write(text)
-        fh.flush()
-        os.fsync(fd)
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+# ---- init: writing all three files or none -------------------------------------------------------
+
+@dataclass
+class InitTarget:
+    """One file init writes. `path` is what messages name; `real` is where it goes: a symbolic link is
+    followed (as open() would), so the link stays and its target is replaced."""
+
+    label: str  # "the cluster key (--key-file)"
+    path: Path
+    example_name: str  # for "is a directory: name a file, e.g. DIR/cluster.key"
+    content: str
+    mode: int
+
+    @property
+    def real(self) -> Path:
+        return Path(os.path.realpath(self.path))
+
+
+def check_init_targets(targets: list[InitTarget]) -> list[InitTarget]:
+    """Refuse, before anything is written, what would make init fail part-way or write one file over
+    another; return the targets that already exist (regular files: replaced only with --force)."""
+    for a, b in combinations(targets, 2):
+        if a.real == b.real or (a.real.exists() and b.real.exists() and os.path.samefile(a.real, b.real)):
+            raise InitError(f"{a.label} {a.path} and {b.label} {b.path} are the same file: give each its "
+                            "own path (nothing was written)")
+    existing = []
+    for target in targets:
+        try:
+            mode = os.stat(target.real).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            _check_folder(target)
+            continue
+        if stat.S_ISDIR(mode):
+            raise InitError(f"{target.label} {target.path} is a directory: name a file, e.g. "
+                            f"{target.path / target.example_name} (nothing was written)")
+        if not stat.S_ISREG(mode):
+            raise InitError(f"{target.label} {target.path} is {file_kind(mode)}, not a regular file: "
+                            "choose another path (nothing was written)")
+        _check_folder(target)
+        existing.append(target)
+    return existing
+
+
+def _check_folder(target: InitTarget) -> None:
+    """The directory the file goes in, or the nearest existing one above it (init creates the missing
+    ones), must be a directory this user can write in."""
+    folder = target.real.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InitError(f"cannot write {target.label} {target.path}: {folder} is not a directory: "
+                        "choose another path (nothing was written)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InitError(f"cannot write {target.label} {target.path}: the directory {folder} is not "
+                        "writable by this user: run init as root, or choose another path (nothing was written)")
+
+
+def write_init_files(targets: list[InitTarget], replace: bool) -> None:
+    """Create the missing directories, write every file to a temporary file beside its target with its
+    final mode, then rename them into place: a failure on the way removes what was created, so no new
+    file is left behind. Without `replace`, a file that appeared since the check is kept, not replaced."""
+    created_dirs: list[Path] = []
+    temporaries: list[Path] = []
+    replaced: list[InitTarget] = []  # existing files renamed over (--force): cannot be taken back
+    new_files: list[InitTarget] = []  # files put where there was none: removed if a later one fails
+    current = targets[0]
+    try:
+        for current in targets:
+            _make_folders(current.real.parent, created_dirs)
+        for current in targets:
+            temporaries.append(_write_temporary(current))
+        for current, temporary in zip(targets, temporaries, strict=True):
+            existed = os.path.lexists(current.real)
+            if replace:
+                os.replace(temporary, current.real)
+            else:
+                _place_new(temporary, current.real)
+            if existed:
+                replaced.append(current)
+            else:
+                new_files.append(current)
+    except OSError as exc:
+        for path in [*temporaries, *(t.real for t in new_files)]:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created_dirs):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty: something else wrote there meanwhile; leave it
+        done = f"{and_list([str(t.path) for t in replaced])} already replaced" if replaced else "nothing was written"
+        if isinstance(exc, FileExistsError) and not replace:
+            raise InitError(f"{current.label} {current.path} appeared while init was writing; {done}: "
+                            "pass --force to replace it") from None
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != current.real else ""
+        raise InitError(f"cannot write {current.label} {current.path}: {exc.strerror or exc}{where}; "
+                        f"{done}") from None
+
+
+def and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+        created.append(path)
+
+
+def _write_temporary(target: InitTarget) -> Path:
+    """The content in a new file beside the target, with its mode from the first byte (a secret is
+    never briefly world-readable), flushed to disk before it is renamed into place."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.real.name}.", suffix=".tmp", dir=target.real.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fd, target.mode)  # mkstemp makes 0600; the cluster file is 0644, whatever the umask
+            fh.write(target.content)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def _place_new(temporary: Path, target: Path) -> None:
+    """Rename without replacing: link() refuses an existing name where rename() would overwrite it."""
+    try:
+        os.link(temporary, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        # a file system without hard links (vfat, some FUSE ones): check, then rename
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.rename(temporary, target)
+        return
+    os.unlink(temporary)
+

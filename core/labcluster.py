@@ -138,7 +138,8 @@ class LabCluster:
 
     def __post_init__(self) -> None:
         self._own_workdir = self.workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="safekit-lab-")) if self.workdir is None else self.workdir
+        # Absolute: the cluster file refuses relative paths (the daemons' working directory is arbitrary).
+        self.workdir = Path(tempfile.mkdtemp(prefix="safekit-lab-")) if self.workdir is None else self.workdir.absolute()
         self.nodes = [
             NodeSpec("n1", {net: f"198.18.{i}.1/24" for i, net in enumerate(self.networks)}),
             NodeSpec("n2", {net: f"198.18.{i}.2/24" for i, net in enumerate(self.networks)}),
@@ -185,7 +186,7 @@ class LabCluster:
             "name": self.module,
             "preferred_primary": self.preferred,
             "vip": {"provider": "lan", "address": self.vip, "interface": self.lab.interface("n1", "lan")},
-            "scripts": {"directory": str(self.scripts_dir or self.workdir / "scripts"), "timeout": 20},
+            "scripts": {"directory": str((self.scripts_dir or self.workdir / "scripts").absolute()), "timeout": 20},
             "checkers": self.checkers,
             "witnesses": self.witnesses,
         }

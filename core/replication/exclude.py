@@ -21,12 +21,22 @@ class _Pattern:
     dirs_only: bool
 
 
+def check_pattern(pattern: str) -> None:
+    """Raise ValueError, in words for the cluster file, if `pattern` is unusable (config validation
+    calls it too, so that a file that passes never fails when replication starts)."""
+    if not pattern.strip("/"):
+        raise ValueError(f"empty exclude pattern {pattern!r}: name what to leave out (tmp/, *.tmp)")
+    if {"", ".", ".."} & set(pattern.strip("/").split("/")):
+        # Relative paths from the root never hold an empty, . or .. name: the pattern would match nothing.
+        raise ValueError(f"exclude pattern {pattern!r} has an empty, '.' or '..' component: write the path "
+                         "from the replicated directory down (cache/*.bin)")
+
+
 def _compile(pattern: str) -> _Pattern:
+    check_pattern(pattern)
     dirs_only = pattern.endswith("/")
     body = pattern.strip("/")
     anchored = "/" in pattern.rstrip("/")
-    if not body:
-        raise ValueError(f"empty exclude pattern {pattern!r}")
     return _Pattern(re.compile(fnmatch.translate(body).encode()), anchored, dirs_only)
 
 

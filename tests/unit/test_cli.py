@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
+import click
 import msgspec
 import pytest
 import yaml
@@ -21,6 +24,8 @@ from click.testing import CliRunner, Result
 from safekit_cloud.core import cli
 from safekit_cloud.core.api import build_app, serve_api
 from safekit_cloud.core.config import ApiConfig, load_config
+from safekit_cloud.core.daemon import read_token as daemon_read_token
+from safekit_cloud.core.engine import EngineError
 from safekit_cloud.core.status import (
     CheckerOut,
     CommandResult,
@@ -87,8 +92,9 @@ def write_config(folder: Path, port: int, modules: tuple[str, ...] = ("app",)) -
         "cluster": {"name": "c1"},
         "nodes": [{"name": "n1", "addresses": "198.18.0.1"}, {"name": "n2", "addresses": "198.18.0.2"}],
         "api": {"listen": f"127.0.0.1:{port}", "token_file": str(token_file)},
-        "modules": [{"name": m, "vip": {"provider": "fake", "address": "198.18.0.100/24",
-                                        "state_file": str(folder / "vip.json")}} for m in modules],
+        # each module its own virtual IP: the config loader refuses one shared by two modules
+        "modules": [{"name": m, "vip": {"provider": "fake", "address": f"198.18.0.{100 + i}/24",
+                                        "state_file": str(folder / "vip.json")}} for i, m in enumerate(modules)],
     }
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -200,6 +206,52 @@ def test_waitstate_when_the_daemon_is_down(tmp_path: Path) -> None:
     assert_one_line_error(result, 1, "still not PRIM", "connection refused")
 
 
+
+def test_waitstate_timeout_0_looks_once(daemon: Daemon) -> None:
+    daemon.controller.states["app"] = "PRIM"
+    assert daemon.cli("waitstate", "PRIM", "--timeout", "0").exit_code == 0
+    assert_one_line_error(daemon.cli("waitstate", "STOP", "--timeout", "0"), 1, "still not STOP after 0 s")
+
+
+@pytest.mark.timeout(30)  # nan used to make waitstate wait for ever
+@pytest.mark.parametrize(("args", "value", "why"), [
+    (["waitstate", "PRIM"], "nan", "is not a finite number"),
+    (["waitstate", "PRIM"], "inf", "is not a finite number"),
+    (["waitstate", "PRIM"], "-1", "is out of range"),
+    (["waitstate", "PRIM"], "forever", "is not a number"),
+    (["verify"], "nan", "is not a finite number"),
+    (["verify"], "inf", "is not a finite number"),
+    (["verify"], "1e400", "is not a finite number"),
+    (["verify"], "-5", "is out of range"),
+    (["verify"], "0", "is out of range"),  # a socket timeout of 0 does not wait at all
+    (["verify"], "1e10", "is out of range"),  # overflows a socket timeout
+])
+def test_timeouts_must_be_finite_durations(daemon: Daemon, args: list[str], value: str, why: str) -> None:
+    result = daemon.cli(*args, "--timeout", value)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert f"Error: Invalid value for '--timeout': '{value}' {why}: use a number of seconds" in result.stderr
+    assert "up to 31536000 (a year)" in result.stderr
+    assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def test_every_timeout_option_is_a_checked_duration() -> None:
+    """A new timeout or interval option must refuse nan and inf too: it has to use cli.Seconds."""
+    commands: list[click.Command] = []
+    pending: list[click.Command] = [cli.main]
+    while pending:
+        command = pending.pop()
+        commands.append(command)
+        if isinstance(command, click.Group):
+            pending.extend(command.commands.values())
+    timed = [(c.name, p.name) for c in commands for p in c.params
+             if p.name and ("timeout" in p.name or "interval" in p.name)]
+    assert ("verify", "timeout") in timed and ("waitstate", "timeout") in timed
+    for command in commands:
+        for param in command.params:
+            if param.name and ("timeout" in param.name or "interval" in param.name):
+                assert isinstance(param.type, cli.Seconds), (command.name, param.name)
+
+
 # ---- status --------------------------------------------------------------------------------------
 
 def test_status_json_is_what_the_api_returns(daemon: Daemon) -> None:
@@ -255,6 +307,49 @@ def test_missing_token_file(daemon: Daemon) -> None:
 def test_wrong_token_shows_the_api_error(daemon: Daemon) -> None:
     (daemon.config.parent / "api.token").write_text("not-the-token\n")
     assert_one_line_error(daemon.cli("state"), 5, "missing or wrong API token", "HTTP 401")
+
+
+
+@pytest.mark.parametrize(("content", "what"), [
+    (b"\xff\xfecli-test-token\n", "is not text (byte 1 is not UTF-8)"),
+    (b"cli-test\ntoken-0123456789\n", "holds a line break inside the token"),
+    (b"cli-test\x01token-0123456789\n", "holds a control character ('\\x01') inside the token"),
+    ("cli-test-t\u00f6ken-0123456789\n".encode(), "holds a non-ASCII character ('\u00f6') inside the token"),
+])
+def test_unusable_token_file(daemon: Daemon, content: bytes, what: str) -> None:
+    token_file = daemon.config.parent / "api.token"
+    token_file.write_bytes(content)
+    for verb, code in (("status", 1), ("state", 5)):
+        assert_one_line_error(daemon.cli(verb), code, f"the API token file {token_file} {what}",
+                              "copy it again from the other node, or regenerate it with "
+                              "`safekit-cloud init --force`")
+
+
+@pytest.mark.timeout(30)  # reading a FIFO blocks until a writer comes
+def test_token_file_that_is_a_fifo(daemon: Daemon) -> None:
+    token_file = daemon.config.parent / "api.token"
+    token_file.unlink()
+    os.mkfifo(token_file)
+    assert_one_line_error(daemon.cli("status"), 1, f"the API token file {token_file} is not a regular file")
+
+
+def test_daemon_refuses_a_token_the_cli_could_not_send(tmp_path: Path) -> None:
+    """`run` reads the token with the CLI's rules: a daemon started with a token that the CLI cannot
+    put in a header would lock the operator out of it."""
+    token_file = tmp_path / "api.token"
+    token_file.write_bytes(b"cli-test\ntoken-0123456789\n")
+    with pytest.raises(EngineError, match="holds a line break inside the token"):
+        daemon_read_token(token_file)
+    token_file.write_text("short\n")
+    with pytest.raises(EngineError, match="shorter than 16 characters"):
+        daemon_read_token(token_file)
+    token_file.write_text(f"{TOKEN}\n")
+    assert daemon_read_token(token_file) == TOKEN
+
+
+def test_token_with_surrounding_whitespace_is_fine(daemon: Daemon) -> None:
+    (daemon.config.parent / "api.token").write_text(f"  {TOKEN} \n\n")
+    assert daemon.cli("status", "--json").exit_code == 0
 
 
 def test_real_entry_point_prints_one_line(tmp_path: Path) -> None:
@@ -339,6 +434,28 @@ def test_config_file_missing(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "file not found" in result.stderr and "safekit-cloud init" in result.stderr
 
 
+
+@pytest.mark.timeout(30)  # a FIFO used to block load_config for ever
+@pytest.mark.parametrize("kind", ["FIFO", "directory"])
+def test_config_path_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    if kind == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    for verb, code in (("status", 1), ("state", 5), ("config", 1)):
+        args = [verb, "check"] if verb == "config" else [verb]
+        assert_one_line_error(invoke("-c", str(path), *args), code,
+                              f"the cluster file {path} is a {kind}, not a regular file",
+                              "name the cluster file with -c/--config")
+
+
+def test_config_path_empty() -> None:
+    for verb, code in (("status", 1), ("state", 5)):
+        assert_one_line_error(invoke("-c", "", verb), code,
+                              "-c/--config is empty: name the cluster file (default /etc/safekit-cloud/cluster.yaml)")
+
+
 def test_help_is_not_an_error() -> None:
     for verb in ("init", "state", "status", "waitstate", "log", "start", "demo", "run"):
         result = invoke(verb, "--help")
@@ -415,10 +532,27 @@ def test_init_custom_secret_paths_and_default_output(tmp_path: Path, monkeypatch
      "expected NAME=ADDRESS"),
     (["init", "--cluster", "c1", "--module", "app", "--node", "n1=198.18.0.1", "--node", "n2=198.18.0.2",
       "--node", "n1:backup=198.18.1.1"], "same heartbeat networks"),
+    (["init", "--cluster", "c1", "--module", "app", "--node", "n1=198.18.0.1", "--node", "n2=198.18.0.2",
+      "--interface", "eth0"], "--interface is only used with --vip: add --vip ADDRESS/PREFIX"),
+    (["init", "--cluster", "c1", "--module", "app", "--node", "n1=198.18.0.1", "--node", "n2=198.18.0.1"],
+     "--node: n1 and n2 both have the address 198.18.0.1 on network default: give each node its own address"),
+    (["init", "--cluster", "c1", "--module", "app", "--node", "n1=198.18.0.1", "--node", "n2=198.18.0.2",
+      "--node", "n1:b=2001:db8::1", "--node", "n2:b=2001:db8:0::1"], "both have the address 2001:db8::1 on network b"),
+    (INIT_FLAGS + ["--replicate", ""], "--replicate is empty: give a directory to replicate, or leave --replicate out"),
+    (INIT_FLAGS + ["--scripts", ""], "--scripts is empty"),
+    (INIT_FLAGS + ["--key-file", ""], "--key-file is empty"),
+    (INIT_FLAGS + ["--token-file", " "], "--token-file is empty"),
 ])
 def test_init_flag_errors(tmp_path: Path, args: list[str], message: str) -> None:
     result = invoke(*args, "-o", str(tmp_path / "c.yaml"))
     assert_one_line_error(result, 1, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_output_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "" used to become this directory
+    assert_one_line_error(invoke(*INIT_FLAGS, "-o", ""), 1, "-o/--output is empty: give the cluster file to write, "
+                                                           "or leave -o/--output out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -440,6 +574,165 @@ def test_init_interactive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     module = cfg.module("app")
     assert module.vip is not None and module.vip.settings["interface"] == "eth1"
     assert module.scripts.directory is None and module.replication.directories == [Path("/srv/data")]
+
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under `folder`: a file's bytes, what a link points to, "dir" for a directory."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[name] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            out[name] = "dir"
+        else:
+            out[name] = path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+@pytest.mark.parametrize(("paths", "first", "second"), [
+    (["-o", "o/c.yaml", "--key-file", "o/c.yaml"], "the cluster file", "the cluster key (--key-file)"),
+    (["-o", "o/c.yaml", "--key-file", "o/k", "--token-file", "o/k"], "the cluster key (--key-file)",
+     "the API token (--token-file)"),
+    (["-o", "o/c.yaml", "--token-file", "o/x/../c.yaml"], "the cluster file", "the API token (--token-file)"),
+    (["-o", "o/c.yaml", "--key-file", "link.key", "--token-file", "real/x.key"], "the cluster key (--key-file)",
+     "the API token (--token-file)"),
+    (["-o", "o/c.yaml", "--key-file", "real/hard.key", "--token-file", "real/x.key"],
+     "the cluster key (--key-file)", "the API token (--token-file)"),
+])
+def test_init_refuses_two_files_at_one_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, paths: list[str],
+                                            first: str, second: str, force: list[str]) -> None:
+    """Even with --force: one file would be written over another (the key replaced by the token)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "c.yaml").write_text("old cluster file\n")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "x.key").write_text("old key\n")
+    (tmp_path / "link.key").symlink_to("real/x.key")
+    os.link(tmp_path / "real" / "x.key", tmp_path / "real" / "hard.key")
+    before = snapshot(tmp_path)
+    result = invoke(*INIT_FLAGS, *paths, *force)
+    assert_one_line_error(result, 1, first, second, "are the same file: give each its own path",
+                          "(nothing was written)")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_init_refuses_a_directory_as_a_file(tmp_path: Path, force: list[str]) -> None:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    result = invoke(*INIT_FLAGS, "-o", str(tmp_path / "c.yaml"), "--token-file", str(folder), *force)
+    assert_one_line_error(result, 1, f"the API token (--token-file) {folder} is a directory: name a file, "
+                                     f"e.g. {folder}/api.token (nothing was written)")
+    assert "--force" not in result.stderr  # it could not help
+    assert snapshot(tmp_path) == {"secrets": "dir"}
+
+
+def test_init_refuses_a_fifo_as_the_cluster_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    result = invoke(*INIT_FLAGS, "-o", str(fifo), "--force")
+    assert_one_line_error(result, 1, f"the cluster file {fifo} is a FIFO, not a regular file: choose another path")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
+def test_init_refuses_a_place_it_cannot_write_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file\n")
+    out = tmp_path / "etc" / "c.yaml"  # init creates missing directories, and removes them on failure
+    result = invoke(*INIT_FLAGS, "-o", str(out), "--key-file", str(tmp_path / "plain" / "k"))
+    assert_one_line_error(result, 1, f"cannot write the cluster key (--key-file) {tmp_path}/plain/k: "
+                                     f"{tmp_path}/plain is not a directory: choose another path")
+    assert snapshot(tmp_path) == {"plain": b"a file\n"}
+    result = invoke(*INIT_FLAGS, "-o", str(out), "--key-file", "/proc/nope/k", "--force")
+    assert_one_line_error(result, 1, "cannot write the cluster key (--key-file) /proc/nope/k: No such file or "
+                                     "directory (/proc/nope); nothing was written")
+    assert snapshot(tmp_path) == {"plain": b"a file\n"}
+
+
+def test_init_refuses_a_directory_it_may_not_write_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root may write anywhere, so the permission is faked: the message and that nothing is written."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    result = invoke(*INIT_FLAGS, "-o", str(tmp_path / "c.yaml"), "--token-file", str(locked / "new" / "t"))
+    assert_one_line_error(result, 1, f"cannot write the API token (--token-file) {locked}/new/t: the directory "
+                                     f"{locked} is not writable by this user: run init as root, or choose another "
+                                     "path (nothing was written)")
+    assert snapshot(tmp_path) == {"locked": "dir"}
+
+
+def test_init_failure_part_way_leaves_no_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third file cannot be written (disk full): the first two, their directory and every temporary
+    file are gone, and files a --force run was replacing are untouched."""
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(cli.os, "fsync", fsync)
+    out = tmp_path / "etc" / "c.yaml"
+    result = invoke(*INIT_FLAGS, "-o", str(out))
+    assert_one_line_error(result, 1, f"cannot write the API token (--token-file) {tmp_path}/etc/api.token: No "
+                                     "space left on device", "; nothing was written")
+    assert snapshot(tmp_path) == {}
+
+    monkeypatch.setattr(cli.os, "fsync", real_fsync)
+    assert invoke(*INIT_FLAGS, "-o", str(out)).exit_code == 0
+    before = snapshot(tmp_path)
+    calls.clear()
+    monkeypatch.setattr(cli.os, "fsync", fsync)
+    assert_one_line_error(invoke(*INIT_FLAGS, "-o", str(out), "--force"), 1, "No space left on device",
+                          "nothing was written")
+    assert snapshot(tmp_path) == before
+
+
+def test_init_keeps_a_file_that_appears_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --force nothing is replaced, even a file created after the check: the new files
+    already in place are taken back."""
+    out = tmp_path / "c.yaml"
+    token = tmp_path / "api.token"
+    real_check = cli.check_init_targets
+
+    def check_then_race(targets: list[cli.InitTarget]) -> list[cli.InitTarget]:
+        existing = real_check(targets)
+        token.write_text("someone else's\n")
+        return existing
+
+    monkeypatch.setattr(cli, "check_init_targets", check_then_race)
+    result = invoke(*INIT_FLAGS, "-o", str(out))
+    assert_one_line_error(result, 1, f"the API token (--token-file) {token} appeared while init was writing; "
+                                     "nothing was written: pass --force to replace it")
+    assert snapshot(tmp_path) == {"api.token": b"someone else's\n"}
+
+
+def test_init_existing_file_message(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text("old key\n")
+    result = invoke(*INIT_FLAGS, "-o", str(tmp_path / "c.yaml"))
+    assert_one_line_error(result, 1, f"{key} already exists: pass --force to replace it (a new cluster key must "
+                                     "then be copied to both nodes), or choose other paths with -o, --key-file, "
+                                     "--token-file")
+    assert snapshot(tmp_path) == {"cluster.key": b"old key\n"}
+
+
+def test_init_force_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """A cluster file linked from elsewhere stays a link: the file it points to gets the new text."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "c.yaml").write_text("old\n")
+    (tmp_path / "c.yaml").symlink_to("store/c.yaml")
+    result = invoke(*INIT_FLAGS, "-o", str(tmp_path / "c.yaml"), "--force")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.yaml").is_symlink()
+    assert load_config(tmp_path / "store" / "c.yaml").cluster.name == "c1"
+    assert stat.S_IMODE((tmp_path / "store" / "c.yaml").stat().st_mode) == 0o644
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
 
 
 @pytest.mark.parametrize("body", [b'{"node": "\xff\xfe"}', b"not json", b'{"node": 1}'])

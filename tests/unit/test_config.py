@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from safekit_cloud.core.config import ConfigError, load_config, parse_config
+from safekit_cloud.core.replication.exclude import Excluder
 
 MINIMAL = """\
 cluster:
@@ -313,8 +314,285 @@ def test_a_directory_replicated_by_two_modules_is_refused() -> None:
 
 @pytest.mark.parametrize("directory, why", [
     ("/", "cannot be replicated"), ("/proc/self", "cannot be replicated"), ("/dev", "cannot be replicated"),
-    ("/srv/../etc", "has a '..' component"), ("srv/app", "is not an absolute path"),
+    ("/srv/../etc", "has a '..' component"), ("srv/app", "'srv/app' must be an absolute path"),
+    ('""', "'' must be an absolute path"),
 ])
 def test_replicated_directories_that_cannot_be_replicated_are_refused(directory: str, why: str) -> None:
     problems = problems_of(MINIMAL + f"    replication: {{directories: [{directory}]}}\n")
     assert why in only(problems, "modules[0].replication.directories")
+
+
+
+# ---- reading the file --------------------------------------------------------------------------------
+
+def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_bytes(b"cluster:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: 1 problem(s):")
+    assert info.value.problems == ["not UTF-8 text: byte 20 (line 2) is 0xe9: save the file as UTF-8"]
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column_and_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("cluster: [unclosed\nnodes: {\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: 1 problem(s):")
+    problem = info.value.problems[0]
+    assert problem.startswith("line 2, column 6: not valid YAML: expected ',' or ']', but got ':' "
+                              "(while parsing a flow sequence at line 1, column 10): fix the YAML there")
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_a_character_yaml_refuses_is_located() -> None:
+    problem = only(problems_of("cluster:\n  name: a\x00b\n"), "not valid YAML")
+    assert problem.startswith("line 2, column 10: not valid YAML: character U+0000 is not allowed")
+    assert "<unicode string>" not in problem
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines() -> None:
+    problem = only(problems_of(MINIMAL + "cluster:\n  name: c2\n"), "given twice")
+    assert problem == ("cluster (line 10): given twice in the same mapping, at line 1, column 1 and line 10, "
+                       "column 1 (YAML would keep the last one only): remove one of them")
+    problem = only(problems_of(MINIMAL.replace("  - name: app\n", "  - {name: app, name: other}\n")),
+                   "given twice")
+    assert problem.startswith("modules[0].name (line 9): given twice in the same mapping, at line 9, column 6 "
+                              "and line 9, column 17")
+
+
+def test_a_key_that_is_not_text_is_an_unknown_key_not_a_crash() -> None:
+    assert only(problems_of(MINIMAL + "1: x\n"), "key 1").startswith("1 (line 10): key 1 is not a section name "
+                                                                    "(unknown key")
+
+
+# ---- paths -----------------------------------------------------------------------------------------------
+
+def test_a_nul_byte_in_a_path_is_refused() -> None:
+    problems = problems_of(MINIMAL + '    replication: {directories: ["/srv/da\\0ta"]}\n')
+    assert only(problems, "NUL") == ("modules[0].replication.directories[0] (line 10): '/srv/da\\x00ta' holds a "
+                                     "NUL byte: no file name can")
+
+
+def test_the_same_directory_spelled_twice_overlaps() -> None:
+    problems = problems_of(MINIMAL + '    replication: {directories: ["//srv/data", "/srv/data"]}\n')
+    assert "/srv/data and /srv/data overlap" in only(problems, "modules[0].replication.directories (line 10)")
+    problems = problems_of(MINIMAL + '    replication: {directories: ["//srv//data/"]}\n'
+                           "  - name: other\n    replication: {directories: [/srv/data/logs], port: 4802}\n")
+    assert "/srv/data/logs overlaps /srv/data of modules[0]" in only(problems, "modules[1].replication.directories")
+
+
+def test_paths_are_stored_in_one_spelling() -> None:
+    cfg = parse_config(MINIMAL + '    replication: {directories: ["//srv//data/"]}\n'
+                                 '    scripts: {directory: "//etc/app/"}\n')
+    assert cfg.module("app").replication.directories == [Path("/srv/data")]
+    assert str(cfg.module("app").scripts.directory) == "/etc/app"
+
+
+@pytest.mark.parametrize("value", ["relative/dir", '""'])
+@pytest.mark.parametrize("section, where", [
+    ("    scripts: {directory: %s}\n", "modules[0].scripts.directory (line 10)"),
+    ("    checkers: [{name: p, type: process, pid_file: %s}]\n", "modules[0].checkers[0].pid_file (line 10)"),
+    ("heartbeat: {key_file: %s}\n", "heartbeat.key_file (line 10)"),
+    ("api: {token_file: %s}\n", "api.token_file (line 10)"),
+    ("api: {tls: {cert_file: %s, key_file: /etc/k.pem}}\n", "api.tls.cert_file (line 10)"),
+])
+def test_file_and_directory_paths_must_be_absolute(section: str, where: str, value: str) -> None:
+    problem = only(problems_of(MINIMAL + section % value), where)
+    shown = "''" if value == '""' else repr(value)
+    assert problem == (f"{where}: {shown} must be an absolute path (starting with /): the daemon's working "
+                       "directory is arbitrary")
+
+
+# ---- exclude patterns ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", ["", "/", "a/../b", "a//b"])
+def test_exclude_patterns_the_excluder_refuses_are_refused_by_the_config(pattern: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        Excluder([pattern])
+    problem = only(problems_of(MINIMAL + f'    replication: {{directories: [/srv/data], exclude: ["{pattern}"]}}\n'),
+                   "modules[0].replication.exclude (line 10)")
+    assert problem.endswith(f": [0]: {refused.value}")  # the Excluder's own words
+
+
+def test_an_absolute_exclude_pattern_under_the_directory_is_refused_with_the_relative_spelling() -> None:
+    problems = problems_of(MINIMAL + '    replication: {directories: [/srv/data], '
+                           'exclude: [/srv/data/tmp, "/srv/data/logs/*.gz", /srv/data]}\n')
+    problem = only(problems, "modules[0].replication.exclude (line 10)")
+    assert ("[0]: '/srv/data/tmp' is under /srv/data, but patterns are relative to the replicated directory: "
+            "write /tmp (that path from its root) or tmp/ (every directory tmp)") in problem
+    assert "[1]: '/srv/data/logs/*.gz' is under /srv/data" in problem and "write /logs/*.gz" in problem
+    assert "[2]: '/srv/data' is the replicated directory itself" in problem
+
+
+def test_anchored_exclude_patterns_stay_valid() -> None:
+    cfg = parse_config(MINIMAL + '    replication: {directories: [/srv/data], exclude: [/cache, "cache/*.bin"]}\n')
+    assert cfg.module("app").replication.exclude == ["/cache", "cache/*.bin"]
+
+
+# ---- checkers --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("checker, where, message", [
+    ('{name: h, type: http, url: "http://127.0.0.1/", body_regex: "(["}', "body_regex",
+     "not a valid regular expression: unterminated character set at position 1"),
+    ('{name: c, type: command, command: [""]}', "command", "the program (the first item) is empty"),
+    ("{name: c, type: command, command: []}", "command", "List should have at least 1 item"),
+    ('{name: t, type: tcp, host: "", port: 80}', "host", "'' is neither an IP address nor a host name"),
+    ('{name: t, type: tcp, host: "-x", port: 80}', "host", "'-x' is neither an IP address nor a host name"),
+    ('{name: h, type: http, url: "http://"}', "url", "'http://' has no host: write http://HOST[:PORT]/PATH"),
+    ('{name: h, type: http, url: "http://h:99999/"}', "url", "the port must be a number from 1 to 65535"),
+    ('{name: h, type: http, url: "http://h/a b"}', "url", "holds a space or a control character"),
+])
+def test_checker_settings_that_would_fail_at_run_time_are_refused(checker: str, where: str, message: str) -> None:
+    problem = only(problems_of(MINIMAL + f"    checkers: [{checker}]\n"), "checkers[0]")
+    assert problem.startswith(f"modules[0].checkers[0].{where} (line 10): ") and message in problem
+
+
+def test_valid_checker_hosts_and_urls_are_accepted() -> None:
+    cfg = parse_config(MINIMAL + "    checkers:\n"
+                       "      - {name: a, type: http, url: 'http://[::1]:8080/health?x=1', body_regex: 'ok|up'}\n"
+                       "      - {name: b, type: tcp, host: db.example.com, port: 5432}\n")
+    assert [c.name for c in cfg.module("app").checkers] == ["a", "b"]
+
+
+# ---- witnesses -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address", ["-f", "", "not an address!!", "host-", "256.1.1.1"])
+def test_a_witness_is_an_ip_address_or_a_host_name(address: str) -> None:
+    problem = only(problems_of(MINIMAL + f'    witnesses: [{{address: "{address}"}}]\n'), "witnesses[0]")
+    assert problem.startswith(f"modules[0].witnesses[0].address (line 10): {address!r} is neither an IP address "
+                              "nor a host name")
+
+
+def test_witness_host_names_and_addresses_are_accepted() -> None:
+    cfg = parse_config(MINIMAL + "    witnesses: [{address: gw-1.example.com.}, {address: 198.18.0.254}, "
+                                 "{address: 'fe80::1%eth0'}, {type: tcp, address: router, port: 22}, "
+                                 "{address: db_primary.internal}]\n")
+    assert len(cfg.module("app").witnesses) == 5
+
+
+# ---- addresses -------------------------------------------------------------------------------------------
+
+def vip(address: str) -> str:
+    return f"    vip: {{provider: lan, address: '{address}', interface: eth0}}\n"
+
+
+@pytest.mark.parametrize("address, why", [
+    ("0.0.0.0/24", "0.0.0.0 is unspecified"), ("::/64", ":: is unspecified"),
+    ("224.0.0.1/24", "224.0.0.1 is a multicast address"), ("127.0.0.2/8", "127.0.0.2 is a loopback address"),
+    ("255.255.255.255", "255.255.255.255 is the broadcast address"),
+    ("198.18.0.0/24", "198.18.0.0 is the network address of 198.18.0.0/24"),
+    ("198.18.0.255/24", "198.18.0.255 is the broadcast address of 198.18.0.0/24"),
+    ("2001:db8::/64", "2001:db8:: is the network address of 2001:db8::/64"),
+])
+def test_a_vip_must_be_a_usable_host_address(address: str, why: str) -> None:
+    problem = only(problems_of(MINIMAL + vip(address)), "modules[0].vip.address")
+    assert problem == (f"modules[0].vip.address (line 10): {why}: a virtual IP must be a host address clients "
+                       "can reach (e.g. 198.18.0.100/24)")
+
+
+def test_vips_of_point_to_point_and_host_prefixes_are_accepted() -> None:
+    cfg = parse_config(MINIMAL + vip("198.18.0.10/31") + "  - name: b\n" + vip("198.18.0.20"))
+    assert [m.vip.address for m in cfg.modules if m.vip] == ["198.18.0.10/31", "198.18.0.20/32"]
+
+
+def test_a_vip_equal_to_a_node_address_is_refused() -> None:
+    problem = only(problems_of(MINIMAL + vip("198.18.0.2/24")), "modules[0].vip.address")
+    assert problem == ("modules[0].vip.address (line 10): 198.18.0.2 is the address of nodes[1]: a virtual IP "
+                       "moves between the nodes, it needs an address of its own")
+
+
+def test_two_modules_with_the_same_vip_are_refused() -> None:
+    problem = only(problems_of(MINIMAL + vip("198.18.0.100/24") + "  - name: b\n" + vip("198.18.0.100/25")),
+                   "modules[1].vip.address")
+    assert problem == ("modules[1].vip.address (line 12): 198.18.0.100 is already the virtual IP of modules[0]: "
+                       "each module needs its own (or make them one module)")
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "255.255.255.255", "224.0.0.5"])
+def test_a_node_address_must_be_its_own(address: str) -> None:
+    peer = "'2001:db8::1'" if ":" in address else "198.18.0.1"  # one IP version per network
+    problem = only(problems_of(MINIMAL.replace("198.18.0.1", peer).replace("198.18.0.2", f"'{address}'")),
+                   "nodes[1].addresses")
+    assert problem.startswith(f"nodes[1].addresses (line 7): network 'default': {address} is not a node's own "
+                              "address (unspecified, multicast or broadcast)")
+
+
+def test_both_nodes_with_the_same_address_are_refused() -> None:
+    problems = problems_of(MINIMAL.replace("198.18.0.2", "198.18.0.1"))
+    assert problems == [("nodes[1].addresses.default (line 7): 198.18.0.1 is also the address of nodes[0] "
+                        "(network 'default'): each node needs its own addresses")]
+
+
+def test_ipv4_and_ipv6_on_one_heartbeat_network_are_refused() -> None:
+    problems = problems_of(MINIMAL.replace("198.18.0.2", "2001:db8::2"))
+    assert problems == [("nodes[1].addresses.default (line 7): 2001:db8::2 is IPv6 but nodes[0] has the IPv4 "
+                        "address 198.18.0.1 on network 'default': both nodes of a heartbeat network need the "
+                        "same IP version")]
+
+
+# ---- ports -----------------------------------------------------------------------------------------------
+
+def test_the_api_port_must_differ_from_replication_ports() -> None:
+    problems = problems_of(MINIMAL + "    replication: {directories: [/srv/data]}\n"
+                           'api: {listen: "0.0.0.0:4801"}\n')
+    assert only(problems, "modules[0].replication.port") == (
+        "modules[0].replication.port (line 10): port 4801 is already used by api.listen: each replicated module "
+        "needs its own port, distinct from heartbeat.port and the api.listen port")
+
+
+def test_two_replicated_modules_on_one_port_are_refused() -> None:
+    problems = problems_of(MINIMAL + "    replication: {directories: [/srv/a]}\n"
+                           "  - name: b\n    replication: {directories: [/srv/b]}\n")
+    assert "port 4801 is already used by modules[0].replication.port" in only(problems, "modules[1].replication")
+
+
+@pytest.mark.parametrize("listen, why", [
+    ("not a host:59999", "'not a host' is neither an IP address nor a host name"),
+    ("::1:59999", "'::1:59999': write an IPv6 address in brackets, as in [::1]:9010"),
+    ("[localhost]:59999", "[localhost] is not an IPv6 address"),
+    ("127.0.0.1:\u00b2", "'127.0.0.1:\u00b2' is not host:port"),
+])
+def test_the_api_host_must_be_an_address_or_a_host_name(listen: str, why: str) -> None:
+    problem = only(problems_of(MINIMAL + f'api: {{listen: "{listen}"}}\n'), "api.listen")
+    assert problem.startswith(f"api.listen (line 10): {why}")
+
+
+def test_api_hosts_that_are_accepted() -> None:
+    assert parse_config(MINIMAL + 'api: {listen: "[::1]:9010"}\n').api.host == "::1"
+    assert parse_config(MINIMAL + 'api: {listen: "localhost:9010"}\n').api.host == "localhost"
+
+
+def test_a_port_in_other_digits_is_an_error_not_a_crash() -> None:
+    problems = problems_of(MINIMAL + 'heartbeat: {port: "\u00b2"}\n')
+    assert "write a whole number" in only(problems, "heartbeat.port (line 10)")
+
+
+# ---- errors caused by SAFEKIT_* variables --------------------------------------------------------------
+
+def test_an_env_error_names_the_variable_not_a_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_HEARTBEAT__TIMEOUT", "abc")
+    problems = problems_of(MINIMAL + "heartbeat:\n  interval: 0.5\n")
+    assert problems == [("heartbeat.timeout (from the environment variable SAFEKIT_HEARTBEAT__TIMEOUT): Input "
+                        "should be a valid number, unable to parse string as a number (write a number)")]
+
+
+def test_an_env_error_in_a_json_section_names_that_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_MODULES", '[{"name": "a b"}]')
+    problem = only(problems_of(MINIMAL), "modules[0].name")
+    assert problem.startswith("modules[0].name (from the environment variable SAFEKIT_MODULES): ")
+
+
+def test_a_rule_on_a_section_an_env_variable_changed_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_HEARTBEAT__TIMEOUT", "1")
+    problem = only(problems_of(MINIMAL + "heartbeat:\n  interval: 0.5\n"), "heartbeat")
+    assert problem.startswith("heartbeat (line 10; overridden in part by SAFEKIT_HEARTBEAT__TIMEOUT): timeout 1.0s")
+
+
+def test_an_env_variable_that_is_not_json_is_named_and_said_to_need_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_NODES", "not json")
+    problems = problems_of(MINIMAL)
+    assert problems == [("nodes (from the environment variable SAFEKIT_NODES): not valid JSON (Expecting value, "
+                        "character 1): a variable that sets a list or a whole section must hold JSON, e.g. "
+                        "SAFEKIT_HEARTBEAT='{\"timeout\": 5}'; one key is set with SAFEKIT_<SECTION>__<KEY>=value")]
