@@ -247,6 +247,9 @@ def run(g: Globals) -> None:
 
     config = g.config()
     node = resolve_local_node(config, g.node)
+    conflicts = state_dir_conflicts(config, g.state_dir)
+    if conflicts:
+        fail("; ".join(conflicts))
     sys.exit(run_daemon(config, node, g.state_dir, g.config_path, verbose=g.verbose))
 
 
@@ -417,16 +420,33 @@ def config_check(g: Globals) -> None:
     cfg = g.config()
     click.echo(f"# {g.config_path}: valid; effective configuration with defaults filled in")
     click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False), nl=False)
-    for warning in _this_node_warnings(cfg):
+    for warning in _this_node_warnings(cfg, g.state_dir):
         click.echo(f"warning: this node: {warning}", err=True)
 
 
-def _this_node_warnings(cfg: ClusterConfig) -> list[str]:
-    """What would stop a module's replication from starting on this node, whatever the file says:
-    a replicated directory missing, or another file system mounted inside one."""
+def state_dir_conflicts(cfg: ClusterConfig, state_dir: Path) -> list[str]:
+    """Replicated directories that hold the daemon's state directory, or lie inside it. The journal
+    would be written through the primary's own mount (its agent waiting on itself) and under the
+    secondary's read-only bind; the state would be replaced by the peer's."""
+    state = Path(os.path.realpath(state_dir))
+    out = []
+    for module in cfg.modules:
+        for directory in module.replication.directories:
+            real = Path(os.path.realpath(directory))
+            if real == state or state.is_relative_to(real) or real.is_relative_to(state):
+                out.append(f"module {module.name}: the replicated directory {directory} and the state directory "
+                           f"{state_dir} overlap: replicate the application's own directories only, or give "
+                           "the daemon another --state-dir (SAFEKIT_STATE_DIR)")
+    return out
+
+
+def _this_node_warnings(cfg: ClusterConfig, state_dir: Path) -> list[str]:
+    """What would stop a module's replication or the daemon from starting on this node, whatever the
+    file says: a replicated directory missing, another file system mounted inside one, or one that
+    overlaps the state directory."""
     from .replication.paths import open_replicated_dir  # the same check as the agents', same words
 
-    out = []
+    out = state_dir_conflicts(cfg, state_dir)
     for module in cfg.modules:
         for directory in module.replication.directories:
             try:

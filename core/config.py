@@ -90,8 +90,23 @@ def _check_host(value: str) -> str:
     return value
 
 
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_truth_for_a_number(cls, data: Any) -> Any:
+        # pydantic takes true as 1, and YAML reads yes/no/on/off as booleans: `port: yes` became port 1.
+        # (A model validator: a field validator for every field would also run on the checkers' tag.)
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and field.annotation in _NUMBERS:
+                    raise ValueError(f"{name}: {str(data[name]).lower()} is a boolean, not a number (YAML "
+                                     "reads yes, no, on and off as booleans): write a number")
+        return data
 
 
 class NodeConfig(Strict):

@@ -429,6 +429,24 @@ def test_config_check_warns_about_a_replicated_directory_missing_on_this_node(tm
     assert "warning" not in invoke("-c", str(out), "config", "check").stderr
 
 
+@pytest.mark.parametrize("where", ["holds", "inside", "same"])
+def test_a_replicated_directory_may_not_overlap_the_state_directory(tmp_path: Path, where: str) -> None:
+    """A warning from `config check` (the state directory is this node's --state-dir), a refusal
+    from `run`, before the daemon starts: its journal would be written through its own mount."""
+    state = tmp_path / "state"
+    data = {"holds": tmp_path, "inside": state / "app-data", "same": state}[where]
+    data.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "cluster.yaml"
+    assert invoke(*INIT_FLAGS, "--replicate", str(data), "-o", str(out)).exit_code == 0
+    what = (f"module app: the replicated directory {data} and the state directory {state} overlap: replicate "
+            "the application's own directories only, or give the daemon another --state-dir (SAFEKIT_STATE_DIR)")
+    check = invoke("-c", str(out), "--state-dir", str(state), "config", "check")
+    assert check.exit_code == 0 and f"warning: this node: {what}" in check.stderr
+    assert_one_line_error(invoke("-c", str(out), "--state-dir", str(state), "--node", "n1", "run"), 1, what)
+    assert "overlap" not in invoke("-c", str(out), "--state-dir", "/run/safekit-test-elsewhere", "config",
+                                   "check").stderr
+
+
 def test_config_file_missing(tmp_path: Path) -> None:
     result = invoke("-c", str(tmp_path / "none.yaml"), "config", "check")
     assert result.exit_code == 1 and "file not found" in result.stderr and "safekit-cloud init" in result.stderr

@@ -596,3 +596,25 @@ def test_an_env_variable_that_is_not_json_is_named_and_said_to_need_json(monkeyp
     assert problems == [("nodes (from the environment variable SAFEKIT_NODES): not valid JSON (Expecting value, "
                         "character 1): a variable that sets a list or a whole section must hold JSON, e.g. "
                         "SAFEKIT_HEARTBEAT='{\"timeout\": 5}'; one key is set with SAFEKIT_<SECTION>__<KEY>=value")]
+
+
+# ---- booleans where numbers go ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "value", "read"), [
+    ("port", "true", "true"), ("interval", "yes", "true"), ("timeout", "on", "true"), ("replay_window", "no", "false"),
+])
+def test_a_boolean_is_not_a_number(key: str, value: str, read: str) -> None:
+    problem = only(problems_of(MINIMAL + f"heartbeat:\n  {key}: {value}\n"), "heartbeat")
+    assert problem.startswith(f"heartbeat (line 10): {key}: {read} is a boolean, not a number (YAML reads yes, "
+                              "no, on and off as booleans): write a number"), problem
+
+
+def test_a_boolean_is_not_a_number_in_a_module_either() -> None:
+    problem = only(problems_of(MINIMAL + "    replication: {directories: [/srv/data], port: yes}\n"),
+                   "replication")
+    assert "modules[0].replication (line 10): port: true is a boolean, not a number" in problem
+
+
+def test_numbers_still_come_from_strings_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_HEARTBEAT__PORT", "4900")
+    assert parse_config(MINIMAL).heartbeat.port == 4900
