@@ -6,6 +6,7 @@ its YAML path, line and a hint. Providers validate their own `vip` settings thro
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -876,6 +877,11 @@ def _where(loc: Loc, lines: dict[Loc, int], env: dict[str, Any] | None = None) -
 def _describe(error: dict[str, Any], lines: dict[Loc, int], env: dict[str, Any]) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     hint = HINTS.get(error["type"], "")
+    if error["type"] == "string_type" and isinstance(error.get("input"), (bool, int, float, datetime.date)):
+        # YAML read `name: no` as false, `name: 2024-01-01` as a date, `name: 007` as a number.
+        kind = {bool: "a boolean (yes, no, on, off, true, false)", int: "a number",
+                float: "a number"}.get(type(error["input"]), "a date")
+        hint = f"YAML read it as {kind}: write it in quotes, e.g. name: 'no'"
     return f"{_where(_without_tag(error['loc']), lines, env)}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
 
 

@@ -618,3 +618,11 @@ def test_a_boolean_is_not_a_number_in_a_module_either() -> None:
 def test_numbers_still_come_from_strings_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAFEKIT_HEARTBEAT__PORT", "4900")
     assert parse_config(MINIMAL).heartbeat.port == 4900
+
+
+@pytest.mark.parametrize(("value", "kind"), [("no", "a boolean (yes, no, on, off, true, false)"),
+                                             ("2024-01-01", "a date"), ("007", "a number")])
+def test_a_name_yaml_reads_as_something_else_says_to_quote_it(value: str, kind: str) -> None:
+    problem = only(problems_of(MINIMAL.replace("name: c1", f"name: {value}")), "cluster.name")
+    assert problem == (f"cluster.name (line 2): Input should be a valid string (YAML read it as {kind}: write it "
+                       "in quotes, e.g. name: 'no')")
