@@ -32,6 +32,7 @@ CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)  # typ
 TOKEN: web.AppKey[bytes] = web.AppKey("token", bytes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 class ApiError(OSError):
@@ -65,8 +66,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path.startswith("/api/"):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         expected = request.app[TOKEN]
-        # compare_digest: the time taken must not tell how much of a guessed token was right
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        # compare_digest: the time taken must not tell how much of a guessed token was right.
+        # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way; any bytes a
+        # client sends are a wrong token, never a 500.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
             return json_error(401, "missing or wrong API token (Authorization: Bearer <api.token_file>)",
                               {"WWW-Authenticate": 'Bearer realm="safekit-cloud"'})
     return await handler(request)
@@ -76,6 +80,19 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 def _controller(request: web.Request) -> Controller:
     return request.app[CONTROLLER]
+
+
+def _bad_request(request: web.Request, params: tuple[str, ...]) -> web.Response | None:
+    """A body, or a query parameter, where the route takes none: refused rather than ignored, so
+    that a typo (?fulsync=1) or a client that sends options in a body does not run another command
+    than the one meant."""
+    if request.body_exists:
+        return json_error(400, f"{request.method} {request.path} takes no body: send the request without one")
+    unknown = sorted(set(request.query) - set(params))
+    if unknown:
+        takes = f"it takes {', '.join(params)}" if params else "it takes none"
+        return json_error(400, f"unknown query parameter {', '.join(unknown)} for {request.path} ({takes})")
+    return None
 
 
 def _unknown_module(controller: Controller, module: str) -> web.Response | None:
@@ -112,10 +129,18 @@ async def command(request: web.Request) -> web.Response:
     module, verb = request.match_info["module"], request.match_info["verb"]
     if (missing := _unknown_module(controller, module)) is not None:
         return missing
+    if verb == "log":
+        return json_error(405, f"Method Not Allowed: {request.method} {request.path} (the log is read with GET)",
+                          {"Allow": "GET"})
     if verb not in COMMANDS:
         return json_error(404, f"unknown command {verb!r} (commands: {', '.join(COMMANDS)})")
-    fullsync = request.query.get("fullsync", "") in ("1", "true", "yes")
-    if fullsync and verb != "second":
+    if (bad := _bad_request(request, ("fullsync",))) is not None:
+        return bad
+    raw = request.query.get("fullsync")
+    if raw is not None and raw.lower() not in FLAG_VALUES:
+        return json_error(400, f"fullsync must be 1 or 0 (or true/false, yes/no), got {raw!r}")
+    fullsync = raw is not None and FLAG_VALUES[raw.lower()]
+    if raw is not None and verb != "second":
         return json_error(400, "fullsync goes with the command second only")
     log.info("api: %s %s requested%s", verb, module, " (fullsync)" if fullsync else "")
     result = await (controller.command(module, verb, fullsync=True) if fullsync
@@ -131,6 +156,8 @@ async def verify(request: web.Request) -> web.Response:
     module = request.match_info["module"]
     if (missing := _unknown_module(controller, module)) is not None:
         return missing
+    if (bad := _bad_request(request, ())) is not None:
+        return bad
     run = getattr(controller, "verify", None)
     if run is None:
         return json_error(501, "this daemon cannot verify replicas")
@@ -146,8 +173,10 @@ def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
-        raise ValueError(f"{name} must be a whole number >= 0, got {raw!r}")
+    # isascii: str.isdigit also takes "²" and other scripts' digits; 18 digits: int() refuses
+    # very long strings with a message about Python's limits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ValueError(f"{name} must be a whole number >= 0, got {raw[:40]!r}")
     return int(raw)
 
 
@@ -156,6 +185,8 @@ async def module_log(request: web.Request) -> web.Response:
     module = request.match_info["module"]
     if (missing := _unknown_module(controller, module)) is not None:
         return missing
+    if (bad := _bad_request(request, ("offset", "tail"))) is not None:
+        return bad
     try:
         offset, tail = _int_param(request, "offset"), _int_param(request, "tail")
     except ValueError as exc:
@@ -194,10 +225,22 @@ def read_log(path: str | Path, offset: int | None, tail: int | None) -> dict[str
             data = fh.read(min(MAX_LOG_CHUNK, size - start))
     except FileNotFoundError:  # the module has not logged anything yet
         return {"offset": 0, "text": "", "size": 0}
-    if start + len(data) < size and b"\n" in data:
-        # cut at a line end, so the next chunk starts a line and no UTF-8 sequence is split
-        data = data[: data.rindex(b"\n") + 1]
+    if start + len(data) < size:
+        # cut at a line end, so the next chunk starts a line; a line longer than a chunk is cut
+        # between two characters, so no UTF-8 sequence is split either
+        data = data[: data.rindex(b"\n") + 1] if b"\n" in data else data[:utf8_boundary(data)]
     return {"offset": start + len(data), "text": data.decode("utf-8", "replace"), "size": size}
+
+
+def utf8_boundary(data: bytes) -> int:
+    """The length of the longest prefix of `data` that ends between two UTF-8 characters (a
+    sequence cut at the end is left for the next chunk)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the lead byte (or ASCII) of the last sequence
+            need = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4  # bytes it takes
+            return len(data) if back >= need else len(data) - back
+    return len(data)  # not UTF-8 there: cut anywhere, decoding replaces it
 
 
 def _tail_start(fh: Any, size: int, lines: int) -> int:
@@ -253,9 +296,27 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+class OneLineBadRequests(logging.Filter):
+    """aiohttp logs every malformed request (a bad header, a TLS hello on plain HTTP) at ERROR with a
+    traceback: anyone who can connect could fill the daemon's log with them. One warning line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            first = (str(exc).splitlines() or [""])[0][:200]
+            record.msg, record.args = "api: bad request from a client: %s%s", (type(exc).__name__,
+                                                                                f": {first}" if first else "")
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 async def serve_api(app: web.Application, api_config: ApiConfig) -> web.AppRunner:
     """Serve `app` on api.listen (HTTPS when api.tls is set). Call `runner.cleanup()` to stop."""
     context = server_ssl_context(api_config.tls) if api_config.tls else None
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, OneLineBadRequests) for f in server_log.filters):
+        server_log.addFilter(OneLineBadRequests())
     # access_log None: load balancers probe /health every few seconds, which would drown the log;
     # commands are logged by the handler. handler_cancellation False: a CLI that goes away (Ctrl-C)
     # must not cancel a transition half-way.

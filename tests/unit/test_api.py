@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import socket
 import threading
 import time
@@ -128,6 +129,38 @@ def test_api_needs_the_token(controller: FakeController) -> None:
     run(scenario())
 
 
+def test_a_token_that_is_not_utf8_is_a_wrong_token_not_a_500(controller: FakeController) -> None:
+    async def scenario() -> None:
+        async with served(controller) as url:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                         b"Connection: close\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+            assert b"missing or wrong API token" in answer
+    run(scenario())
+
+
+def test_a_malformed_request_is_one_warning_line_in_the_log(controller: FakeController,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who can connect could otherwise fill the daemon's log with aiohttp's tracebacks."""
+    async def scenario() -> None:
+        async with served(controller) as url:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer[:80]
+    caplog.set_level(logging.WARNING, logger="aiohttp.server")
+    run(scenario())
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
+    assert records[0].getMessage().startswith("api: bad request from a client: BadHttpMessage")
+
+
 def test_empty_token_is_refused(controller: FakeController) -> None:
     with pytest.raises(ValueError):
         build_app(controller, "")
@@ -223,6 +256,40 @@ def test_second_with_fullsync_reaches_the_controller_and_other_verbs_refuse_it(c
             async with http.post(url + "/api/v1/modules/app/swap?fullsync=1", headers=AUTH) as r:
                 assert r.status == 400
                 assert "second" in (await r.json())["error"]
+    run(scenario())
+    assert controller.commands == [("app", "start"), ("app", "second --fullsync")]
+
+
+def test_bodies_unknown_parameters_and_bad_flags_are_refused(controller: FakeController) -> None:
+    """Nothing a client sends is silently ignored: a typo or an option sent in a body must not run
+    another command than the one meant."""
+    async def scenario() -> None:
+        async with served(controller) as url, aiohttp.ClientSession() as http:
+            async with http.post(url + "/api/v1/modules/app/start", headers=AUTH) as r:
+                assert r.status == 200
+            for path, kwargs, status, words in [
+                ("/api/v1/modules/app/stop", {"json": {"fullsync": True}}, 400, "takes no body"),
+                ("/api/v1/modules/app/verify", {"data": b"x" * 100}, 400, "takes no body"),
+                ("/api/v1/modules/app/second?fulsync=1", {}, 400, "unknown query parameter fulsync"),
+                ("/api/v1/modules/app/second?fullsync=TRUE2", {}, 400, "fullsync must be 1 or 0"),
+                ("/api/v1/modules/app/stop?fullsync=banana", {}, 400, "fullsync must be 1 or 0"),
+                ("/api/v1/modules/app/stop?fullsync=0", {}, 400, "fullsync goes with the command second only"),
+                ("/api/v1/modules/app/log", {}, 405, "the log is read with GET"),
+            ]:
+                async with http.post(url + path, headers=AUTH, **kwargs) as r:
+                    assert r.status == status, (path, await r.text())
+                    assert words in (await r.json())["error"], path
+                    if status == 405:
+                        assert r.headers["Allow"] == "GET"
+            async with http.post(url + "/api/v1/modules/app/second?fullsync=True", headers=AUTH) as r:
+                assert r.status == 200
+            for query, words in [("size=10", "unknown query parameter size"),
+                                 ("offset=%C2%B2", "offset must be a whole number >= 0"),
+                                 ("offset=" + "9" * 5000, "offset must be a whole number >= 0"),
+                                 ("tail=%D9%A3", "tail must be a whole number >= 0")]:
+                async with http.get(f"{url}/api/v1/modules/app/log?{query}", headers=AUTH) as r:
+                    assert r.status == 400, query
+                    assert words in (await r.json())["error"], query
     run(scenario())
     assert controller.commands == [("app", "start"), ("app", "second --fullsync")]
 
@@ -387,3 +454,16 @@ def test_client_connection_refused_message(tmp_path: Path) -> None:
     assert str(info.value) == (f"cannot reach the safekit-cloud daemon at 127.0.0.1:{port} (node n1): "
                                "is `safekit-cloud run` running? (connection refused)")
     assert info.value.__cause__ is None  # nothing for a traceback to chain
+
+
+def test_a_line_longer_than_a_chunk_is_cut_between_characters(tmp_path: Path) -> None:
+    log = tmp_path / "long.log"
+    line = "a" + "é" * MAX_LOG_CHUNK + "\n"  # 2 MiB + 2 bytes, the first chunk's end falls inside an é
+    log.write_text(line)
+    offset, text = 0, []
+    while offset < log.stat().st_size:
+        chunk = read_log(log, offset, None)
+        assert "\ufffd" not in chunk["text"]
+        text.append(chunk["text"])
+        offset = chunk["offset"]
+    assert "".join(text) == line
