@@ -26,6 +26,9 @@ from .status import COMMANDS, Controller
 
 log = logging.getLogger(__name__)
 
+# A connection that has not sent a whole request within this, or idles this long between two, is
+# closed: a client that connects and sends nothing (or half a header) must not hold a socket for ever.
+IDLE_TIMEOUT = 30.0
 MAX_LOG_CHUNK = 1 << 20  # one log response at most: the CLI pages with the returned offset
 _TAIL_BLOCK = 64 * 1024
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)  # type: ignore[type-abstract]
@@ -311,7 +314,7 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
-async def serve_api(app: web.Application, api_config: ApiConfig) -> web.AppRunner:
+async def serve_api(app: web.Application, api_config: ApiConfig, idle_timeout: float = IDLE_TIMEOUT) -> web.AppRunner:
     """Serve `app` on api.listen (HTTPS when api.tls is set). Call `runner.cleanup()` to stop."""
     context = server_ssl_context(api_config.tls) if api_config.tls else None
     server_log = logging.getLogger("aiohttp.server")
@@ -319,8 +322,10 @@ async def serve_api(app: web.Application, api_config: ApiConfig) -> web.AppRunne
         server_log.addFilter(OneLineBadRequests())
     # access_log None: load balancers probe /health every few seconds, which would drown the log;
     # commands are logged by the handler. handler_cancellation False: a CLI that goes away (Ctrl-C)
-    # must not cancel a transition half-way.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False)
+    # must not cancel a transition half-way. keepalive_timeout: aiohttp counts it from the connection's
+    # start too, which is what closes a silent or half-sent request (a request being handled is never cut).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False,
+                           keepalive_timeout=idle_timeout)
     await runner.setup()
     site = web.TCPSite(runner, api_config.host, api_config.port, ssl_context=context, reuse_address=True)
     try:

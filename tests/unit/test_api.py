@@ -161,6 +161,22 @@ def test_a_malformed_request_is_one_warning_line_in_the_log(controller: FakeCont
     assert records[0].getMessage().startswith("api: bad request from a client: BadHttpMessage")
 
 
+def test_a_client_that_sends_half_a_request_is_disconnected(controller: FakeController) -> None:
+    async def scenario() -> None:
+        api = ApiConfig(listen=f"127.0.0.1:{free_port()}")
+        runner = await serve_api(build_app(controller, TOKEN), api, idle_timeout=0.5)
+        try:
+            silent = await asyncio.open_connection(api.host, api.port)
+            half = await asyncio.open_connection(api.host, api.port)
+            half[1].write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-a: ")
+            for reader, writer in (silent, half):
+                assert await asyncio.wait_for(reader.read(), 20) == b""  # closed by the server
+                writer.close()
+        finally:
+            await runner.cleanup()
+    run(scenario())
+
+
 def test_empty_token_is_refused(controller: FakeController) -> None:
     with pytest.raises(ValueError):
         build_app(controller, "")
