@@ -4,7 +4,9 @@ node's *lineage* (how its tree relates to the last state both nodes shared).
 One file per replicated directory and node, `<state_dir>/<module>.<dir>.journal`, an append-only
 sequence of records (4-byte length, 4-byte CRC-32, msgpack). Reading stops at the first record that
 is short or fails its checksum: a torn tail after a crash is ignored, which is right because nothing
-is done before its record is durable (write-ahead, below).
+is done before its record is durable (write-ahead, below). A tail that a crash during one write
+cannot leave (valid records or other bytes after a bad one, a file cut inside a record) is damage:
+the journal is not trusted (`torn_write`).
 
 Lineage ids. Every completed resync gets a random 16-byte id S. Both nodes persist it: the target
 when it applied the resync (`target S`), the source in its journal (`session S`). While the stream
@@ -503,6 +505,23 @@ def encode_record(rec: Record) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def torn_write(tail: bytes) -> bool:
+    """Whether `tail`, the bytes after the last valid record, is what a crash during one append
+    leaves: zeros (the file is allocated ahead), or one record whose header may be written while its
+    payload is not, and zeros after it. Anything else (a valid record after a bad one, bytes past the
+    bad record's end, a file that ends inside a record it could not hold) is damage to bytes that were
+    durable, which the records before it do not account for. A loaded journal is rewritten whole
+    before anything is appended to it (`_reset`), so no remnant of a torn write stays behind a later
+    record."""
+    if not tail.strip(b"\0"):
+        return True
+    if len(tail) < _HEAD.size:
+        return False
+    size, _ = _HEAD.unpack_from(tail)
+    end = _HEAD.size + size
+    return end <= len(tail) and not tail[end:].strip(b"\0")
+
+
 def read_records(data: bytes) -> tuple[list[Record], int]:
     """Every valid record from the start, and the number of bytes after the last one (torn tail)."""
     out: list[Record] = []
@@ -628,6 +647,11 @@ class Journal:
         records, j.torn = read_records(data)
         if not records or not isinstance(records[0], RState):
             j.reason = "damaged journal"
+            return j
+        if not torn_write(data[len(data) - j.torn:]):
+            # Trusting the records before the damage would leave out what the rest said changed.
+            j.reason = (f"damaged journal: the {j.torn} bytes after its last valid record (offset "
+                        f"{len(data) - j.torn}) are not what a crash during a write leaves")
             return j
         for rec in records:
             j._apply(rec)

@@ -118,12 +118,74 @@ def test_records_survive_reload_and_a_torn_tail_is_ignored(tmp_path: Path) -> No
     j.append(jn.RPending(4, [b"p"]))
     asyncio.run(j.commit())
     j.close()
-    with open(path, "ab") as f:
-        f.write(jn.encode_record(jn.RMarks(b"torn", [9, 10]))[:-3])  # a crash mid-append
+    used = _used(path)
+    with open(path, "r+b") as f:  # a crash mid-append: the record's start written, its end not
+        f.seek(used)
+        f.write(jn.encode_record(jn.RMarks(b"torn", [9, 10]))[:-3])
     k = Journal.load(path)
     assert k.kind == "alone" and k.sync == SYNC and k.generation == 5 and k.torn > 0
     _same(j.state, k.state)
     assert k.trusted and k.lineage() is None  # changes recorded: not the base state any more
+
+
+def _used(path: Path) -> int:
+    """Where the valid records of the journal file end."""
+    data = path.read_bytes()
+    return len(data) - jn.read_records(data)[1]
+
+
+def _ten_files(path: Path) -> list[int]:
+    """A committed journal of ten files' marks; the offsets where its records start."""
+    j = _alone(path)
+    for i in range(10):
+        j.state.add_data(b"f%d" % i, 0, 3)
+        j.append(jn.RMarks(b"f%d" % i, [0, 3]))
+    asyncio.run(j.commit())
+    j.close()
+    data, starts, pos = path.read_bytes(), [], 0
+    while pos < _used(path):
+        starts.append(pos)
+        pos += jn._HEAD.size + jn._HEAD.unpack_from(data, pos)[0]
+    assert len(starts) == 11  # the state record, then one per file
+    assert len(Journal.load(path).state.marks) == 10
+    return starts
+
+
+@pytest.mark.parametrize("damage", ["a byte flipped", "zeros inserted", "cut inside a record",
+                                    "a byte after the end"])
+def test_damage_to_durable_records_makes_the_journal_untrusted(tmp_path: Path, damage: str) -> None:
+    """Reading stops at the first bad record; the records after it said what else changed. Taking
+    the damage for a torn tail trusted a journal that left those files out: a journal resync then
+    left the replica different, silently."""
+    path = tmp_path / "j"
+    starts = _ten_files(path)
+    data = bytearray(path.read_bytes())
+    if damage == "a byte flipped":
+        data[starts[3] + jn._HEAD.size + 2] ^= 0xFF
+    elif damage == "zeros inserted":
+        data[starts[2]:starts[2]] = bytes(100)
+    elif damage == "cut inside a record":
+        del data[(starts[5] + starts[6]) // 2:]
+    else:
+        data[_used(path) + 5000] = 1
+    path.write_bytes(bytes(data))
+    k = Journal.load(path)
+    assert not k.trusted and k.kind == "invalid"
+    assert k.reason.startswith("damaged journal: the ") and "are not what a crash during a write leaves" in k.reason
+
+
+def test_a_crash_during_a_write_of_several_records_keeps_the_journal(tmp_path: Path) -> None:
+    """The torn write's header may be on disk and its payload not (zeros), or part of the payload."""
+    path = tmp_path / "j"
+    _ten_files(path)
+    used = _used(path)
+    record = jn.encode_record(jn.RMarks(b"late", [0, 9]))
+    for written in (jn._HEAD.size, len(record) - 1):
+        with open(path, "r+b") as f:
+            f.seek(used)
+            f.write(record[:written] + bytes(len(record)))
+        k = Journal.load(path)
+        assert k.trusted and len(k.state.marks) == 10, written
 
 
 def test_compaction_keeps_the_meaning(tmp_path: Path) -> None:
@@ -352,3 +414,4 @@ def test_a_lineage_keeps_the_exclusion_patterns_it_was_made_under(tmp_path: Path
     assert Journal.load(path).exclude == ["tmp/"]
     j.invalidate("test")
     assert Journal.load(path).exclude is None
+
