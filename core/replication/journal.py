@@ -55,8 +55,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import logging
 import os
+import stat
 import struct
 import time
 import zlib
@@ -133,6 +135,24 @@ def directories_marker(journal_file: Path) -> Path:
     """The identities of the directories of the tree at the moment it became writable with no
     agent (unwatched.record_directories): written at a module's stop, gone once watched again."""
     return journal_file.with_suffix(".dirs")
+
+
+def check_state_files(journal_file: Path) -> None:
+    """Refuse to work with something other than a regular file where the journal or its companions
+    go (a directory left by hand, a FIFO): every resync would otherwise end in EISDIR when it records
+    its result, and be retried, whole, for ever."""
+    for path in (journal_file, journal_file.with_suffix(".tmp"), writable_marker(journal_file),
+                 root_marker(journal_file), root_marker(journal_file).with_suffix(".root.tmp"),
+                 directories_marker(journal_file)):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL,
+                          f"{path} is {kind}, where safekit-cloud keeps a file of its own: remove it "
+                          "(the next resync then compares what it needs to)")
 
 
 def journal_path(state_dir: Path, module: str, directory: bytes | str) -> Path:
@@ -636,6 +656,7 @@ class Journal:
         j = cls(path, block)
         if path is None:
             return j
+        check_state_files(path)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -796,9 +817,15 @@ class Journal:
         """The identity recorded by the last watched_again (None: none recorded)."""
         if self.path is None:
             return None
+        marker = root_marker(self.path)
         try:
-            return root_marker(self.path).read_text().strip() or None
-        except OSError:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, so not what we wrote
+            # None: no identity to match, so the directory counts as another one (compared whole).
+            log.warning("the identity recorded in %s cannot be read (%s): the replicated directory is "
+                        "compared whole; the file is rewritten after the resync", marker, exc)
             return None
 
     def describe(self) -> dict[str, object]:

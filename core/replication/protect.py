@@ -90,7 +90,10 @@ def _write_marker(marker: Path, directory: Path) -> None:
 
 def made_in_another_boot(marker: Path) -> bool:
     """Our bind recorded by `marker` was made before the last reboot (gone with it, not removed)."""
-    lines = marker.read_text().splitlines()
+    try:
+        lines = marker.read_text().splitlines()
+    except ValueError:  # not UTF-8: not what we wrote, so it says nothing of this boot's bind
+        return False
     return len(lines) > 1 and lines[1] != boot_id()
 
 

@@ -415,3 +415,24 @@ def test_a_lineage_keeps_the_exclusion_patterns_it_was_made_under(tmp_path: Path
     j.invalidate("test")
     assert Journal.load(path).exclude is None
 
+
+
+def test_a_recorded_identity_that_is_not_text_counts_as_another_directory(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """It made every start of the agent fail with a UnicodeDecodeError, on both roles."""
+    path = jn.journal_path(tmp_path, "mod", b"/data")
+    jn.root_marker(path).write_bytes(b"\xff\xfe\x00garbage")
+    j = Journal.load(path)
+    assert j.remembered_root() is None  # no identity to match: the directory is compared whole
+    assert f"the identity recorded in {jn.root_marker(path)} cannot be read" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".journal", ".dirs", ".root", ".writable", ".tmp"])
+def test_a_directory_where_a_state_file_goes_is_refused_at_once(tmp_path: Path, suffix: str) -> None:
+    """A receiver accepted the stream and every checksum resync failed at its end (EISDIR), then
+    started again, whole, every half second."""
+    path = jn.journal_path(tmp_path, "mod", b"/data")
+    (place := path.with_suffix(suffix)).mkdir()
+    with pytest.raises(OSError, match=f"{place} is a directory, where safekit-cloud keeps a file of its own: "
+                                      "remove it"):
+        Journal.load(path)
