@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
+
+import msgspec
 
 from .types import DataStatus, Generation, ModuleState, Persisted
 
@@ -31,15 +34,31 @@ def encode(p: Persisted) -> dict[str, object]:
     }
 
 
-def decode(raw: dict[str, object]) -> Persisted:
-    gen = raw["generation"]
-    assert isinstance(gen, dict)
+class _GenerationFile(msgspec.Struct, forbid_unknown_fields=True):
+    current: int
+    history: list[int]
+
+
+class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The file as written, checked strictly: a hand-edited "false" in quotes must not read as true
+    (bool("false") is True: a node could start alone, or discard its data)."""
+
+    format: Literal[1]
+    last_state: Literal[tuple(s.name for s in ModuleState)]  # type: ignore[valid-type]
+    can_start_alone: bool
+    data: Literal[tuple(d.value for d in DataStatus)]  # type: ignore[valid-type]
+    generation: _GenerationFile
+    discard_local_data: bool = False
+
+
+def decode(text: bytes) -> Persisted:
+    raw = msgspec.json.decode(text, type=_StateFile)
     return Persisted(
-        last_state=ModuleState[str(raw["last_state"])],
-        can_start_alone=bool(raw["can_start_alone"]),
-        data=DataStatus(raw["data"]),
-        generation=Generation(int(gen["current"]), tuple(int(g) for g in gen["history"])),
-        discard_local_data=bool(raw.get("discard_local_data", False)),
+        last_state=ModuleState[raw.last_state],
+        can_start_alone=raw.can_start_alone,
+        data=DataStatus(raw.data),
+        generation=Generation(raw.generation.current, tuple(raw.generation.history)),
+        discard_local_data=raw.discard_local_data,
     )
 
 
@@ -52,11 +71,10 @@ class ModuleStore:
 
     def load(self) -> Persisted:
         try:
-            raw = json.loads(self.path.read_text())
-            return decode(raw)
+            return decode(self.path.read_bytes())
         except FileNotFoundError:
             return Persisted()
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        except (OSError, msgspec.DecodeError) as exc:
             raise StateFileError(
                 f"{self.path} is unreadable ({exc}); this node cannot know whether its data is current. "
                 f"Move the file away to start as a new node (it will wait for its peer), "

@@ -68,11 +68,22 @@ def test_older_file_without_discard_flag_loads(tmp_path: Path) -> None:
     ('{"format": 1, "last_state": "BOSS", "can_start_alone": false, "data": "uptodate",'
      ' "generation": {"current": 1, "history": []}}'),
     '{"format": 1, "last_state": "PRIM", "can_start_alone": false, "data": "uptodate", "generation": 5}',
+    # hand edits: a boolean in quotes ("false" read as true could let a stale node start alone, or
+    # make it discard its data), a format this version does not know, a history that is not a list
+    ('{"format": 1, "last_state": "STOP", "can_start_alone": "false", "data": "uptodate",'
+     ' "generation": {"current": 1, "history": []}}'),
+    ('{"format": 1, "last_state": "STOP", "can_start_alone": false, "data": "uptodate",'
+     ' "generation": {"current": 1, "history": []}, "discard_local_data": "false"}'),
+    ('{"format": 99, "last_state": "STOP", "can_start_alone": false, "data": "uptodate",'
+     ' "generation": {"current": 1, "history": []}}'),
+    ('{"format": 1, "last_state": "STOP", "can_start_alone": false, "data": "uptodate",'
+     ' "generation": {"current": 1, "history": "12"}}'),
+    b"\xff\xfe not text",
 ])
-def test_corrupt_file_names_the_file_and_what_to_do(tmp_path: Path, content: str) -> None:
+def test_corrupt_file_names_the_file_and_what_to_do(tmp_path: Path, content: str | bytes) -> None:
     store = ModuleStore(tmp_path, "app")
     store.folder.mkdir(parents=True)
-    store.path.write_text(content)
+    store.path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(StateFileError) as info:
         store.load()
     message = str(info.value)
