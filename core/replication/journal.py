@@ -69,6 +69,7 @@ import msgspec
 
 from ..decoding import DECODE_ERRORS
 from . import messages as m
+from .durable import fsync_directory, replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,15 @@ def mark_writable(journal_file: Path, since_ns: int | None = None) -> None:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except FileExistsError:
         pass
+    else:
+        fsync_directory(marker.parent)  # lost to a power cut, the next walk would look back less far
     if since_ns is not None and since_ns < marker.stat().st_mtime_ns:
         os.utime(marker, ns=(since_ns, since_ns))
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # the time is what the marker says
+        finally:
+            os.close(fd)
 
 
 def root_marker(journal_file: Path) -> Path:
@@ -142,7 +150,7 @@ def check_state_files(journal_file: Path) -> None:
     go (a directory left by hand, a FIFO): every resync would otherwise end in EISDIR when it records
     its result, and be retried, whole, for ever."""
     for path in (journal_file, journal_file.with_suffix(".tmp"), writable_marker(journal_file),
-                 root_marker(journal_file), root_marker(journal_file).with_suffix(".root.tmp"),
+                 root_marker(journal_file), root_marker(journal_file).with_name(root_marker(journal_file).name + ".tmp"),
                  directories_marker(journal_file)):
         try:
             mode = os.stat(path).st_mode
@@ -805,10 +813,7 @@ class Journal:
         if self.root_id is not None and self.remembered_root() != self.root_id:
             marker = root_marker(self.path)
             try:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                tmp = marker.with_suffix(".root.tmp")
-                tmp.write_text(self.root_id + "\n")
-                os.replace(tmp, marker)
+                replace_durably(marker, self.root_id + "\n")
             except OSError as exc:  # the next walk then takes the top directory as changed
                 log.warning("cannot record the identity of the replicated directory in %s: %s", marker, exc)
         writable_marker(self.path).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from . import mountinfo
+from .durable import replace_durably
 from .journal import boot_id
 from .paths import open_replicated_dir, refuse_nested_mounts
 from .syscalls import (
@@ -84,8 +85,7 @@ def is_protected(directory: Path) -> bool:
 
 
 def _write_marker(marker: Path, directory: Path) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{directory}\n{boot_id()}\n")  # the boot: a reboot takes every mount away
+    replace_durably(marker, f"{directory}\n{boot_id()}\n")  # the boot: a reboot takes every mount away
 
 
 def made_in_another_boot(marker: Path) -> bool:
