@@ -195,7 +195,11 @@ async def module_log(request: web.Request) -> web.Response:
     except ValueError as exc:
         return json_error(400, str(exc))
     # file I/O in a thread: a slow disk must not stall heartbeats handled by this event loop
-    chunk = await asyncio.to_thread(read_log, controller.log_path(module), offset, tail)
+    path = controller.log_path(module)
+    try:
+        chunk = await asyncio.to_thread(read_log, path, offset, tail)
+    except OSError as exc:  # the node's side (a directory where the log goes): said, not a traceback
+        return json_error(500, f"cannot read the module log {path}: {exc.strerror or exc}")
     return web.json_response(chunk)
 
 
