@@ -33,6 +33,10 @@ OUTPUT_GRACE = 0.5  # seconds we keep collecting output after the script exited,
 TAIL_LINES = 20
 MAX_LINE = 8192  # longer output without a newline is logged in pieces of this size
 READ_CHUNK = 65536
+# Output of one run (and of what it left in the background) written to the module log; beyond, it is
+# read and dropped: a script in a loop, or an application started in the background that keeps
+# printing, must not fill the disk the node needs.
+MAX_LOGGED = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class _LogSink:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._partial = b""
         self.background = False  # set once run() returned: later lines come from leftover children
+        self.logged = 0  # bytes of output written to the log (MAX_LOGGED)
 
     async def pump(self, pipe: OutputPipe) -> None:
         """Read until every writer closed the pipe (EOF), then close it."""
@@ -80,6 +85,14 @@ class _LogSink:
             return
         texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
         self.tail.extend(texts)
+        if self.logged >= MAX_LOGGED:
+            return
+        for kept, raw in enumerate(lines):
+            if self.logged + len(raw) > MAX_LOGGED:
+                self.logged = MAX_LOGGED
+                texts[kept:] = [f"(output beyond {MAX_LOGGED / 2**20:g} MiB from this run is not logged)"]
+                break
+            self.logged += len(raw)
         await asyncio.to_thread(self.append, texts)
 
     def append(self, texts: list[str]) -> None:
@@ -192,7 +205,7 @@ class ScriptRunner:
             )
         except OSError as exc:
             pipe.close()
-            note = f"cannot execute {path}: {exc.strerror or exc}"
+            note = f"cannot execute {path}: {exc.strerror or exc}{_interpreter_hint(path, exc)}"
             await asyncio.to_thread(sink.append, [note])
             return ScriptResult(name, True, False, None, False, loop.time() - started, note)
         pipe.child_started()
@@ -265,6 +278,25 @@ class ScriptRunner:
             await asyncio.to_thread(_LogSink(self.log_file, self.module, "safekit-cloud").append, [note])
 
 
+def _interpreter_hint(path: Path, exc: OSError) -> str:
+    """ENOENT for a file that exists is about its `#!` line: say which interpreter is missing (a
+    script saved with Windows line endings asks for "/bin/sh\\r")."""
+    if not isinstance(exc, FileNotFoundError) or not path.is_file():
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(256)
+    except OSError:
+        return ""
+    if not first.startswith(b"#!"):
+        return ""
+    interpreter = first[2:].strip(b" \t\n").split(b" ")[0]
+    if interpreter.endswith(b"\r"):
+        return (f" (its first line ends with a carriage return: the file has Windows line endings; "
+                f"convert it with `dos2unix {path}` or `sed -i 's/\\r$//' {path}`)")
+    return f" (its interpreter {interpreter.decode(errors='replace')!r}, named on its first line, does not exist)"
+
+
 def _describe_rc(rc: int) -> str:
     if rc < 0:
         try:
@@ -281,9 +313,11 @@ def _check_script(path: Path | None) -> str | None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if path.is_symlink():  # the name is there: a link whose target went is not "no script"
+            return f"script {path} is a symbolic link to {os.readlink(path)}, which does not exist"
         return None  # missing file or missing directory: the user provides only the scripts they need
     except NotADirectoryError:
-        return None
+        return f"the scripts directory {path.parent} is not a directory: set scripts.directory to the folder of the scripts"
     except OSError as exc:
         return f"cannot access script {path}: {exc.strerror}"
     if not path.is_file():

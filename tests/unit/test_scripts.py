@@ -123,6 +123,54 @@ async def test_no_interpreter_line_fails_clearly(tmp_path):
 
 
 @async_test
+async def test_a_dangling_symlink_or_a_file_as_the_folder_is_a_failure_not_a_skip(tmp_path):
+    """Both were skipped as "no script": the step counted as done, and nothing started."""
+    runner = make_runner(tmp_path)
+    (runner.config.directory / "start_prim").symlink_to("/nonexistent/app-start")
+    result = await runner.run("start_prim", "WAIT", "ALONE", "start")
+    assert result.ran and not result.ok
+    assert result.output_tail == (f"script {runner.config.directory / 'start_prim'} is a symbolic link to "
+                                  "/nonexistent/app-start, which does not exist")
+    (tmp_path / "a-file").write_text("")
+    wrong = ScriptRunner(module="m", node="n", config=ScriptsConfig(directory=tmp_path / "a-file"), env={},
+                         log_file=tmp_path / "log")
+    result = await wrong.run("start_prim", "WAIT", "ALONE", "start")
+    assert result.ran and not result.ok
+    assert result.output_tail == (f"the scripts directory {tmp_path / 'a-file'} is not a directory: set "
+                                  "scripts.directory to the folder of the scripts")
+
+
+@async_test
+async def test_a_missing_interpreter_is_named_and_windows_line_endings_are_said(tmp_path):
+    runner = make_runner(tmp_path)
+    crlf = runner.config.directory / "start_prim"
+    crlf.write_bytes(b"#!/bin/sh\r\necho hi\r\n")
+    crlf.chmod(0o755)
+    result = await runner.run("start_prim", "WAIT", "ALONE", "start")
+    assert not result.ok and "the file has Windows line endings; convert it with `dos2unix" in result.output_tail
+    write_script(runner.config.directory, "stop_prim", "")
+    (runner.config.directory / "stop_prim").write_text("#!/opt/nothing/bash\nexit 0\n")
+    result = await runner.run("stop_prim", "ALONE", "STOP", "stop")
+    assert not result.ok and "its interpreter '/opt/nothing/bash', named on its first line, does not exist" \
+        in result.output_tail
+
+
+@async_test
+async def test_output_of_one_run_is_logged_up_to_a_cap(tmp_path, monkeypatch):
+    """A script in a loop, or an application left in the background that keeps printing, must not
+    fill the disk with the module log."""
+    monkeypatch.setattr("safekit_cloud.core.scripts.MAX_LOGGED", 64 * 1024)
+    runner = make_runner(tmp_path)
+    write_script(runner.config.directory, "start_prim", "yes 'a line of output' | head -c 1000000\necho last\n")
+    result = await runner.run("start_prim", "WAIT", "ALONE", "start")
+    assert result.ok and result.output_tail.endswith("last")  # the tail is still what the script said last
+    text = (tmp_path / "module.log").read_text()
+    output = [line.split(": ", 1)[1] for line in text.splitlines()]
+    assert output[-1] == "(output beyond 0.0625 MiB from this run is not logged)"
+    assert 64 * 1024 - 16 < sum(len(line) for line in output[:-1]) <= 64 * 1024  # of 1,000,000 bytes
+
+
+@async_test
 async def test_non_zero_exit_is_a_failure_with_its_code(tmp_path):
     runner = make_runner(tmp_path)
     write_script(runner.config.directory, "start_second", "echo broken\nexit 3\n")
