@@ -265,9 +265,15 @@ class ProcessChecker(CheckerBase):
             raise ValueError("give exactly one of process_name, pid_file, cmdline_regex")
         if self.cmdline_regex is not None:
             try:
-                re.compile(self.cmdline_regex)
+                pattern = re.compile(self.cmdline_regex)
             except re.error as exc:
                 raise ValueError(f"cmdline_regex: {exc}") from None
+            if pattern.search(""):  # "", ".*", "x?": every process matches, pid 1 included
+                raise ValueError(f"cmdline_regex {self.cmdline_regex!r} matches any command line, so the check "
+                                 "could never fail: write what only the application's command line holds")
+        if self.process_name is not None and ("/" in self.process_name or not self.process_name.strip()):
+            raise ValueError(f"process_name {self.process_name!r} is not a process name: write the program's "
+                             "name as ps -o comm shows it (nginx, not /usr/sbin/nginx)")
         return self
 
 

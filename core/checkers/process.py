@@ -72,12 +72,16 @@ def find_by_regex(pattern: re.Pattern[str]) -> list[int]:
 
 def check_pid_file(path: Path) -> tuple[bool, str]:
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()
     except OSError as exc:
         return False, f"pid file {path} unreadable: {exc.strerror}"
-    if not text.isdigit() or int(text) <= 0:
-        return False, f"pid file {path} holds no pid ({text[:40]!r})"
-    pid = int(text)
+    # The pid is the first line (PostgreSQL's postmaster.pid has more after it). ASCII digits only:
+    # str.isdigit takes other scripts' digits too, and int() would then check another process.
+    text = raw.decode(errors="replace").strip()
+    first = text.splitlines()[0].strip() if text else ""
+    if not (first.isascii() and first.isdigit()) or len(first) > 10 or not 0 < int(first) < 2**31:
+        return False, f"pid file {path} holds no pid on its first line ({text[:40]!r})"
+    pid = int(first)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 
 from ..config import TcpChecker
 from .base import Checker, CheckResult
@@ -19,7 +20,10 @@ async def tcp_connect(host: str, port: int) -> None:
 
 
 def os_error_text(exc: OSError) -> str:
-    """"Connection refused" rather than asyncio's "Connect call failed ('127.0.0.1', 80)"."""
+    """"Connection refused" rather than asyncio's "Connect call failed ('127.0.0.1', 80)"; a host name
+    that does not resolve says so (getaddrinfo's codes are not errno values: "Unknown error -2")."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror}): check the name, or use its IP address"
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 

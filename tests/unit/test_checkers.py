@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import TypeAdapter
 from safekit_cloud.core.checkers import CheckerSet, any_witness_reachable, build_checker
 from safekit_cloud.core.checkers.base import Checker, CheckResult
+from safekit_cloud.core.checkers.tcp import os_error_text
 from safekit_cloud.core.checkers.witness import ping_argv
 from safekit_cloud.core.config import CheckerConfig, TcpChecker, WitnessConfig
 from safekit_cloud.core.types import CheckerAction
@@ -126,8 +127,15 @@ async def test_process_by_pid_file(tmp_path):
     assert "unreadable" in (await c.check()).reason
     pid_file.write_text("garbage\n")
     assert "holds no pid" in (await c.check()).reason
+    # not text, a number no pid can be, another script's digits (١٢٣ is 123 to int()): no pid, said
+    for content in (b"\xff\xfe", b"99999999999999999999\n", "\u0661\u0662\u0663\n".encode()):
+        pid_file.write_bytes(content)
+        reason = (await c.check()).reason
+        assert reason.startswith(f"pid file {pid_file} holds no pid on its first line"), reason
     with sleeper("sleep", "100") as proc:
         pid_file.write_text(f"{proc.pid}\n")
+        assert (await c.check()).ok
+        pid_file.write_text(f"{proc.pid}\n/var/lib/postgresql/15/main\n1700000000\n")  # postmaster.pid
         assert (await c.check()).ok
     result = await c.check()  # killed and reaped
     assert not result.ok and "is not running" in result.reason
@@ -159,6 +167,14 @@ async def test_tcp_listening_and_closed():
     refused_port = free_port()
     refused = await checker(type="tcp", port=refused_port).check()
     assert not refused.ok and refused.reason == f"127.0.0.1:{refused_port}: Connection refused"
+
+
+def test_a_host_name_that_does_not_resolve_says_so() -> None:
+    """getaddrinfo's error codes are not errno values: the reason read "Unknown error -2". (The error
+    is built here: a test must not send a DNS query anywhere.)"""
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert os_error_text(error) == ("cannot resolve the host name (Name or service not known): check the "
+                                    "name, or use its IP address")
 
 
 # --- http --------------------------------------------------------------------------------------------

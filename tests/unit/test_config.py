@@ -626,3 +626,15 @@ def test_a_name_yaml_reads_as_something_else_says_to_quote_it(value: str, kind: 
     problem = only(problems_of(MINIMAL.replace("name: c1", f"name: {value}")), "cluster.name")
     assert problem == (f"cluster.name (line 2): Input should be a valid string (YAML read it as {kind}: write it "
                        "in quotes, e.g. name: 'no')")
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("process_name: /usr/sbin/nginx", "is not a process name: write the program's name as ps -o comm shows it"),
+    ("process_name: ' '", "is not a process name"),
+    ("cmdline_regex: ''", "matches any command line, so the check could never fail"),
+    ("cmdline_regex: '.*'", "matches any command line, so the check could never fail"),
+])
+def test_a_process_checker_that_could_never_fail_or_never_pass_is_refused(setting: str, words: str) -> None:
+    problem = only(problems_of(MINIMAL + f"    checkers:\n      - {{name: p, type: process, {setting}}}\n"),
+                   "checkers[0]")
+    assert words in problem
