@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import ScriptsConfig
 from .procgroup import OutputPipe, kill_and_reap, signal_group, terminate_group
+from .text import shown
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class _LogSink:
     async def _write(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
+        texts = [shown(raw.decode(errors="replace").rstrip("\r")) for raw in lines]
         self.tail.extend(texts)
         if self.logged >= MAX_LOGGED:
             return

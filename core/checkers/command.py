@@ -11,6 +11,7 @@ import contextlib
 
 from ..config import CommandChecker
 from ..procgroup import OutputPipe, kill_and_reap
+from ..text import shown
 from .base import Checker, CheckResult
 
 OUTPUT_KEEP = 4096  # bytes of output kept for the reason
@@ -25,7 +26,7 @@ async def _collect(pipe: OutputPipe, keep: bytearray) -> None:
 
 def _last_line(output: bytes) -> str:
     lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip()[:200] if lines else ""
+    return shown(lines[-1].strip()[:200]) if lines else ""
 
 
 class CommandCheck(Checker):

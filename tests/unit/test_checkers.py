@@ -202,6 +202,9 @@ async def test_command_true_false_missing():
     assert (await checker(type="command", command=["true"]).check()).ok
     failed = await checker(type="command", command=["sh", "-c", "echo db unreachable >&2; exit 2"]).check()
     assert not failed.ok and failed.reason == "exit 2: db unreachable"
+    # what reaches `status`: no terminal control sequence, no NUL
+    noisy = await checker(type="command", command=["sh", "-c", "printf 'down\\033[2J\\000!\\n'; exit 1"]).check()
+    assert noisy.reason == "exit 1: down\\x1b[2J\\x00!"
     missing = await checker(type="command", command=["/nonexistent/check"]).check()
     assert not missing.ok and "FileNotFoundError" in missing.reason
 

@@ -91,6 +91,17 @@ async def test_args_env_and_output_logged(tmp_path):
 
 
 @async_test
+async def test_control_characters_of_the_output_are_logged_as_escapes(tmp_path):
+    """An escape sequence would clear or recolour the terminal of an operator following the log, a
+    NUL or a carriage return hide what precedes them."""
+    runner = make_runner(tmp_path)
+    write_script(runner.config.directory, "start_prim", "printf 'red \\033[31mtext\\033[0m\\000 end\\tok\\n'\n")
+    result = await runner.run("start_prim", "WAIT", "ALONE", "start")
+    assert result.output_tail == "red \\x1b[31mtext\\x1b[0m\\x00 end\tok"
+    assert (tmp_path / "module.log").read_text().endswith("mod1 start_prim: red \\x1b[31mtext\\x1b[0m\\x00 end\tok\n")
+
+
+@async_test
 async def test_missing_script_and_missing_directory_are_skipped(tmp_path):
     runner = make_runner(tmp_path)
     result = await runner.run("prestart", "STOP", "WAIT", "start")
