@@ -33,13 +33,18 @@ class Checker(abc.ABC):
     def type(self) -> str:
         return str(getattr(self.config, "type", type(self).__name__))
 
+    @property
+    def target(self) -> str:
+        """What the check talks to, for a reason that has nothing else to name it ("" if nothing)."""
+        return ""
+
     async def check(self) -> CheckResult:
         """Probe once. Never raises (except CancelledError); returns within `config.timeout`."""
         timeout = self.config.timeout
         try:
             return await asyncio.wait_for(self.probe(), timeout)
         except TimeoutError:
-            return CheckResult(False, f"no answer within {timeout:g}s")
+            return CheckResult(False, f"{self.target + ': ' if self.target else ''}no answer within {timeout:g}s")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of the probe is a failed check, by contract

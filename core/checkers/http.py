@@ -8,6 +8,7 @@ import aiohttp
 
 from ..config import HttpChecker
 from .base import Checker, CheckResult
+from .tcp import os_error_text
 
 MAX_BODY = 1 << 20  # a health page is small; never buffer an accidental download
 
@@ -33,6 +34,10 @@ class HttpCheck(Checker):
         super().__init__(config)
         self._regex = re.compile(config.body_regex) if config.body_regex is not None else None
 
+    @property
+    def target(self) -> str:
+        return f"GET {self.config.url}"
+
     async def probe(self) -> CheckResult:
         cfg = self.config
         # A fresh connection per check (force_close): a kept-alive connection would hide a server that
@@ -45,6 +50,12 @@ class HttpCheck(Checker):
                 session.get(cfg.url, allow_redirects=False) as response,
             ):
                 return await self._judge(response)
+        except aiohttp.ClientConnectorError as exc:  # "Connection refused", not aiohttp's paragraph
+            return CheckResult(False, f"GET {cfg.url}: cannot connect: {os_error_text(exc.os_error)}")
+        except aiohttp.ClientResponseError as exc:
+            # Raised only when the answer cannot be parsed (its status is judged, never raised on):
+            # its "400" is aiohttp's, not the server's.
+            return CheckResult(False, f"GET {cfg.url}: the answer is not valid HTTP ({exc.message})")
         except aiohttp.ClientError as exc:
             return CheckResult(False, f"GET {cfg.url}: {type(exc).__name__}: {exc}")
 

@@ -30,8 +30,12 @@ def os_error_text(exc: OSError) -> str:
 class TcpCheck(Checker):
     config: TcpChecker
 
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
     async def probe(self) -> CheckResult:
-        where = f"{self.config.host}:{self.config.port}"
+        where = self.target
         try:
             await tcp_connect(self.config.host, self.config.port)
         except OSError as exc:

@@ -190,8 +190,31 @@ async def test_http_ok_status_mismatch_body_mismatch():
         assert (await checker(type="http", url=f"{base}/broken", expect_status=503).check()).ok
         body = await checker(type="http", url=f"{base}/health", body_regex="red").check()
         assert not body.ok and "body does not match" in body.reason
-    down = await checker(type="http", url=f"http://127.0.0.1:{free_port()}/").check()
-    assert not down.ok and "GET" in down.reason
+    port = free_port()
+    down = await checker(type="http", url=f"http://127.0.0.1:{port}/").check()
+    assert not down.ok and down.reason == f"GET http://127.0.0.1:{port}/: cannot connect: Connection refused"
+
+
+@async_test
+async def test_http_an_answer_that_is_not_http_is_said_so_and_a_timeout_names_the_url():
+    """aiohttp reports a malformed answer as a "400" of its own: it read as if the server answered 400."""
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HELLO THERE\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        result = await checker(type="http", url=f"http://127.0.0.1:{port}/").check()
+        assert not result.ok and result.reason.startswith(f"GET http://127.0.0.1:{port}/: the answer is not valid HTTP (")
+    finally:
+        server.close()
+        await server.wait_closed()
+    async with silent_port() as port:
+        slow = await checker(type="http", url=f"http://127.0.0.1:{port}/", timeout=0.3).check()
+        assert slow.reason == f"GET http://127.0.0.1:{port}/: no answer within 0.3s"
 
 
 # --- command -----------------------------------------------------------------------------------------
