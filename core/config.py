@@ -381,6 +381,13 @@ class ScriptsConfig(Strict):
 
 # Kernel file systems: nothing of an application's data lives there, and a mount over them breaks the node.
 VIRTUAL_TOPS = frozenset({"proc", "sys", "dev"})
+# The system's own directories: replicated, they would be read-only on the secondary (its system
+# could no longer write there) and replaced by the other node's at a failover (its identity and
+# network settings with them). Their subdirectories (/etc/myapp, /var/lib/app) are fine.
+SYSTEM_DIRECTORIES = frozenset(Path(p) for p in (
+    "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/root", "/run", "/sbin", "/tmp", "/usr",
+    "/usr/local", "/var", "/var/cache", "/var/lib", "/var/log", "/var/spool", "/var/tmp",
+))
 
 
 def overlapping(a: Path, b: Path) -> bool:
@@ -406,7 +413,8 @@ class ReplicationConfig(Strict):
         default_factory=list,
         description="Absolute paths replicated: the application's data directories. None may be inside another, "
                     "in this module or another one (exclude leaves parts of a tree out); not / nor below /proc, "
-                    "/sys, /dev.",
+                    "/sys, /dev, nor a system directory itself (/etc, /usr, /var, /var/lib, /tmp, ...: their "
+                    "subdirectories are fine).",
     )
     exclude: list[str] = Field(
         default_factory=list,
@@ -467,6 +475,10 @@ class ReplicationConfig(Strict):
                 raise ValueError(f"{path} has a '..' component: write the directory's own path")
             if path == Path("/") or path.parts[1] in VIRTUAL_TOPS:
                 raise ValueError(f"{path} cannot be replicated: name the application's own data directories")
+            if path in SYSTEM_DIRECTORIES:
+                raise ValueError(f"{path} is a system directory: replicated, it would be read-only on the secondary "
+                                 "and replaced by the other node's at a failover; name the application's own "
+                                 f"directories inside it (e.g. {path}/app)")
         for i, path in enumerate(value):
             for other in value[:i]:
                 if overlapping(path, other):

@@ -638,3 +638,12 @@ def test_a_process_checker_that_could_never_fail_or_never_pass_is_refused(settin
     problem = only(problems_of(MINIMAL + f"    checkers:\n      - {{name: p, type: process, {setting}}}\n"),
                    "checkers[0]")
     assert words in problem
+
+
+@pytest.mark.parametrize("directory", ["/etc", "/var/lib", "/usr", "/tmp", "/var//log/"])
+def test_a_system_directory_is_not_replicated_but_its_subdirectories_are(directory: str) -> None:
+    """Read-only on the secondary, its system could no longer write there; replaced at a failover."""
+    problem = only(problems_of(MINIMAL + f"    replication: {{directories: ['{directory}']}}\n"), "replication")
+    assert "is a system directory: replicated, it would be read-only on the secondary" in problem
+    cfg = parse_config(MINIMAL + f"    replication: {{directories: ['{directory.rstrip('/')}/app']}}\n")
+    assert cfg.module("app").replication.directories == [Path(directory.replace("//", "/").rstrip("/")) / "app"]
