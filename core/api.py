@@ -44,7 +44,8 @@ class ApiError(OSError):
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+    # no-store: an error cached by a proxy (a /health 404 while a module is being added) would outlive it
+    return web.json_response({"error": message}, status=status, headers={"Cache-Control": "no-store", **(headers or {})})
 
 
 # ---- middlewares -----------------------------------------------------------------------------------

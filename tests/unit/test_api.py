@@ -356,6 +356,7 @@ def test_log_offsets(controller: FakeController, tmp_path: Path) -> None:
                 assert r.status == 400
             async with http.get(f"{url}/api/v1/modules/nope/log", headers=AUTH) as r:
                 assert r.status == 404
+                assert r.headers["Cache-Control"] == "no-store"  # errors are never cached either
             log.unlink()
             log.mkdir()
             async with http.get(f"{url}/api/v1/modules/app/log", headers=AUTH) as r:
