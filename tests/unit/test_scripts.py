@@ -25,8 +25,11 @@ def async_test(fn):
 
 
 def write_script(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body)
+    return write_file(directory / name, ("#!/bin/sh\n" + body).encode(), mode)
+
+
+def write_file(path: Path, content: bytes, mode: int = 0o755) -> Path:
+    path.write_bytes(content)
     path.chmod(mode)
     return path
 
@@ -126,9 +129,7 @@ async def test_not_executable_fails_clearly(tmp_path):
 @async_test
 async def test_no_interpreter_line_fails_clearly(tmp_path):
     runner = make_runner(tmp_path)
-    path = runner.config.directory / "prestart"
-    path.write_bytes(b"\x7fELF-garbage")
-    path.chmod(0o755)
+    write_file(runner.config.directory / "prestart", b"\x7fELF-garbage")
     result = await runner.run("prestart", "STOP", "WAIT", "start")
     assert result.ran and not result.ok and "cannot execute" in result.output_tail
 
@@ -154,13 +155,10 @@ async def test_a_dangling_symlink_or_a_file_as_the_folder_is_a_failure_not_a_ski
 @async_test
 async def test_a_missing_interpreter_is_named_and_windows_line_endings_are_said(tmp_path):
     runner = make_runner(tmp_path)
-    crlf = runner.config.directory / "start_prim"
-    crlf.write_bytes(b"#!/bin/sh\r\necho hi\r\n")
-    crlf.chmod(0o755)
+    write_file(runner.config.directory / "start_prim", b"#!/bin/sh\r\necho hi\r\n")
     result = await runner.run("start_prim", "WAIT", "ALONE", "start")
     assert not result.ok and "the file has Windows line endings; convert it with `dos2unix" in result.output_tail
-    write_script(runner.config.directory, "stop_prim", "")
-    (runner.config.directory / "stop_prim").write_text("#!/opt/nothing/bash\nexit 0\n")
+    write_file(runner.config.directory / "stop_prim", b"#!/opt/nothing/bash\nexit 0\n")
     result = await runner.run("stop_prim", "ALONE", "STOP", "stop")
     assert not result.ok and "its interpreter '/opt/nothing/bash', named on its first line, does not exist" \
         in result.output_tail
