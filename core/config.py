@@ -470,20 +470,23 @@ class ReplicationConfig(Strict):
     @field_validator("directories")
     @classmethod
     def _directories(cls, value: list[Path]) -> list[Path]:
+        problems = []  # every one at once, as for the rest of the file
         for path in value:
             if ".." in path.parts:
-                raise ValueError(f"{path} has a '..' component: write the directory's own path")
-            if path == Path("/") or path.parts[1] in VIRTUAL_TOPS:
-                raise ValueError(f"{path} cannot be replicated: name the application's own data directories")
-            if path in SYSTEM_DIRECTORIES:
-                raise ValueError(f"{path} is a system directory: replicated, it would be read-only on the secondary "
-                                 "and replaced by the other node's at a failover; name the application's own "
-                                 f"directories inside it (e.g. {path}/app)")
+                problems.append(f"{path} has a '..' component: write the directory's own path")
+            elif path == Path("/") or path.parts[1] in VIRTUAL_TOPS:
+                problems.append(f"{path} cannot be replicated: name the application's own data directories")
+            elif path in SYSTEM_DIRECTORIES:
+                problems.append(f"{path} is a system directory: replicated, it would be read-only on the secondary "
+                                "and replaced by the other node's at a failover; name the application's own "
+                                f"directories inside it (e.g. {path}/app)")
         for i, path in enumerate(value):
             for other in value[:i]:
                 if overlapping(path, other):
-                    raise ValueError(f"{path} and {other} overlap: list the outer one only (its whole tree is "
-                                     "replicated; leave parts out with exclude)")
+                    problems.append(f"{path} and {other} overlap: list the outer one only (its whole tree is "
+                                    "replicated; leave parts out with exclude)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("exclude")

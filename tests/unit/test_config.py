@@ -647,3 +647,11 @@ def test_a_system_directory_is_not_replicated_but_its_subdirectories_are(directo
     assert "is a system directory: replicated, it would be read-only on the secondary" in problem
     cfg = parse_config(MINIMAL + f"    replication: {{directories: ['{directory.rstrip('/')}/app']}}\n")
     assert cfg.module("app").replication.directories == [Path(directory.replace("//", "/").rstrip("/")) / "app"]
+
+
+def test_every_unusable_directory_is_reported_at_once() -> None:
+    problem = only(problems_of(MINIMAL + "    replication: {directories: [/proc/x, /sys, /etc, /srv/a, /srv/a/b]}\n"),
+                   "replication")
+    for words in ("/proc/x cannot be replicated", "/sys cannot be replicated", "/etc is a system directory",
+                  "/srv/a/b and /srv/a overlap"):
+        assert words in problem, words
