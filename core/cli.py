@@ -7,7 +7,6 @@ failures, usage errors included, use 5: a script must never read an error as a s
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -43,7 +42,6 @@ from .init import (
     InitError,
     InitSpec,
     InitTarget,
-    NodeSpec,
     and_list,
     check_init_targets,
     check_nodes,
@@ -349,7 +347,6 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
         check_nodes(nodes)
     except InitError as exc:
         fail(str(exc))
-    check_distinct_addresses(nodes)
     return InitSpec(
         cluster=flags["cluster"], nodes=nodes, module=flags["module"],
         key_file=(flags["key_file"] or key_default).absolute(),
@@ -358,23 +355,6 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
         scripts=flags["scripts"].absolute() if flags["scripts"] else None,
         replicate=tuple(p.absolute() for p in flags["replicate"]), preferred=flags["preferred"] or None,
     )
-
-
-def check_distinct_addresses(nodes: tuple[NodeSpec, ...]) -> None:
-    """Two nodes with one address: heartbeats would go to the sender itself, and `run` could not tell
-    which node it is from its local addresses."""
-    first, second = nodes
-    for net, address in first.addresses.items():
-        if _same_address(address, second.addresses[net]):
-            fail(f"--node: {first.name} and {second.name} both have the address {address} on network {net}: "
-                 "give each node its own address")
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)  # 2001:db8::1 is 2001:db8:0::1
-    except ValueError:
-        return a == b  # not an IP address: the config loader will say so
 
 
 def interactive() -> bool:

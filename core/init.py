@@ -7,6 +7,7 @@ config loader before anything is written, then writes the file, the cluster key 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import re
@@ -76,6 +77,24 @@ def check_nodes(nodes: tuple[NodeSpec, ...]) -> None:
     if first != second:
         raise InitError(f"both nodes need an address on the same heartbeat networks: "
                         f"{nodes[0].name} has {first}, {nodes[1].name} has {second}")
+    _check_distinct_addresses(nodes)
+
+
+def _check_distinct_addresses(nodes: tuple[NodeSpec, ...]) -> None:
+    """Two nodes with one address: heartbeats would go to the sender itself, and `run` could not tell
+    which node it is from its local addresses."""
+    first, second = nodes
+    for net, address in first.addresses.items():
+        if _same_address(address, second.addresses[net]):
+            raise InitError(f"--node: {first.name} and {second.name} both have the address {address} on network "
+                            f"{net}: give each node its own address")
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)  # 2001:db8::1 is 2001:db8:0::1
+    except ValueError:
+        return a == b  # not an IP address: the config loader will say so
 
 
 def new_cluster_key() -> str:

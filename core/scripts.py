@@ -206,7 +206,8 @@ class ScriptRunner:
             )
         except OSError as exc:
             pipe.close()
-            note = f"cannot execute {path}: {exc.strerror or exc}{_interpreter_hint(path, exc)}"
+            hint = await asyncio.to_thread(_interpreter_hint, path, exc)  # reads the #! line: off the loop
+            note = f"cannot execute {path}: {exc.strerror or exc}{hint}"
             await asyncio.to_thread(sink.append, [note])
             return ScriptResult(name, True, False, None, False, loop.time() - started, note)
         pipe.child_started()

@@ -8,12 +8,12 @@ names the file and what to do, because guessing could let a stale node serve.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from .durable import replace_durably
 from .types import DataStatus, Generation, ModuleState, Persisted
 
 FORMAT = 1
@@ -82,18 +82,4 @@ class ModuleStore:
             ) from None
 
     def save(self, persisted: Persisted) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        data = json.dumps(encode(persisted), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_durably(self.path, json.dumps(encode(persisted), indent=1), tmp=self.path.with_suffix(".tmp"))

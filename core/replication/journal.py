@@ -68,8 +68,8 @@ from pathlib import Path
 import msgspec
 
 from ..decoding import DECODE_ERRORS
+from ..durable import fsync_directory, replace_durably
 from . import messages as m
-from .durable import fsync_directory, replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -1001,11 +1001,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(self.path.parent)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)

@@ -20,8 +20,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..durable import replace_durably
 from . import mountinfo
-from .durable import replace_durably
 from .journal import boot_id
 from .paths import open_replicated_dir, refuse_nested_mounts
 from .syscalls import (
