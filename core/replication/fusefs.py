@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from . import fuseabi, messages as m
 from .exclude import Excluder
 from .inodes import Inodes, fuse_ino, is_under, join
-from .limits import UserLimits
+from .limits import UserLimits, caller_is_admin
 from .replicator import PENDING, NullReplicator, Replicator, Started
 from .snapshot import tree_ops
 from .syscalls import fallocate as backing_fallocate, renameat2
@@ -335,6 +335,15 @@ class ReplicatedFS(fuseabi.Operations):
             # No name in the tree: its other names are outside it (one walk, not one per write).
             f.nameless = complete and not names
 
+    def _nameless_fh(self, inode: int) -> int | None:
+        """An open handle of `inode` when the mount knows no name of it: calls that come by inode
+        without a handle (fchmod, fsetxattr...) go through it, as a local file system allows (the
+        file's names may all be gone, or be hard links the mount never looked up)."""
+        if self.inodes.path(inode) is not None:
+            return None
+        fhs = self._open_by_ino.get(inode)
+        return min(fhs) if fhs else None
+
     def _new_owner(self, ctx: fuseabi.RequestContext, parent: bytes) -> tuple[int, int, bool]:
         """uid, gid of a new entry as the kernel would pick them for the caller, and whether the parent
         is set-group-ID (its gid and, for directories, the bit are inherited)."""
@@ -432,13 +441,10 @@ class ReplicatedFS(fuseabi.Operations):
                       fh: int | None, ctx: fuseabi.RequestContext) -> fuseabi.EntryAttributes:
         f = self._files.get(fh) if fh is not None else None
         if f is None and self.inodes.path(inode) is None:
-            # fchmod, fchown, futimens come by inode, without the handle: through an open handle
-            # of that inode, as a local file system allows (its names may all be gone, or be
-            # hard links the mount never looked up).
-            open_fhs = self._open_by_ino.get(inode)
-            if not open_fhs:
+            # fchmod, fchown, futimens come by inode, without the handle (see _nameless_fh).
+            fh = self._nameless_fh(inode)
+            if fh is None:
                 raise fuseabi.FUSEError(errno.ENOENT)
-            fh = min(open_fhs)
             f = self._files[fh]
         if f is not None:
             await self._know_a_name(f)
@@ -585,7 +591,8 @@ class ReplicatedFS(fuseabi.Operations):
             parent_inode, name, ctx, False,
             lambda path, made: os.mknod(path, stat.S_IFMT(mode) | (0o600 if made is None else made), dir_fd=self.root),
             stat.S_IMODE(mode),
-            lambda path, st: [m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid)])
+            lambda path, st: [m.Mknod(0, path, st.st_mode, 0, st.st_uid, st.st_gid),
+                              m.SetAttr(0, path, mtime_ns=m.wire_time(st.st_mtime_ns))])
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -624,6 +631,10 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: fuseabi.RequestContext) -> None:
+        if flags & ~(fuseabi.RENAME_NOREPLACE | fuseabi.RENAME_EXCHANGE):
+            # RENAME_WHITEOUT (overlayfs's) would leave a device node here that the replica
+            # refuses: refused, as a file system without whiteouts does.
+            raise fuseabi.FUSEError(errno.EINVAL)
         exchange = bool(flags & fuseabi.RENAME_EXCHANGE)
 
         def names() -> tuple[bytes, bytes]:
@@ -1064,11 +1075,25 @@ class ReplicatedFS(fuseabi.Operations):
 
     # ---- extended attributes ----
 
+    async def _nameless_fd(self, inode: int) -> int | None:
+        """For a change by inode (fsetxattr...): the descriptor to make it through when the file
+        has no name left (deleted while open), after learning one if it has a name the mount
+        never looked up; None: go by name."""
+        fh = self._nameless_fh(inode)
+        if fh is None:
+            return None
+        f = self._files[fh]
+        await self._know_a_name(f)
+        return f.fd if self.inodes.path(inode) is None else None
+
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: fuseabi.RequestContext,
                        flags: int = 0) -> None:
         """`flags`: XATTR_CREATE / XATTR_REPLACE, checked by the backing file system itself (the
         replica then just takes the value: it follows the primary's outcome)."""
+        if (fd := await self._nameless_fd(inode)) is not None:
+            os.setxattr(fd, name, value, flags)  # no name on either node: nothing to replicate
+            return
         (path,) = await self._settled(lambda: (self._path(inode),), lambda ps: self._intend_meta(ps[0]))
         target, follow = self._abs(path)
         os.setxattr(target, name, value, flags, follow_symlinks=follow)
@@ -1078,6 +1103,8 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: fuseabi.RequestContext) -> bytes:
         try:
+            if (fh := self._nameless_fh(inode)) is not None:
+                return os.getxattr(self._files[fh].fd, name)
             target, follow = self._abs(self._path(inode))
             return os.getxattr(target, name, follow_symlinks=follow)
         except OSError as exc:
@@ -1087,11 +1114,26 @@ class ReplicatedFS(fuseabi.Operations):
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: fuseabi.RequestContext) -> list[bytes]:
-        target, follow = self._abs(self._path(inode))
-        return [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+        if (fh := self._nameless_fh(inode)) is not None:
+            names = os.listxattr(self._files[fh].fd)
+        else:
+            target, follow = self._abs(self._path(inode))
+            names = os.listxattr(target, follow_symlinks=follow)
+        if not caller_is_admin(ctx.pid):
+            # We list as root; a local file system shows trusted.* names only to CAP_SYS_ADMIN.
+            names = [n for n in names if not n.startswith("trusted.")]
+        return [os.fsencode(n) for n in names]
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
+        if (fd := await self._nameless_fd(inode)) is not None:
+            try:
+                os.removexattr(fd, name)  # no name on either node: nothing to replicate
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    raise fuseabi.FUSEError(fuseabi.ENOATTR) from None
+                raise
+            return
         (path,) = await self._settled(lambda: (self._path(inode),), lambda ps: self._intend_meta(ps[0]))
         target, follow = self._abs(path)
         try:

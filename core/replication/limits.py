@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _CAP_VERSION_3 = 0x20080522
 _CAP_SYS_RESOURCE = 24
+_CAP_SYS_ADMIN = 21
 
 
 class _CapHeader(ctypes.Structure):
@@ -74,3 +75,21 @@ class UserLimits:
         if _libc.capset(ctypes.byref(self._header), self._full) != 0:
             log.error("capset failed (%s) giving the agent back its capabilities", os.strerror(ctypes.get_errno()))
         _libc.setfsuid(0)
+
+
+def effective_capabilities(status: str) -> int:
+    """The CapEff mask of a /proc/PID/status text (0 when absent)."""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split(":", 1)[1].strip(), 16)
+    return 0
+
+
+def caller_is_admin(pid: int) -> bool:
+    """Whether process `pid` holds CAP_SYS_ADMIN, which a local file system asks of a caller before
+    it lists trusted.* extended attributes. False when it cannot be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            return bool(effective_capabilities(f.read()) >> _CAP_SYS_ADMIN & 1)
+    except OSError:
+        return False

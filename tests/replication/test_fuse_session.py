@@ -609,3 +609,25 @@ def _settles_to_zero(mount: FuseMount) -> bool:
     while mount.session is not None and mount.session.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     return mount.session is not None and mount.session.in_flight == 0
+
+
+def test_trusted_xattr_names_are_listed_to_privileged_callers_only(mirror: Mirror, tmp_path: Path,
+                                                                    nobody_python: str) -> None:
+    """The agent lists a file's xattrs as root; an unprivileged caller must not see trusted.*
+    names through the mount, as a local file system hides them from it (root still sees them)."""
+    lister = "import os, sys; print(sorted(os.listxattr(int(sys.argv[1]))))"
+    seen = {}
+    for where, root in (("mount", mirror.primary), ("local", tmp_path)):
+        f = root / "tagged"
+        f.write_bytes(b"x")
+        os.setxattr(f, "trusted.secret", b"s")
+        os.setxattr(f, "user.plain", b"p")
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            seen[where] = subprocess.run([nobody_python, "-c", lister, str(fd)], user=NOBODY, group=NOBODY,
+                                         extra_groups=[], pass_fds=[fd], capture_output=True, text=True,
+                                         check=True, timeout=30).stdout.strip()
+        finally:
+            os.close(fd)
+        assert sorted(os.listxattr(f)) == ["trusted.secret", "user.plain"]
+    assert seen["mount"] == seen["local"] == "['user.plain']"

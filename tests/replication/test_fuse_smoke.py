@@ -4,10 +4,12 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
 import pytest
+from safekit_cloud.core.replication.syscalls import renameat2
 
 from .harness import Mirror, describe_tree, fuse_available, running_mirror
 
@@ -132,3 +134,52 @@ def test_o_tmpfile_is_refused_as_unsupported_and_file_locks_work_on_the_node(mir
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.lockf(f, fcntl.LOCK_EX, 10, 0)
     assert sorted(os.listdir(mirror.replica)) == ["locked", "preexisting"]
+
+
+def test_rename_whiteout_is_refused_and_replication_goes_on(mirror: Mirror) -> None:
+    """RENAME_WHITEOUT (overlayfs's flag) would leave a device node the replica cannot take: the
+    mount refuses it (EINVAL, as a file system without whiteouts), nothing moves, the link stays."""
+    p = mirror.primary
+    (p / "a").write_bytes(b"aaaa")
+    with pytest.raises(OSError) as refused:
+        renameat2(-100, bytes(p / "a"), -100, bytes(p / "b"), 4)  # RENAME_WHITEOUT
+    assert refused.value.errno == errno.EINVAL
+    (p / "later").write_bytes(b"later")
+    assert sorted(os.listdir(p)) == ["a", "later", "preexisting"]
+    assert describe_tree(p, mirror.excluder) == describe_tree(mirror.replica)
+
+
+def test_mknod_entries_keep_their_time_on_the_replica(mirror: Mirror) -> None:
+    """A regular file made by mknod and never written (and a FIFO) has the primary's mtime on the
+    replica, not the moment the replica made it."""
+    p = mirror.primary
+    os.mknod(p / "reg", stat.S_IFREG | 0o644)
+    os.mkfifo(p / "fifo")
+    time.sleep(0.01)
+    (p / "after").write_bytes(b"")  # a later change: the replica is past both creations
+    for name in ("reg", "fifo"):
+        assert (mirror.replica / name).lstat().st_mtime_ns == (p / name).lstat().st_mtime_ns, name
+    assert describe_tree(p, mirror.excluder) == describe_tree(mirror.replica)
+
+
+def test_xattrs_through_a_descriptor_of_a_deleted_file_work_as_locally(mirror: Mirror) -> None:
+    """fsetxattr, fgetxattr, flistxattr, fremovexattr on a file deleted while open: the calls come
+    by inode and the file has no name left; they work through the open handle, as on a local file
+    system, and the replica (where the file is gone too) is unaffected."""
+    p = mirror.primary
+    (p / "f").write_bytes(b"x")
+    fd = os.open(p / "f", os.O_RDWR)
+    try:
+        os.unlink(p / "f")
+        os.setxattr(fd, "user.k", b"v")
+        assert os.getxattr(fd, "user.k") == b"v"
+        assert os.listxattr(fd) == ["user.k"]
+        os.removexattr(fd, "user.k")
+        assert os.listxattr(fd) == []
+        with pytest.raises(OSError) as missing:
+            os.removexattr(fd, "user.k")
+        assert missing.value.errno == errno.ENODATA
+    finally:
+        os.close(fd)
+    (p / "after").write_bytes(b"")
+    assert describe_tree(p, mirror.excluder) == describe_tree(mirror.replica)
