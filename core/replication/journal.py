@@ -399,6 +399,18 @@ class State:
         for p in [p for p in self.marks if p == path or (subtree and _under(p, path))]:
             self.marks.pop(p).alive = False
 
+    def carry(self, path: bytes, to: bytes) -> None:
+        """`path` becomes, on the replica, another name of the file synchronised through `to`:
+        what is marked for `path` (changes the application made through that name) is marked to
+        send for `to`, then `path`'s marks go."""
+        mk = self.marks.get(path)
+        if mk is not None:
+            for s, e in mk.data.ranges() + mk.cmp.ranges():  # compared or not: sent through `to`
+                self.add_data(to, s, e)
+            if mk.meta:
+                self.add_meta(to)
+        self._drop(path, False)
+
     def _move(self, old: bytes, new: bytes) -> None:
         moved = [(p, mk) for p, mk in self.marks.items() if _under(p, old)]
         for p, _ in moved:

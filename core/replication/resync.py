@@ -598,18 +598,29 @@ class Progress:
     cap: float | None = None
 
     def snapshot(self) -> dict[str, Any]:
+        """The totals are estimated when the data phase starts; the application's writes meanwhile
+        add to the work or take from it. Past the estimate, the total shown follows what is done
+        and the ETA is unknown (None), never 0 while work goes on; `finish()` sets the totals to
+        what was done."""
         elapsed = max(time.time() - self.started, 1e-6)
         rate = self.bytes_done / elapsed
-        left = max(self.bytes_total - self.bytes_done, 0)
+        left = self.bytes_total - self.bytes_done
         return {
             "mode": self.mode, "phase": self.phase, "started_at": self.started, "elapsed": round(elapsed, 3),
-            "bytes_total": self.bytes_total, "bytes_done": self.bytes_done, "bytes_sent": self.bytes_sent,
-            "files_total": self.files_total, "files_done": self.files_done, "namespace_ops": self.namespace_ops,
+            "bytes_total": max(self.bytes_total, self.bytes_done), "bytes_done": self.bytes_done,
+            "bytes_sent": self.bytes_sent, "files_total": max(self.files_total, self.files_done),
+            "files_done": self.files_done, "namespace_ops": self.namespace_ops,
             "entries_listed": self.entries_listed, "digests_received": self.digests_received,
             "rate_bytes_per_s": round(rate),
-            "eta_seconds": round(left / rate, 1) if rate > 0 and self.phase == "data" else None,
+            "eta_seconds": round(left / rate, 1) if rate > 0 and left > 0 and self.phase == "data" else None,
             "bandwidth_cap_bytes_per_s": self.cap,
         }
+
+    def finish(self) -> None:
+        """The resync is done: its totals are what it did (the estimate may have been above it,
+        when the application truncated or deleted what was to be sent)."""
+        self.phase = "done"
+        self.bytes_total, self.files_total = self.bytes_done, self.files_done
 
 
 class MirrorReplicator:
@@ -1201,7 +1212,8 @@ class MirrorReplicator:
         self.epoch += 1
         self._gate.set()
         await self._drain()
-        prog.phase = self.phase = "done"
+        prog.finish()
+        self.phase = "done"
         patterns = sorted(self.exclude.patterns)
         self._send(m.RsDone(0, new_sync, self.generation, patterns))
         await self._barrier()
@@ -1376,7 +1388,7 @@ class MirrorReplicator:
                 if t is not None:
                     ops.append(m.Remove(0, p))
                 ops.append(m.Link(0, c, p))
-                st._drop(p, False)
+                st.carry(p, c)  # a change made through p after the listings goes through c
                 continue
             if t is None and p in moved and not gone(moved[p]):
                 # Renamed there rather than sent again: then compared block by block like any

@@ -79,6 +79,22 @@ def test_marks_follow_renames_exchanges_and_removals() -> None:
     assert s.log[-1].hid is None and s.log[-1].uid == 0  # replay form: structure only
 
 
+def test_carried_marks_go_to_the_name_the_file_is_synchronised_through() -> None:
+    """A name that becomes a link to another on the replica (the resync): what is marked for it,
+    data, compared blocks and metadata, is to be sent through the other name."""
+    s = State()
+    s.mark(b"c").cmp.add(0, 4)
+    s.add_data(b"p", 6, INF)
+    s.mark(b"p").cmp.add(2, 3)
+    s.add_meta(b"p")
+    s.carry(b"p", b"c")
+    assert set(s.marks) == {b"c"}
+    c = s.marks[b"c"]
+    assert c.data.ranges() == [(2, 3), (6, INF)] and c.cmp.ranges() == [(0, 4)] and c.meta
+    s.carry(b"nothing marked", b"c")
+    assert c.data.ranges() == [(2, 3), (6, INF)]
+
+
 def test_suspects_merge_and_move() -> None:
     s = State()
     assert s.add_suspect(b"a/b")
@@ -436,3 +452,23 @@ def test_a_directory_where_a_state_file_goes_is_refused_at_once(tmp_path: Path, 
     with pytest.raises(OSError, match=f"{place} is a directory, where safekit-cloud keeps a file of its own: "
                                       "remove it"):
         Journal.load(path)
+
+
+def test_resync_progress_past_its_estimate_shows_no_more_than_100_percent() -> None:
+    """The totals are estimated when the data phase starts. Appends meanwhile take the work past
+    the estimate: the total shown follows what is done and the ETA is unknown, not 0; truncates
+    leave it below: at the end the totals are what was done."""
+    from safekit_cloud.core.replication.resync import Progress
+
+    p = Progress("checksum", phase="data", bytes_total=100, files_total=2)
+    p.bytes_done, p.files_done = 40, 1
+    snap = p.snapshot()
+    assert (snap["bytes_total"], snap["files_total"]) == (100, 2) and snap["eta_seconds"] is not None
+    p.bytes_done, p.files_done = 150, 3
+    snap = p.snapshot()
+    assert (snap["bytes_total"], snap["bytes_done"], snap["files_total"]) == (150, 150, 3)
+    assert snap["eta_seconds"] is None
+    p.bytes_done = 90
+    p.finish()
+    snap = p.snapshot()
+    assert (snap["phase"], snap["bytes_total"], snap["files_total"]) == ("done", 90, 3)

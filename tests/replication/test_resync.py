@@ -257,6 +257,9 @@ def test_writes_during_the_resync_end_up_identical(mirror: ResyncMirror, mode: s
     assert last["mode"] == mode and counts["ops"] > 20
     assert any(s["phase"] == "data" and s["bytes_total"] >= 12 * MiB for s in seen), seen[-3:]
     assert any(s["eta_seconds"] is not None for s in seen)
+    # The writer adds to the work and takes from it: the progress shown never passes 100 %.
+    assert all(s["bytes_done"] <= s["bytes_total"] and s["files_done"] <= s["files_total"] for s in seen)
+    assert (last["bytes_done"], last["files_done"]) == (last["bytes_total"], last["files_total"]), last
     assert_same(mirror)
 
 
@@ -730,6 +733,40 @@ def test_marks_carried_to_a_name_found_while_its_directory_moved_reach_the_file(
     resync_after_alone(mirror, lose_journal=False)
     assert_same(mirror)
     assert (mirror.replica / "e" / "hard").read_bytes()[:13] == b"written alone"
+
+
+def test_changes_through_a_name_linked_alone_made_while_the_checksum_resync_lists_reach_the_replica(
+        mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    """d/f1 gets a second name, d/hard2, alone (the replica has none); the alone node crashes and
+    loses its journal. During the checksum resync, right after the primary listed the tree, the
+    application appends to the file and chmods it through d/hard2. The resync makes d/hard2 a link
+    to d/f1 on the replica and synchronises the file through d/f1: what was marked under d/hard2
+    must go with it. Before, it was dropped: the replica ended with zeros where the append went
+    and the old mode, and the resync reported done."""
+    from safekit_cloud.core.replication import resync
+
+    p = alone_after_sync(mirror)
+    os.link(p / "d" / "f1", p / "d" / "hard2")
+    crash_alone(mirror, lose_journal=True)
+    real, changed = resync.list_tree, []
+
+    def list_then_change(root_fd: int, path: bytes, *args: object) -> object:
+        out = real(root_fd, path, *args)
+        if not changed and mirror.repl is not None and root_fd == mirror.repl.root and mirror.repl.mode == "resync":
+            changed.append(path)  # in a worker thread: the mount's loop serves these calls meanwhile
+            with open(p / "d" / "hard2", "ab") as f:
+                f.write(b"appended while the resync listed the tree " * 300)
+            os.chmod(p / "d" / "hard2", 0o604)
+        return out
+
+    monkeypatch.setattr(resync, "list_tree", list_then_change)
+    mirror.start_secondary()
+    last = mirror.start_and_resync()
+    assert changed == [b""] and last["mode"] == "checksum", (changed, last)
+    assert_same(mirror)
+    assert (mirror.replica / "d" / "hard2").stat().st_ino == (mirror.replica / "d" / "f1").stat().st_ino
+    assert (mirror.replica / "d" / "f1").read_bytes().endswith(b"appended while the resync listed the tree " * 2)
+    assert stat.S_IMODE((mirror.replica / "d" / "f1").stat().st_mode) == 0o604
 
 
 def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
