@@ -448,6 +448,8 @@ def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
 
 def _both_primary(local: LocalView, peer: PeerView) -> Decision:
     """Both nodes serve (a partition healed). Exactly one keeps serving, the same one on both sides."""
+    if not peer.hears_us:
+        return _yield_to_deaf_peer(local, peer)
     if wins_tie(local, peer):
         return stay(local, f"{peer.name} also serves (partition healed): this node keeps serving")
     split = local.has_replication and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN
@@ -458,6 +460,20 @@ def _both_primary(local: LocalView, peer: PeerView) -> Decision:
                     STOP_PRIMARY)
     return go_second(local, peer, f"{peer.name} also serves (partition healed): yielding and resyncing from it",
                      STOP_PRIMARY)
+
+
+def _yield_to_deaf_peer(local: LocalView, peer: PeerView) -> Decision:
+    """Heartbeats lost one way: the peer took over without hearing this node, so it cannot see the
+    double primary nor yield; only this node can end it, whatever the tie-break says. Its data
+    is kept for the admin unless the peer's is the newer one or the policy discards this side."""
+    why = f"{peer.name} serves and does not hear this node (heartbeats lost one way)"
+    order = data_order(local, peer)
+    discard_ours = local.split_brain_policy == "keep-preferred" and peer.preferred
+    if local.has_replication and order not in (GenerationOrder.SAME, GenerationOrder.PEER_NEWER) and not discard_ours:
+        return wait(local, f"split brain: {why}; this node stopped serving and keeps its data. Repair the "
+                    f"network, then `safekit-cloud second` here discards this node's changes, or "
+                    f"`safekit-cloud second` on {peer.name} discards {peer.name}'s", "split_brain", STOP_PRIMARY)
+    return go_second(local, peer, f"{why}: yielding and resyncing from it", STOP_PRIMARY)
 
 
 def checker_detail(action: CheckerAction, checker: str, reason: str) -> str:

@@ -45,6 +45,9 @@ class ModuleAnnounce(msgspec.Struct, array_like=True, frozen=True):
 
 class Announce(msgspec.Struct, array_like=True, frozen=True):
     modules: list[ModuleAnnounce]
+    # Whether the sender hears this beat's receiver (it is reachable on some network): lets a node
+    # that hears its peer learn that the peer does not hear it. Missing (an older peer): True.
+    hears_peer: bool = True
 
 
 class EngineError(Exception):
@@ -78,6 +81,7 @@ class Engine:
         self._decoder = msgspec.msgpack.Decoder(Announce)
         self._encoder = msgspec.msgpack.Encoder()
         self._announced: dict[str, ModuleAnnounce] = {}
+        self._peer_deaf_since: float | None = None  # since when the peer says it does not hear us
         self._boot_tasks: set[asyncio.Task[CommandResult]] = set()
         me = config.node(node)
         links = [Link(net, me.addresses[net], self.peer.addresses[net]) for net in sorted(me.addresses)]
@@ -156,19 +160,35 @@ class Engine:
     # ---- heartbeat payload -----------------------------------------------------------------------
 
     def _payload(self) -> bytes:
-        return self._encoder.encode(Announce([ModuleAnnounce(**m.announce_fields()) for m in self.modules.values()]))
+        return self._encoder.encode(Announce([ModuleAnnounce(**m.announce_fields()) for m in self.modules.values()],
+                                             hears_peer=self.heartbeat.peer_status().reachable))
 
     def _peer_changed(self) -> None:
         status = self.heartbeat.peer_status()
         self._announced = {}
+        hears_us = True
         if status.payload is not None:
             try:
-                self._announced = {m.name: m for m in self._decoder.decode(status.payload).modules}
+                announce = self._decoder.decode(status.payload)
+                self._announced = {m.name: m for m in announce.modules}
+                hears_us = announce.hears_peer
             except DECODE_ERRORS as exc:
                 # Authenticated but undecodable: a peer of another version. Treat its modules as unknown.
                 log.warning("peer %s: unreadable module announcement (%s)", self.peer.name, exc)
+        if hears_us:
+            self._peer_deaf_since = None
+        elif self._peer_deaf_since is None:
+            self._peer_deaf_since = time.monotonic()
+            log.warning("heartbeat: %s hears this node's heartbeats no more while this node hears its "
+                        "(heartbeats lost one way)", self.peer.name)
         for runtime in self.modules.values():
             runtime.peer_changed()
+
+    def peer_hears_us(self) -> bool:
+        """False once the peer has said for a heartbeat timeout that it does not hear us: not at
+        the first such beat, which a partition healing sends too (the peer hears us a beat later)."""
+        since = self._peer_deaf_since
+        return since is None or time.monotonic() - since < self.config.heartbeat.timeout
 
     def peer_view(self, module: str) -> PeerView:
         status = self.heartbeat.peer_status()
@@ -183,7 +203,7 @@ class Engine:
                 name=self.peer.name, reachable=True, state=ModuleState(announced.state),
                 data=DataStatus(announced.data), generation=Generation(announced.gen, tuple(announced.history)),
                 intent=Intent(announced.intent), preferred=preferred, networks_alive=alive,
-                eligible=announced.eligible,
+                eligible=announced.eligible, hears_us=self.peer_hears_us(),
             )
         except ValueError as exc:
             log.warning("peer %s: module %s announced an unknown value (%s)", self.peer.name, module, exc)

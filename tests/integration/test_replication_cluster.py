@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from safekit_cloud.core.config import ReplicationConfig
+from safekit_cloud.core.config import HeartbeatConfig, ReplicationConfig
 from safekit_cloud.core.lab import lab_supported
 from safekit_cloud.core.labcluster import LabCluster
 
@@ -175,10 +175,7 @@ def test_a_broken_replication_link_with_heartbeats_alive_leaves_the_secondary_st
     the primary are back, the resync brings it up to date."""
     assert cluster.lab is not None
     port = ReplicationConfig.model_fields["port"].default
-    cluster.lab.run("n2", ["nft", "add", "table", "inet", "skt_test"])
-    cluster.lab.run("n2", ["nft", "add", "chain", "inet", "skt_test", "input",
-                           "{ type filter hook input priority 0 ; }"])
-    cluster.lab.run("n2", ["nft", "add", "rule", "inet", "skt_test", "input", "tcp", "dport", str(port), "drop"])
+    drop_on(cluster, "n2", "tcp", "dport", str(port))
     started = time.monotonic()
     app_write(cluster, "n1", f"""
 import os
@@ -194,7 +191,7 @@ with open({str(cluster.data_dir / 'during-the-cut')!r}, 'w') as f:
     module = cluster.status("n2")["modules"][0]
     assert (module["state"], module["serving"]) == ("WAIT", False), module
     assert "not up to date" in module["decisions"][0]["reason"], module["decisions"][0]
-    cluster.lab.run("n2", ["nft", "delete", "table", "inet", "skt_test"])
+    undrop(cluster, "n2")
     cluster.power_on("n1")
     cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=120)
     deadline = time.monotonic() + 60
@@ -203,6 +200,44 @@ with open({str(cluster.data_dir / 'during-the-cut')!r}, 'w') as f:
         time.sleep(0.2)
     assert (cluster.disk("n2") / "during-the-cut").read_text() == "written while the stream was cut"
     result = verify(cluster, "n1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def drop_on(cluster: LabCluster, node: str, *rule: str) -> None:
+    """A firewall rule on `node`'s input (nftables, inside its namespace); `undrop` removes it."""
+    assert cluster.lab is not None
+    cluster.lab.run(node, ["nft", "add", "table", "inet", "skt_test"])
+    cluster.lab.run(node, ["nft", "add", "chain", "inet", "skt_test", "input",
+                           "{ type filter hook input priority 0 ; }"])
+    cluster.lab.run(node, ["nft", "add", "rule", "inet", "skt_test", "input", *rule, "drop"])
+
+
+def undrop(cluster: LabCluster, node: str) -> None:
+    assert cluster.lab is not None
+    cluster.lab.run(node, ["nft", "delete", "table", "inet", "skt_test"])
+
+
+def test_heartbeats_lost_one_way_leave_a_single_primary(cluster: LabCluster) -> None:
+    """n2 no longer hears n1's heartbeats (a firewall drops them on n2; n1 still hears n2's): n2
+    takes over, and n1, which hears n2 serve while n2 cannot hear it, stops serving, so one node
+    holds the VIP. Before, both served and both held the VIP for as long as the fault lasted. Both
+    wrote alone, so n1 keeps its data until the admin chooses: `second` there brings it back as
+    n2's secondary."""
+    assert cluster.lab is not None
+    vip = cluster.vip.split("/")[0]
+    drop_on(cluster, "n2", "udp", "dport", str(HeartbeatConfig.model_fields["port"].default))
+    cluster.wait_states({"n1": "WAIT", "n2": "ALONE"}, timeout=30)
+    module = cluster.status("n1")["modules"][0]
+    assert not module["serving"] and "heartbeats lost one way" in module["decisions"][0]["reason"], module
+    assert vip not in cluster.lab.run("n1", ["ip", "-o", "addr", "show"]).stdout
+    assert vip in cluster.lab.run("n2", ["ip", "-o", "addr", "show"]).stdout
+    undrop(cluster, "n2")
+    time.sleep(2)  # twenty heartbeats: nothing merged or discarded on its own
+    assert cluster.wait_states({"n1": "WAIT", "n2": "ALONE"}, timeout=5)
+    result = cluster.cli("n1", "second", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=120)
+    result = verify(cluster, "n2")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

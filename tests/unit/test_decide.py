@@ -485,6 +485,36 @@ def test_two_primaries_that_see_each_other_agree_on_one(local_pref, peer_pref, a
     assert keeper == ("n1" if local_pref or not peer_pref else "n2")
 
 
+@pytest.mark.parametrize("local_pref,peer_pref", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("a", [S.ALONE, S.PRIM])
+@pytest.mark.parametrize("gens", [(G0, G0), (NEWER, SIBLING), (NEWER, G0)], ids=["same", "split", "newer"])
+@pytest.mark.parametrize("policy", ["manual", "keep-preferred"])
+def test_heartbeats_lost_one_way_the_node_that_hears_ends_the_double_primary(local_pref, peer_pref, a, gens,
+                                                                              policy) -> None:
+    """n2 does not hear n1 and took over (ALONE); n1 hears n2 serve. n2 cannot see the double
+    primary, so n1 must stop serving whatever the tie-break says (before, a preferred n1 stayed
+    and both held the VIP for as long as the fault lasted). n1 keeps its data for the admin unless
+    n2's is the newer or the policy discards n1's side."""
+    n1 = local_view(a, node="n1", preferred=local_pref, split_brain_policy=policy,
+                    persisted=Persisted(a, True, generation=gens[0]))
+    n2 = local_view(S.ALONE, node="n2", preferred=peer_pref, split_brain_policy=policy,
+                    persisted=Persisted(S.ALONE, True, generation=gens[1]))
+    d1 = decide(n1, replace(view_of(n2, True), hears_us=False), E.PEER_CHANGED)
+    d2 = decide(n2, view_of(n1, False), E.PEER_LOST)
+    assert not d1.next_state.is_primary and d2.next_state.is_primary, (d1, d2)
+    assert_in_order(names(d1), STOP_PRIM)
+    assert "heartbeats lost one way" in d1.reason
+    keeps_data = gens != (G0, G0) and not (policy == "keep-preferred" and peer_pref)
+    assert (d1.next_state, d1.waiting_for) == ((S.WAIT, "split_brain") if keeps_data else (S.SECOND, "")), d1
+
+
+def test_a_peer_that_hears_us_again_is_left_to_the_tie_break() -> None:
+    """Only a peer that does not hear us makes this node yield: one that does yields itself."""
+    n1 = local_view(S.ALONE, node="n1", preferred=True, persisted=Persisted(S.ALONE, True, generation=NEWER))
+    n2 = local_view(S.ALONE, node="n2", preferred=False, persisted=Persisted(S.ALONE, True, generation=SIBLING))
+    assert decide(n1, view_of(n2, True), E.PEER_CHANGED).next_state == S.ALONE
+
+
 # ---- 3. a two-node simulator -----------------------------------------------------------------------
 
 def view_of(node: LocalView, reachable: bool, *, last: PeerView | None = None) -> PeerView:
