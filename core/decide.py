@@ -210,7 +210,9 @@ def _force_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
         prefix = STOP_SECONDARY
     elif local.state == S.STOP:
         prefix = START_MODULE
-    return go_alone(local, "forced primary by admin: the peer will be resynchronised from this node", prefix)
+    return go_alone(local, "forced primary by admin: a peer that comes back with changes of its own waits "
+                    "(split brain) until `safekit-cloud second` there discards them; one without resyncs from "
+                    "this node", prefix)
 
 
 def _force_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
@@ -286,6 +288,12 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
     if order == GenerationOrder.SPLIT_BRAIN:
         if local.split_brain_policy == "keep-preferred" and (local.preferred or peer.preferred):
             order = GenerationOrder.LOCAL_NEWER if local.preferred else GenerationOrder.PEER_NEWER
+        elif mine and not peer.eligible and local.persisted.last_state == S.ALONE and local.persisted.can_start_alone:
+            # This node served the split brain until its daemon restarted, and the peer still waits
+            # for the admin: serving again is where the restart found it (no side is discarded).
+            return go_alone(local, f"split brain with {peer.name}, which waits for the admin: this node "
+                            f"served before its restart and serves again; keep one side with `safekit-cloud "
+                            f"second` on the node whose changes to discard")
         else:
             return wait(local, f"split brain: this node and {peer.name} both wrote data alone; choose the "
                         f"side to keep: `safekit-cloud prim` there, or `second` on the side to discard",

@@ -515,6 +515,21 @@ def test_a_peer_that_hears_us_again_is_left_to_the_tie_break() -> None:
     assert decide(n1, view_of(n2, True), E.PEER_CHANGED).next_state == S.ALONE
 
 
+def test_the_node_that_served_a_split_brain_serves_again_after_its_daemon_restarts() -> None:
+    """n1 served (ALONE) while n2 waited on the split brain; n1's daemon restarts. Before, it came
+    back waiting too, and neither node served. Now it serves again, discarding nothing; a node
+    that did not serve last, or a peer that could serve, still leaves the choice to the admin."""
+    served = Persisted(S.ALONE, True, generation=NEWER)
+    n2 = peer_view(state=S.WAIT, generation=SIBLING, eligible=False)
+    d = decide(local_view(S.WAIT, persisted=served), n2, E.PEER_CHANGED)
+    assert d.next_state == S.ALONE and "serves again" in d.reason, d
+    assert set(START_ALONE) <= set(names(d)), names(d)
+    for local, peer in ((local_view(S.WAIT, persisted=replace(served, last_state=S.SECOND, can_start_alone=False)), n2),
+                        (local_view(S.WAIT, persisted=served), replace(n2, eligible=True))):
+        d = decide(local, peer, E.PEER_CHANGED)
+        assert (d.next_state, d.waiting_for) == (S.WAIT, "split_brain"), d
+
+
 # ---- 3. a two-node simulator -----------------------------------------------------------------------
 
 def view_of(node: LocalView, reachable: bool, *, last: PeerView | None = None) -> PeerView:
