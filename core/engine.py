@@ -175,12 +175,16 @@ class Engine:
             except DECODE_ERRORS as exc:
                 # Authenticated but undecodable: a peer of another version. Treat its modules as unknown.
                 log.warning("peer %s: unreadable module announcement (%s)", self.peer.name, exc)
-        if hears_us:
+        if hears_us or not status.reachable:
+            # Counted only while we hear the peer: a beat caught as a partition began must not make
+            # its first beat after the partition heals (sent before it hears us again) count as old.
+            if self._peer_deaf_since is not None and status.reachable:
+                log.info("heartbeat: %s hears this node again", self.peer.name)
             self._peer_deaf_since = None
         elif self._peer_deaf_since is None:
             self._peer_deaf_since = time.monotonic()
-            log.warning("heartbeat: %s hears this node's heartbeats no more while this node hears its "
-                        "(heartbeats lost one way)", self.peer.name)
+            log.warning("heartbeat: %s does not hear this node, which hears it (heartbeats lost one way)",
+                        self.peer.name)
         for runtime in self.modules.values():
             runtime.peer_changed()
 
