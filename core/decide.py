@@ -252,6 +252,8 @@ def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, f"{event.kind.value} ignored in WAIT")
     if local.waiting_for == "witness":
         return _wait_for_witness(local, peer)
+    if local.waiting_for == "deaf_peer" and (resumed := _after_deaf_peer(local, peer)) is not None:
+        return resumed
     if peer_serving(peer):
         return _join_primary(local, peer)
     if local.waiting_for.startswith("split_brain") and peer_discards(peer):
@@ -472,16 +474,24 @@ def _both_primary(local: LocalView, peer: PeerView) -> Decision:
 
 def _yield_to_deaf_peer(local: LocalView, peer: PeerView) -> Decision:
     """Heartbeats lost one way: the peer took over without hearing this node, so it cannot see the
-    double primary nor yield; only this node can end it, whatever the tie-break says. Its data
-    is kept for the admin unless the peer's is the newer one or the policy discards this side."""
-    why = f"{peer.name} serves and does not hear this node (heartbeats lost one way)"
-    order = data_order(local, peer)
-    discard_ours = local.split_brain_policy == "keep-preferred" and peer.preferred
-    if local.has_replication and order not in (GenerationOrder.SAME, GenerationOrder.PEER_NEWER) and not discard_ours:
-        return wait(local, f"split brain: {why}; this node stopped serving and keeps its data. Repair the "
-                    f"network, then `safekit-cloud second` here discards this node's changes, or "
-                    f"`safekit-cloud second` on {peer.name} discards {peer.name}'s", "split_brain", STOP_PRIMARY)
-    return go_second(local, peer, f"{why}: yielding and resyncing from it", STOP_PRIMARY)
+    double primary nor yield; only this node can end it, whatever the tie-break says. It waits
+    (`deaf_peer`) with its data kept: it joins the peer once heard again (`_join_primary`: a split
+    brain waits for the admin as usual), or serves again if the peer, hearing it, no longer serves
+    (a healing partition whose directions came back one after the other, the peer then yielding
+    to the tie-break too)."""
+    return wait(local, f"{peer.name} serves and does not hear this node (heartbeats lost one way): this node "
+                f"stopped serving and keeps its data until {peer.name} hears it again", "deaf_peer",
+                STOP_PRIMARY, can_start_alone=False)
+
+
+def _after_deaf_peer(local: LocalView, peer: PeerView) -> Decision | None:
+    """In WAIT after `_yield_to_deaf_peer`: what to do, or None to decide as any WAIT does."""
+    if peer_serving(peer) and not peer.hears_us:
+        return stay(local, f"{peer.name} serves and still does not hear this node: waiting")
+    if peer.reachable and peer.hears_us and peer.state in (S.WAIT, S.SECOND) and eligible(local):
+        return go_alone(local, f"{peer.name} hears this node again and does not serve: this node, which stopped "
+                        "only because it was not heard, serves again")
+    return None
 
 
 def checker_detail(action: CheckerAction, checker: str, reason: str) -> str:

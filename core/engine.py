@@ -82,6 +82,7 @@ class Engine:
         self._encoder = msgspec.msgpack.Encoder()
         self._announced: dict[str, ModuleAnnounce] = {}
         self._peer_deaf_since: float | None = None  # since when the peer says it does not hear us
+        self._peer_deaf_reported = False  # ... and we took it as deaf (logged once)
         self._boot_tasks: set[asyncio.Task[CommandResult]] = set()
         me = config.node(node)
         links = [Link(net, me.addresses[net], self.peer.addresses[net]) for net in sorted(me.addresses)]
@@ -178,21 +179,26 @@ class Engine:
         if hears_us or not status.reachable:
             # Counted only while we hear the peer: a beat caught as a partition began must not make
             # its first beat after the partition heals (sent before it hears us again) count as old.
-            if self._peer_deaf_since is not None and status.reachable:
+            if self._peer_deaf_reported and status.reachable:
                 log.info("heartbeat: %s hears this node again", self.peer.name)
-            self._peer_deaf_since = None
+            self._peer_deaf_since, self._peer_deaf_reported = None, False
         elif self._peer_deaf_since is None:
             self._peer_deaf_since = time.monotonic()
-            log.warning("heartbeat: %s does not hear this node, which hears it (heartbeats lost one way)",
-                        self.peer.name)
         for runtime in self.modules.values():
             runtime.peer_changed()
 
     def peer_hears_us(self) -> bool:
-        """False once the peer has said for a heartbeat timeout that it does not hear us: not at
-        the first such beat, which a partition healing sends too (the peer hears us a beat later)."""
+        """False once the peer has said for two heartbeat timeouts that it does not hear us: not
+        at the first such beat, which a healing partition sends too (its two directions may come
+        back a second apart, the time a neighbour entry takes to resolve again)."""
         since = self._peer_deaf_since
-        return since is None or time.monotonic() - since < self.config.heartbeat.timeout
+        if since is None or time.monotonic() - since < 2 * self.config.heartbeat.timeout:
+            return True
+        if not self._peer_deaf_reported:
+            self._peer_deaf_reported = True
+            log.warning("heartbeat: %s does not hear this node, which hears it, for %gs (heartbeats lost "
+                        "one way)", self.peer.name, time.monotonic() - since)
+        return False
 
     def peer_view(self, module: str) -> PeerView:
         status = self.heartbeat.peer_status()

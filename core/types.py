@@ -154,7 +154,7 @@ class PeerView:
     # Networks on which the peer was heard within the timeout, by name.
     networks_alive: tuple[str, ...] = ()
     witness_ok: bool = True  # split-brain guard result for this node (True when none is configured)
-    # The peer hears this node: False once its heartbeats have said, for a heartbeat timeout, that
+    # The peer hears this node: False once its heartbeats have said, for two heartbeat timeouts, that
     # it does not (heartbeats lost one way: it may take over while this node still serves).
     hears_us: bool = True
 

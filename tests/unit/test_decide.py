@@ -489,30 +489,52 @@ def test_two_primaries_that_see_each_other_agree_on_one(local_pref, peer_pref, a
 @pytest.mark.parametrize("a", [S.ALONE, S.PRIM])
 @pytest.mark.parametrize("gens", [(G0, G0), (NEWER, SIBLING), (NEWER, G0)], ids=["same", "split", "newer"])
 @pytest.mark.parametrize("policy", ["manual", "keep-preferred"])
+@pytest.mark.parametrize("has_replication", [True, False])
 def test_heartbeats_lost_one_way_the_node_that_hears_ends_the_double_primary(local_pref, peer_pref, a, gens,
-                                                                              policy) -> None:
+                                                                              policy, has_replication) -> None:
     """n2 does not hear n1 and took over (ALONE); n1 hears n2 serve. n2 cannot see the double
-    primary, so n1 must stop serving whatever the tie-break says (before, a preferred n1 stayed
-    and both held the VIP for as long as the fault lasted). n1 keeps its data for the admin unless
-    n2's is the newer or the policy discards n1's side."""
-    n1 = local_view(a, node="n1", preferred=local_pref, split_brain_policy=policy,
+    primary, so n1 stops serving whatever the tie-break says (before, a preferred n1 stayed and
+    both held the VIP for as long as the fault lasted), keeping its data and its claim until n2
+    hears it again. Once it does, n1 joins n2 as any node finding a primary does."""
+    n1 = local_view(a, node="n1", preferred=local_pref, split_brain_policy=policy, has_replication=has_replication,
                     persisted=Persisted(a, True, generation=gens[0]))
     n2 = local_view(S.ALONE, node="n2", preferred=peer_pref, split_brain_policy=policy,
+                    has_replication=has_replication, persisted=Persisted(S.ALONE, True, generation=gens[1]))
+    deaf = replace(view_of(n2, True), hears_us=False)
+    d1 = decide(n1, deaf, E.PEER_CHANGED)
+    d2 = decide(n2, view_of(n1, False), E.PEER_LOST)
+    assert (d1.next_state, d1.waiting_for) == (S.WAIT, "deaf_peer") and d2.next_state.is_primary, (d1, d2)
+    assert_in_order(names(d1), STOP_PRIM)
+    assert "heartbeats lost one way" in d1.reason and d1.persisted is not None
+    n1 = replace(n1, state=S.WAIT, waiting_for="deaf_peer", persisted=d1.persisted)
+    assert decide(n1, deaf, E.PEER_CHANGED).next_state == S.WAIT  # still not heard: nothing changes
+    joined = decide(n1, view_of(n2, True), E.PEER_CHANGED)  # heard again: n2 serves
+    assert not joined.next_state.is_primary, joined
+    if joined.next_state == S.WAIT:
+        assert joined.waiting_for == "split_brain" and has_replication and gens != (G0, G0), joined
+
+
+@pytest.mark.parametrize("has_replication", [True, False])
+def test_a_partition_whose_directions_heal_apart_ends_with_the_tie_break_winner_serving(has_replication) -> None:
+    """A partition heals, n2 -> n1 first: n1 (preferred) hears n2 serve without hearing it and
+    stops (deaf_peer). n2 then hears n1's beats queued while its address resolved, still saying
+    ALONE, and yields to the tie-break too. Neither serves for a moment: n1, hearing n2 hear it and
+    not serve, serves again, and n2 joins it or waits for the admin on a split brain."""
+    gens = (NEWER, SIBLING) if has_replication else (G0, G0)
+    n1 = local_view(S.ALONE, node="n1", preferred=True, has_replication=has_replication,
+                    persisted=Persisted(S.ALONE, True, generation=gens[0]))
+    n2 = local_view(S.ALONE, node="n2", preferred=False, has_replication=has_replication,
                     persisted=Persisted(S.ALONE, True, generation=gens[1]))
     d1 = decide(n1, replace(view_of(n2, True), hears_us=False), E.PEER_CHANGED)
-    d2 = decide(n2, view_of(n1, False), E.PEER_LOST)
-    assert not d1.next_state.is_primary and d2.next_state.is_primary, (d1, d2)
-    assert_in_order(names(d1), STOP_PRIM)
-    assert "heartbeats lost one way" in d1.reason
-    keeps_data = gens != (G0, G0) and not (policy == "keep-preferred" and peer_pref)
-    assert (d1.next_state, d1.waiting_for) == ((S.WAIT, "split_brain") if keeps_data else (S.SECOND, "")), d1
-
-
-def test_a_peer_that_hears_us_again_is_left_to_the_tie_break() -> None:
-    """Only a peer that does not hear us makes this node yield: one that does yields itself."""
-    n1 = local_view(S.ALONE, node="n1", preferred=True, persisted=Persisted(S.ALONE, True, generation=NEWER))
-    n2 = local_view(S.ALONE, node="n2", preferred=False, persisted=Persisted(S.ALONE, True, generation=SIBLING))
-    assert decide(n1, view_of(n2, True), E.PEER_CHANGED).next_state == S.ALONE
+    d2 = decide(n2, view_of(n1, True), E.PEER_CHANGED)  # n1's stale beat: ALONE
+    assert not d1.next_state.is_primary and not d2.next_state.is_primary, (d1, d2)
+    n1 = replace(n1, state=d1.next_state, waiting_for=d1.waiting_for or "", persisted=d1.persisted)
+    n2 = replace(n2, state=d2.next_state, waiting_for=d2.waiting_for or "", persisted=d2.persisted or n2.persisted)
+    d1 = decide(n1, view_of(n2, True), E.PEER_CHANGED)
+    assert d1.next_state == S.ALONE and "serves again" in d1.reason, d1
+    n1 = replace(n1, state=d1.next_state, waiting_for="", persisted=d1.persisted)
+    d2 = decide(n2, view_of(n1, True), E.PEER_CHANGED)
+    assert not d2.next_state.is_primary, d2
 
 
 def test_the_node_that_served_a_split_brain_serves_again_after_its_daemon_restarts() -> None:
