@@ -488,7 +488,10 @@ def _after_deaf_peer(local: LocalView, peer: PeerView) -> Decision | None:
     """In WAIT after `_yield_to_deaf_peer`: what to do, or None to decide as any WAIT does."""
     if peer_serving(peer) and not peer.hears_us:
         return stay(local, f"{peer.name} serves and still does not hear this node: waiting")
-    if peer.reachable and peer.hears_us and peer.state in (S.WAIT, S.SECOND) and eligible(local):
+    # The peer yielded to the tie-break (SECOND, or WAIT on a split brain); not a peer that waits
+    # to elect (its daemon restarted, say): it may hold the newer data, the election decides.
+    yielded = peer.state == S.SECOND or (peer.state == S.WAIT and not peer.eligible)
+    if peer.reachable and peer.hears_us and yielded and eligible(local):
         return go_alone(local, f"{peer.name} hears this node again and does not serve: this node, which stopped "
                         "only because it was not heard, serves again")
     return None

@@ -537,6 +537,16 @@ def test_a_partition_whose_directions_heal_apart_ends_with_the_tie_break_winner_
     assert not d2.next_state.is_primary, d2
 
 
+def test_a_node_that_stopped_for_a_deaf_peer_leaves_a_restarted_peer_to_the_election() -> None:
+    """n1 stopped for a peer that did not hear it; n2, which served since, restarts and waits to
+    elect (eligible): n1 does not take over on that (n2 may hold the newer data)."""
+    n1 = local_view(S.WAIT, waiting_for="deaf_peer",
+                    persisted=Persisted(S.WAIT, False, generation=NEWER))
+    n2 = peer_view(state=S.WAIT, generation=SIBLING, eligible=True)
+    d = decide(n1, n2, E.PEER_CHANGED)
+    assert not d.next_state.is_primary, d
+
+
 def test_the_node_that_served_a_split_brain_serves_again_after_its_daemon_restarts() -> None:
     """n1 served (ALONE) while n2 waited on the split brain; n1's daemon restarts. Before, it came
     back waiting too, and neither node served. Now it serves again, discarding nothing; a node
