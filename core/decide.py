@@ -179,17 +179,37 @@ def _restart(local: LocalView, peer: PeerView, event: Event) -> Decision:
     return refuse(local, f"the module is {local.state.name}: nothing runs to restart ({hint})")
 
 
+def _no_secondary(peer: PeerView) -> str:
+    """Why the peer cannot take the primary role from this node, and what to do."""
+    if not peer.reachable:
+        return f"no up-to-date secondary to hand over to: {peer.name} is not heard"
+    if peer.state == S.SECOND and peer.data == DataStatus.RESYNCING:
+        return (f"the peer is not an up-to-date secondary yet: {peer.name} is being resynchronised (its "
+                f"progress is in `safekit-cloud status`); swap once it is (`safekit-cloud waitstate SECOND` "
+                f"on {peer.name} waits for that)")
+    if peer.state == S.SECOND:
+        return (f"the peer is not an up-to-date secondary: {peer.name} misses changes made since the "
+                f"replication link was lost; it is resynchronised when the link is back")
+    return f"no up-to-date secondary to hand over to: {peer.name} is {peer.state.name}"
+
+
 def _swap(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state == S.PRIM:
         if not peer_uptodate_second(local, peer):
-            return refuse(local, "the peer is not an up-to-date secondary")
+            return refuse(local, _no_secondary(peer))
         return hand_over(local, "swap: primary role handed to the peer")
     if local.state == S.SECOND:
-        if not (peer_serving(peer) and local.persisted.data == DataStatus.UPTODATE):
-            return refuse(local, "this secondary is not up to date or the peer is not primary")
+        if local.persisted.data != DataStatus.UPTODATE:
+            return refuse(local, "this secondary is not up to date (it is resynchronised from the primary "
+                          "first: `safekit-cloud waitstate SECOND` waits for that)")
+        if not peer_serving(peer):
+            return refuse(local, f"{peer.name} is not primary: nothing to take over")
         return stay(local, "swap asked: waiting for the primary to hand over", intent=Intent.WANT_PRIMARY)
     if local.state == S.ALONE:
-        return refuse(local, "no up-to-date secondary to hand over to")
+        return refuse(local, _no_secondary(peer))
+    if local.waiting_for.startswith("split_brain"):
+        return refuse(local, "the module waits on a split brain: keep one side with `safekit-cloud second` on "
+                      "the node whose changes to discard")
     return refuse(local, f"the module is {local.state.name}, not part of a running pair")
 
 
@@ -204,6 +224,9 @@ def _force_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state.is_primary:
         return stay(local, "already primary")
     if peer_serving(peer):
+        if local.waiting_for.startswith("split_brain"):
+            return refuse(local, f"{peer.name} is primary: to keep this node's changes instead of "
+                          f"{peer.name}'s, run `safekit-cloud second` on {peer.name} (this node then serves)")
         return refuse(local, f"{peer.name} is primary: use swap")
     prefix: tuple[Action, ...] = ()
     if local.state == S.SECOND:

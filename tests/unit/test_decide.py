@@ -362,6 +362,11 @@ def test_other_script_failures_are_only_reported() -> None:
     (S.WAIT, E.RESTART, LOST, "WAIT"),
     (S.ALONE, E.SWAP, LOST, "no up-to-date secondary"),
     (S.STOP, E.SWAP, peer_view(state=S.PRIM), "STOP"),
+    # say what stands in the way, and what to do
+    (S.PRIM, E.SWAP, peer_view(state=S.SECOND, data=DataStatus.RESYNCING), "waitstate SECOND"),
+    (S.ALONE, E.SWAP, peer_view(state=S.SECOND, data=DataStatus.RESYNCING), "being resynchronised"),
+    (S.ALONE, E.SWAP, peer_view(state=S.SECOND, data=DataStatus.STALE), "replication link"),
+    (S.ALONE, E.SWAP, peer_view(state=S.WAIT), "n2 is WAIT"),
 ], ids=lambda v: getattr(v, "name", None) or str(v)[:20])
 def test_refusals_change_nothing_and_say_why(state: S, event: E, peer: PeerView, why: str) -> None:
     local = local_view(state)
@@ -374,7 +379,19 @@ def test_refusals_change_nothing_and_say_why(state: S, event: E, peer: PeerView,
 def test_swap_refused_on_a_resyncing_secondary() -> None:
     local = local_view(S.SECOND, persisted=Persisted(S.SECOND, data=DataStatus.RESYNCING, generation=OLDER))
     decision = decide(local, peer_view(state=S.PRIM), E.SWAP)
-    assert decision.refused and decision.intent is None
+    assert decision.refused and decision.intent is None and "waitstate SECOND" in decision.refused
+
+
+def test_on_a_split_brain_the_refusals_name_the_command_that_resolves_it() -> None:
+    """Waiting on a split brain while the peer serves, `prim` and `swap` are refused: they say to
+    run `second` on the side whose changes to discard (before, `prim` said to use swap, which was
+    refused on both nodes)."""
+    local = local_view(S.WAIT, waiting_for="split_brain", persisted=Persisted(S.WAIT, generation=NEWER))
+    peer = peer_view(state=S.ALONE, generation=SIBLING)
+    prim = decide(local, peer, E.FORCE_PRIM)
+    assert prim.refused and "`safekit-cloud second` on n2" in prim.refused, prim
+    swap = decide(local, peer, E.SWAP)
+    assert swap.refused and "safekit-cloud second" in swap.refused, swap
 
 
 # ---- 2. invariants over a grid of contexts ---------------------------------------------------------
