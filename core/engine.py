@@ -241,6 +241,10 @@ class Engine:
         replication = self.modules[module].replication
         if replication is None:
             raise VerifyError(f"module {module} replicates no directory")
+        peer = self.peer_view(module)
+        if self.modules[module].state.is_primary and peer.reachable and peer.state != ModuleState.SECOND:
+            raise VerifyError(f"verify compares this primary with its secondary: {peer.name} is {peer.state.name}, "
+                              f"not a secondary (`safekit-cloud status` on {peer.name} says why)")
         return await replication.verify()
 
     def status(self) -> NodeOut:

@@ -234,6 +234,8 @@ def test_heartbeats_lost_one_way_leave_a_single_primary(cluster: LabCluster) -> 
     undrop(cluster, "n2")
     time.sleep(2)  # twenty heartbeats: nothing merged or discarded on its own
     assert cluster.wait_states({"n1": "WAIT", "n2": "ALONE"}, timeout=5)
+    result = verify(cluster, "n2")  # no secondary to compare with: it says so
+    assert result.returncode != 0 and "n1 is WAIT, not a secondary" in result.stdout + result.stderr, result
     result = cluster.cli("n1", "second", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=120)
