@@ -498,6 +498,9 @@ class RState(_Rec, tag="state"):
     # The exclusion patterns under which lineage `sync` was established (None: unknown, written
     # before they were recorded): other patterns make the trees differ where they differ.
     exclude: list[str] | None = None
+    # The replay log given with it (in ROps records) is capped: it overflowed, the journal cannot
+    # be replayed. A capped log reloads as MAX_LOG operations, which alone would not say so.
+    overflow: bool = False
 
 
 class RSuspect(_Rec, tag="suspect"):
@@ -725,6 +728,7 @@ class Journal:
             self.boot, self.clean, self.block, self.reason = rec.boot, rec.clean, rec.block, rec.reason
             self.exclude = rec.exclude
             self.state = st = State()
+            st.overflow = rec.overflow
             self.active, self.closed = {}, -1
             for r in rec.marks:
                 self._apply(r)
@@ -978,6 +982,8 @@ class Journal:
 
     def _reset(self, rec: RState, keep_log: bool = False) -> None:
         log_ops, pending = (self.state.log, self.state.pending) if keep_log else ([], {})
+        if keep_log and self.state.overflow:
+            rec = msgspec.structs.replace(rec, overflow=True)
         self._apply(rec)
         self.state.log = list(log_ops)
         self.state.pending = dict(pending)
@@ -1117,7 +1123,7 @@ class Journal:
             return
         st = self.state
         rec = RState("alone", self.sync, self.generation, self.boot, block=self.block, at=time.time(),
-                     suspects=sorted(st.suspects), exclude=self.exclude, reason=self.reason)
+                     suspects=sorted(st.suspects), exclude=self.exclude, reason=self.reason, overflow=st.overflow)
         body = [encode_record(rec)]
         body += [encode_record(marks_record(mk)) for mk in st.marks.values()]
         body += [encode_record(ROps(0, st.log[i:i + 1000], False)) for i in range(0, len(st.log), 1000)]

@@ -230,6 +230,29 @@ def test_compaction_keeps_the_meaning(tmp_path: Path) -> None:
     assert j._size < before._size  # (the file itself is allocated ahead: its size says nothing)
 
 
+def test_an_overflowed_log_stays_overflowed_through_a_compaction(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_LOG namespace operations the replay log is capped and the journal cannot be
+    replayed (checksum resync). A compaction writes the capped log, which reloads as exactly
+    MAX_LOG operations: without the overflow recorded, a crash then left a journal trusted whose
+    later operations were gone (renames missing on the replica after a journal resync)."""
+    monkeypatch.setattr(jn, "MAX_LOG", 20)
+    path = tmp_path / "j"
+    j = _alone(path)
+    for i in range(25):
+        op = m.Rename(0, b"f%d" % i, b"g%d" % i)
+        j.state.apply_ns(op)
+        j.append(jn.ROps(0, [op]))
+    asyncio.run(j.commit())
+    assert j.state.overflow and len(j.state.log) == 20
+    j.compact()
+    j.close()
+    reloaded = Journal.load(path)
+    assert reloaded.state.overflow
+    reloaded.become_source()
+    assert reloaded.kind == "invalid" and "overflowed" in reloaded.reason
+
+
 def test_group_commit_shares_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     j = _alone(tmp_path / "j")
     calls = []
