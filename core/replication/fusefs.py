@@ -255,28 +255,51 @@ class ReplicatedFS(fuseabi.Operations):
             await self.repl.intend_meta(path, size)  # type: ignore[attr-defined]
 
     async def _carry_marks(self, victim_name: Callable[[], bytes]) -> None:
-        """Before the entry `victim_name()` gives loses that name (unlink, rename over it) while
-        alone or resynchronising: if its file has other names, what is marked to send for this
-        one is marked for them (replicator `carry_marks`). Their names come from the kernel's
-        lookups, else from a walk of the tree (rare: a file with several names, changed alone,
-        losing one); the victim's own name is asked again after the walk, which a rename of a
-        directory above may have moved (its marks moved with it)."""
+        """Before the entry `victim_name()` gives loses that name (unlink, rename over it, a move
+        to an excluded name) while alone or resynchronising: if its file has other names, what is
+        marked to send for this one is marked for them (replicator `carry_marks`). A directory
+        moving to an excluded name takes every name below it away: the same for each marked entry
+        below it, towards its names outside it."""
         marked = getattr(self.repl, "marked", None)  # journaling replicators, also in a resync's data phase
+        if marked is None:
+            return
+        try:
+            is_dir = stat.S_ISDIR(self._lstat(victim_name()).st_mode)
+        except OSError:
+            return  # the call itself will fail
+        if not is_dir:
+            await self._carry_marks_of(victim_name)
+            return
+        top = victim_name()
+        for below in self.repl.marked_under(top):  # type: ignore[attr-defined]
+            rel = below[len(top):]
+            await self._carry_marks_of(lambda rel=rel: victim_name() + rel, leaving=victim_name)
+
+    async def _carry_marks_of(self, victim_name: Callable[[], bytes],
+                              leaving: Callable[[], bytes] | None = None) -> None:
+        """`_carry_marks` for one entry (any kind but a directory: a FIFO or a symlink may have
+        hard links too, and marks of their metadata). Its other names come from the kernel's
+        lookups, else from a walk of the tree (rare: a file with several names, changed alone,
+        losing one); the names are asked again after the walk, which a rename of a directory above
+        may have moved (its marks moved with it). `leaving`: the directory whose names all go
+        (names below it are not others)."""
         victim = victim_name()
-        if marked is None or not marked(victim):
+        if not self.repl.marked(victim):  # type: ignore[attr-defined]
             return
         try:
             st = self._lstat(victim)
         except OSError:
-            return  # the call itself will fail
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
             return
         others = [p for p in self.inodes.paths(fuse_ino(st.st_ino, self._root_ino)) if p != victim]
         if len(others) < st.st_nlink - 1:
             others, _ = await self._walk_names(st, victim)
             victim = victim_name()
             others = [p for p in others if p != victim]
-        await self.repl.carry_marks(victim, [p for p in others if self._replicated(p)])  # type: ignore[attr-defined]
+        gone = leaving() if leaving is not None else None
+        others = [p for p in others if self._replicated(p) and (gone is None or not is_under(p, gone))]
+        await self.repl.carry_marks(victim, others)  # type: ignore[attr-defined]
 
     async def _walk_names(self, st: os.stat_result, but: bytes) -> tuple[list[bytes], bool]:
         """Every name of file `st` in the tree other than `but`, as the tree stands when this

@@ -737,6 +737,13 @@ class MirrorReplicator:
         mk = self.state.marks.get(path)
         return self.mode != "live" and mk is not None and not mk.empty
 
+    def marked_under(self, top: bytes) -> list[bytes]:
+        """The paths below directory `top` with something still to send (never while live)."""
+        if self.mode == "live":
+            return []
+        prefix = top + b"/"
+        return [p for p, mk in self.state.marks.items() if p.startswith(prefix) and not mk.empty]
+
     async def carry_marks(self, victim: bytes, others: list[bytes]) -> None:
         """`victim` is about to lose this name (unlink, rename over it) while its file keeps
         `others`: what is marked to send for it is marked for them too, or it would go with the

@@ -769,6 +769,66 @@ def test_changes_through_a_name_linked_alone_made_while_the_checksum_resync_list
     assert stat.S_IMODE((mirror.replica / "d" / "f1").stat().st_mode) == 0o604
 
 
+@pytest.mark.parametrize("move", ["rename", "exchange"])
+def test_marks_below_a_directory_moved_to_an_excluded_name_reach_the_files_other_names(
+        mirror: ResyncMirror, move: str) -> None:
+    """`a` and `d/c` are one file. Alone, after a restart of the primary's agent (its mount then
+    knows the file as `d/c` only), the file is written through `d/c`, then `d` moves to an
+    excluded name (renamed, or exchanged with an excluded directory). `d` and its marks leave
+    the replica; the write must reach the replica's `a`. Before, the marks went with `d` and the
+    journal resync reported done with `a` as it was."""
+    p = mirror.primary
+    (p / "d").mkdir()
+    (p / "a").write_bytes(b"old" * 3000)
+    os.link(p / "a", p / "d" / "c")
+    go_live(mirror)
+    mirror.stop_secondary()
+    mirror.wait_mode("alone")
+    mirror.stop_primary()
+    mirror.start_primary()
+    mirror.wait_mode("alone")
+    with open(p / "d" / "c", "r+b") as f:
+        f.write(b"NEW DATA through d/c")
+    if move == "exchange":
+        (p / "z.tmp").mkdir()
+        renameat2(-100, bytes(p / "d"), -100, bytes(p / "z.tmp"), 2)  # RENAME_EXCHANGE
+    else:
+        os.rename(p / "d", p / "d.tmp")
+    resync_after_alone(mirror, lose_journal=False)
+    assert_same(mirror)
+    assert (mirror.replica / "a").read_bytes().startswith(b"NEW DATA through d/c")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_metadata_of_a_hard_linked_fifo_or_symlink_changed_alone_reaches_its_other_name(
+        mirror: ResyncMirror, kind: str) -> None:
+    """A FIFO (or a symlink) gets a new mode and owner (a symlink: its mtime) alone, then a hard
+    link, and loses its first name: the marks of its metadata go to the name left. Before, only
+    regular files' marks were carried: the replica kept the replay's defaults."""
+    p = mirror.primary
+    if kind == "fifo":
+        os.mkfifo(p / "x")
+    else:
+        os.symlink("target", p / "x")
+    go_live(mirror)
+    mirror.stop_secondary()
+    mirror.wait_mode("alone")
+    if kind == "fifo":
+        os.chmod(p / "x", 0o640)
+        os.chown(p / "x", 1000, 1000)
+    else:
+        os.utime(p / "x", ns=(10**18, 10**18), follow_symlinks=False)
+    os.link(p / "x", p / "x2", follow_symlinks=False)
+    os.unlink(p / "x")
+    resync_after_alone(mirror, lose_journal=False)
+    assert_same(mirror)
+    st = (mirror.replica / "x2").lstat()
+    if kind == "fifo":
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1000, 1000)
+    else:
+        assert st.st_mtime_ns == 10**18
+
+
 def test_times_of_a_file_released_after_the_link_was_lost_reach_the_replica(
         mirror: ResyncMirror, monkeypatch: pytest.MonkeyPatch) -> None:
     """Written live, closed after the link went: the times the Close would have carried reach the
