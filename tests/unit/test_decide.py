@@ -382,6 +382,16 @@ def test_swap_refused_on_a_resyncing_secondary() -> None:
     assert decision.refused and decision.intent is None and "waitstate SECOND" in decision.refused
 
 
+def test_stopping_the_only_node_that_can_serve_says_so() -> None:
+    """`stop` on a primary whose peer cannot take over (being resynchronised, say) is done, as
+    asked, and its answer says that the application now runs nowhere."""
+    resyncing = peer_view(state=S.SECOND, data=DataStatus.RESYNCING)
+    d = decide(local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=G0)), resyncing, E.STOP)
+    assert d.next_state == S.STOP and "runs nowhere" in d.reason and not d.refused, d
+    d = decide(local_view(S.PRIM), peer_view(state=S.SECOND), E.STOP)
+    assert d.next_state == S.STOP and "runs nowhere" not in d.reason, d
+
+
 def test_on_a_split_brain_the_refusals_name_the_command_that_resolves_it() -> None:
     """Waiting on a split brain while the peer serves, `prim` and `swap` are refused: they say to
     run `second` on the side whose changes to discard (before, `prim` said to use swap, which was
