@@ -83,6 +83,13 @@ def wait(local: LocalView, reason: str, code: str, actions: tuple[Action, ...] =
     return Decision(S.WAIT, actions, reason, persisted=persisted, waiting_for=code, intent=Intent.NONE)
 
 
+def no_longer_last_primary(local: LocalView) -> dict[str, object]:
+    """The persisted change of a node that stops claiming it was the last primary (waiting on a
+    split brain while the peer serves: after a restart that cannot hear the peer, it must not serve
+    alone). Empty when it claims nothing: a wait that changes nothing is not recorded at every tick."""
+    return {"can_start_alone": False} if local.persisted.can_start_alone else {}
+
+
 def go_alone(local: LocalView, reason: str, prefix: tuple[Action, ...] = ()) -> Decision:
     persisted = replace(local.persisted, last_state=S.ALONE, can_start_alone=True,
                         data=DataStatus.UPTODATE, discard_local_data=False)
@@ -300,10 +307,12 @@ def _join_primary(local: LocalView, peer: PeerView) -> Decision:
     order = data_order(local, peer)
     if order == GenerationOrder.SPLIT_BRAIN and not (local.split_brain_policy == "keep-preferred" and peer.preferred):
         return wait(local, f"split brain: this node and {peer.name} both wrote data alone; keep one side "
-                    f"with `safekit-cloud second` on the node whose changes to discard", "split_brain")
+                    f"with `safekit-cloud second` on the node whose changes to discard", "split_brain",
+                    **no_longer_last_primary(local))
     if order == GenerationOrder.LOCAL_NEWER and local.has_replication:
         return wait(local, f"{peer.name} is primary with older data than this node: run `safekit-cloud "
-                    f"second` here to discard this node's newer data, or stop {peer.name}", "split_brain")
+                    f"second` here to discard this node's newer data, or stop {peer.name}", "split_brain",
+                    **no_longer_last_primary(local))
     return go_second(local, peer, f"{peer.name} is primary: joining as secondary")
 
 
@@ -316,12 +325,6 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
     if order == GenerationOrder.SPLIT_BRAIN:
         if local.split_brain_policy == "keep-preferred" and (local.preferred or peer.preferred):
             order = GenerationOrder.LOCAL_NEWER if local.preferred else GenerationOrder.PEER_NEWER
-        elif mine and not peer.eligible and local.persisted.last_state == S.ALONE and local.persisted.can_start_alone:
-            # This node served the split brain until its daemon restarted, and the peer still waits
-            # for the admin: serving again is where the restart found it (no side is discarded).
-            return go_alone(local, f"split brain with {peer.name}, which waits for the admin: this node "
-                            f"served before its restart and serves again; keep one side with `safekit-cloud "
-                            f"second` on the node whose changes to discard")
         else:
             return wait(local, f"split brain: this node and {peer.name} both wrote data alone; choose the "
                         f"side to keep: `safekit-cloud prim` there, or `second` on the side to discard",
@@ -493,7 +496,7 @@ def _both_primary(local: LocalView, peer: PeerView) -> Decision:
         return wait(local, f"split brain: {peer.name} also served; this node stopped serving and keeps its "
                     f"data: `safekit-cloud second` here discards it, `safekit-cloud second` on {peer.name} "
                     f"discards {peer.name}'s instead", "split_brain",
-                    STOP_PRIMARY)
+                    STOP_PRIMARY, can_start_alone=False)  # the peer serves on: it is not the last primary
     return go_second(local, peer, f"{peer.name} also serves (partition healed): yielding and resyncing from it",
                      STOP_PRIMARY)
 

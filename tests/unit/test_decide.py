@@ -574,19 +574,23 @@ def test_a_node_that_stopped_for_a_deaf_peer_leaves_a_restarted_peer_to_the_elec
     assert not d.next_state.is_primary, d
 
 
-def test_the_node_that_served_a_split_brain_serves_again_after_its_daemon_restarts() -> None:
-    """n1 served (ALONE) while n2 waited on the split brain; n1's daemon restarts. Before, it came
-    back waiting too, and neither node served. Now it serves again, discarding nothing; a node
-    that did not serve last, or a peer that could serve, still leaves the choice to the admin."""
-    served = Persisted(S.ALONE, True, generation=NEWER)
-    n2 = peer_view(state=S.WAIT, generation=SIBLING, eligible=False)
-    d = decide(local_view(S.WAIT, persisted=served), n2, E.PEER_CHANGED)
-    assert d.next_state == S.ALONE and "serves again" in d.reason, d
-    assert set(START_ALONE) <= set(names(d)), names(d)
-    for local, peer in ((local_view(S.WAIT, persisted=replace(served, last_state=S.SECOND, can_start_alone=False)), n2),
-                        (local_view(S.WAIT, persisted=served), replace(n2, eligible=True))):
-        d = decide(local, peer, E.PEER_CHANGED)
-        assert (d.next_state, d.waiting_for) == (S.WAIT, "split_brain"), d
+def test_a_node_waiting_on_a_split_brain_does_not_serve_alone_after_a_restart() -> None:
+    """n2 yielded to n1 on a split brain (partition healed) and waits, n1 serving. n2's daemon
+    restarts and does not hear n1: it must not serve alone, taking the side being served from n1's
+    data to its own (before, it still claimed to be the last primary and did)."""
+    n2 = local_view(S.ALONE, node="n2", preferred=False, persisted=Persisted(S.ALONE, True, generation=SIBLING))
+    d = decide(n2, peer_view(name="n1", state=S.ALONE, generation=NEWER, preferred=True), E.PEER_CHANGED)
+    assert (d.next_state, d.waiting_for) == (S.WAIT, "split_brain") and d.persisted is not None, d
+    assert not d.persisted.can_start_alone
+    restarted = local_view(S.WAIT, node="n2", preferred=False, persisted=d.persisted, startup_elapsed=60.0,
+                           startup_wait=5.0)
+    d = decide(restarted, replace(LOST, name="n1"), E.PEER_LOST)
+    assert d.next_state == S.WAIT, d
+    # waiting on: nothing new to record at each tick (no log line per heartbeat)
+    waiting = local_view(S.WAIT, node="n2", preferred=False, waiting_for="split_brain", persisted=d.persisted or
+                         restarted.persisted)
+    again = decide(waiting, peer_view(name="n1", state=S.ALONE, generation=NEWER, preferred=True), E.PEER_CHANGED)
+    assert again.persisted is None and not again.actions, again
 
 
 # ---- 3. a two-node simulator -----------------------------------------------------------------------
