@@ -487,6 +487,8 @@ def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
 
 def _both_primary(local: LocalView, peer: PeerView) -> Decision:
     """Both nodes serve (a partition healed). Exactly one keeps serving, the same one on both sides."""
+    if peer.leaving:  # it stops serving already (it yielded to us, or stops): yielding too would leave none
+        return stay(local, f"{peer.name} is leaving the primary role: this node keeps serving")
     if not peer.hears_us:
         return _yield_to_deaf_peer(local, peer)
     if wins_tie(local, peer):
@@ -517,12 +519,19 @@ def _after_deaf_peer(local: LocalView, peer: PeerView) -> Decision | None:
     """In WAIT after `_yield_to_deaf_peer`: what to do, or None to decide as any WAIT does."""
     if peer_serving(peer) and not peer.hears_us:
         return stay(local, f"{peer.name} serves and still does not hear this node: waiting")
+    if peer_serving(peer) and peer.leaving:
+        return stay(local, f"{peer.name} is leaving the primary role: waiting for it to finish")
     # The peer yielded to the tie-break (SECOND, or WAIT on a split brain); not a peer that waits
     # to elect (its daemon restarted, say): it may hold the newer data, the election decides.
     yielded = peer.state == S.SECOND or (peer.state == S.WAIT and not peer.eligible)
     if peer.reachable and peer.hears_us and yielded and eligible(local):
         return go_alone(local, f"{peer.name} hears this node again and does not serve: this node, which stopped "
                         "only because it was not heard, serves again")
+    if not local.has_replication and not peer_serving(peer):
+        # No data to protect: the peer that served is gone or stopped, take over as a secondary would.
+        if not peer.reachable and not local.witness_ok:
+            return stay(local, f"{peer.name} lost and no witness answers: not taking over (split-brain guard)")
+        return go_alone(local, f"{peer.name} no longer serves; no replicated data to lose: serving")
     return None
 
 

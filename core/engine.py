@@ -41,6 +41,7 @@ class ModuleAnnounce(msgspec.Struct, array_like=True, frozen=True):
     history: list[int]
     intent: str
     eligible: bool
+    leaving: bool = False  # leaving the primary role (stop scripts running); missing (older peer): False
 
 
 class Announce(msgspec.Struct, array_like=True, frozen=True):
@@ -213,7 +214,7 @@ class Engine:
                 name=self.peer.name, reachable=True, state=ModuleState(announced.state),
                 data=DataStatus(announced.data), generation=Generation(announced.gen, tuple(announced.history)),
                 intent=Intent(announced.intent), preferred=preferred, networks_alive=alive,
-                eligible=announced.eligible, hears_us=self.peer_hears_us(),
+                eligible=announced.eligible, hears_us=self.peer_hears_us(), leaving=announced.leaving,
             )
         except ValueError as exc:
             log.warning("peer %s: module %s announced an unknown value (%s)", self.peer.name, module, exc)

@@ -87,6 +87,9 @@ class ModuleRuntime:
         self.started_at = 0.0
         self.peer_seen_since_start = False
         self.starting = False  # a start is queued or being carried out: announced as Intent.STARTING
+        # Carrying out a decision that leaves the primary role (its stop scripts run): announced at
+        # once, while the state announced is still the primary one, so the peer does not yield to it.
+        self.leaving = False
         self.witness_ok = True
         self.vip_held = False
         self._queue: asyncio.Queue[tuple[Event, asyncio.Future[CommandResult] | None]] = asyncio.Queue()
@@ -223,7 +226,7 @@ class ModuleRuntime:
 
     def _witness_needed(self, peer: PeerView) -> bool:
         """A takeover without the peer is being considered and witnesses are configured."""
-        considered = not peer.reachable and (self.state == S.SECOND or self.waiting_for == "witness")
+        considered = not peer.reachable and (self.state == S.SECOND or self.waiting_for in ("witness", "deaf_peer"))
         return considered and bool(self.config.witnesses)
 
     async def _refresh_witness(self, peer: PeerView) -> None:
@@ -271,9 +274,15 @@ class ModuleRuntime:
             if event.kind == E.START:
                 self.started_at, self.peer_seen_since_start = time.monotonic(), peer.reachable
                 self.restart_times.clear()  # an admin start is a fresh start: the restart limit too
+            if old.is_primary and not d.next_state.is_primary:
+                self.leaving = True
+                self._announce()
             if d.next_state != old:
                 await self._script("transition", old, d.next_state, event)
-            failed = await self._run_actions(d, event, old, peer)
+            try:
+                failed = await self._run_actions(d, event, old, peer)
+            finally:
+                self.leaving = False
             self.state = d.next_state
             if d.intent is not None:
                 self.intent = d.intent
@@ -425,7 +434,7 @@ class ModuleRuntime:
             "name": self.config.name, "state": int(self.state), "data": self.persisted.data.value,
             "gen": self.persisted.generation.current, "history": list(self.persisted.generation.history[:8]),
             "intent": (Intent.STARTING if self.starting and self.state == S.STOP else self.intent).value,
-            "eligible": eligible(self.local_view()),
+            "eligible": eligible(self.local_view()), "leaving": self.leaving,
         }
 
     def checker_status(self) -> list[CheckerOut]:

@@ -157,6 +157,9 @@ class PeerView:
     # The peer hears this node: False once its heartbeats have said, for two heartbeat timeouts, that
     # it does not (heartbeats lost one way: it may take over while this node still serves).
     hears_us: bool = True
+    # The peer is carrying out a decision that leaves the primary role (its stop scripts run): its
+    # announced state is still the primary one until they end.
+    leaving: bool = False
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,29 @@ def test_heartbeats_lost_one_way_leave_a_single_primary(cluster: LabCluster) -> 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_one_way_loss_healing_while_the_stopping_node_runs_stop_prim_leaves_one_primary(
+        cluster: LabCluster) -> None:
+    """n1 stops serving for n2, which does not hear it; n1's stop_prim takes 3 s (a database
+    shutting down), and the loss heals 1 s into it. n2 then hears n1 still announcing ALONE, but
+    leaving: it keeps serving, and n1 joins it (both wrote alone: n1 waits on the split brain).
+    Before, n2 yielded to n1 as n1 was leaving, n1 then joined n2 as n2 was leaving, and nothing
+    served."""
+    script = cluster.workdir / "scripts" / "stop_prim"
+    lines = script.read_text().splitlines()
+    script.write_text("\n".join([lines[0], "sleep 3", *lines[1:]]) + "\n")
+    drop_on(cluster, "n2", "udp", "dport", str(HeartbeatConfig.model_fields["port"].default))
+    deadline = time.monotonic() + 30
+    while not (cluster.status("n1") or {}).get("modules", [{}])[0].get("busy"):
+        assert time.monotonic() < deadline, "n1 never started to stop serving"
+        time.sleep(0.05)
+    time.sleep(1)
+    undrop(cluster, "n2")
+    cluster.wait_states({"n1": "WAIT", "n2": "ALONE"}, timeout=30)
+    time.sleep(2)  # twenty heartbeats: it stays so
+    assert cluster.wait_states({"n1": "WAIT", "n2": "ALONE"}, timeout=5)
+    assert cluster.status("n2")["modules"][0]["serving"]
+
+
 def changed_bytes(status: dict[str, Any]) -> int:
     replication = status["modules"][0]["replication"] or {}
     resync = replication.get("last_resync")

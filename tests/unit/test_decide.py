@@ -564,6 +564,46 @@ def test_a_partition_whose_directions_heal_apart_ends_with_the_tie_break_winner_
     assert not d2.next_state.is_primary, d2
 
 
+@pytest.mark.parametrize("has_replication", [True, False])
+def test_a_one_way_loss_healing_while_the_node_that_stops_runs_its_stop_scripts_leaves_one_primary(
+        has_replication: bool) -> None:
+    """n1 (preferred) stops serving for n2, which does not hear it; while n1's stop scripts run
+    (its announced state is still ALONE), n2 hears it again. n2 must not yield to a node that is
+    leaving: before, it did, n1 then joined n2 as it was leaving too, and nothing served."""
+    gens = (NEWER, SIBLING) if has_replication else (G0, G0)
+    n1 = local_view(S.ALONE, node="n1", preferred=True, has_replication=has_replication,
+                    persisted=Persisted(S.ALONE, True, generation=gens[0]))
+    n2 = local_view(S.ALONE, node="n2", preferred=False, has_replication=has_replication,
+                    persisted=Persisted(S.ALONE, True, generation=gens[1]))
+    d1 = decide(n1, replace(view_of(n2, True), hears_us=False), E.PEER_CHANGED)
+    assert (d1.next_state, d1.waiting_for) == (S.WAIT, "deaf_peer")
+    d2 = decide(n2, replace(view_of(n1, True), leaving=True), E.PEER_CHANGED)  # n1 mid-stop, heard again
+    assert d2.next_state == S.ALONE and "leaving" in d2.reason, d2
+    n1 = replace(n1, state=S.WAIT, waiting_for="deaf_peer", persisted=d1.persisted)
+    d1 = decide(n1, replace(view_of(n2, True), leaving=False), E.PEER_CHANGED)  # n1 done, n2 serves on
+    assert not d1.next_state.is_primary and d1.waiting_for != "deaf_peer", d1
+    # and the other way round: a node in deaf_peer waits for a peer that is leaving
+    waiting = replace(n1, state=S.WAIT, waiting_for="deaf_peer")
+    d1 = decide(waiting, replace(view_of(n2, True), leaving=True), E.PEER_CHANGED)
+    assert (d1.next_state, d1.waiting_for) == (S.WAIT, None) and not d1.actions, d1
+
+
+@pytest.mark.parametrize("peer_state", ["stopped", "lost"])
+def test_without_replicated_data_a_node_that_stopped_for_a_deaf_peer_takes_over_when_it_goes(
+        peer_state: str) -> None:
+    """No data to protect: n1 waits (deaf_peer) while n2 serves; n2 is stopped or lost: n1
+    serves, as a secondary would (the witness guard still applies to a lost peer). Before, it
+    waited for ever, and nothing served."""
+    n1 = local_view(S.WAIT, waiting_for="deaf_peer", has_replication=False,
+                    persisted=Persisted(S.WAIT, False, generation=G0))
+    peer = peer_view(state=S.STOP) if peer_state == "stopped" else LOST
+    d = decide(n1, peer, E.PEER_CHANGED if peer_state == "stopped" else E.PEER_LOST)
+    assert d.next_state == S.ALONE, d
+    if peer_state == "lost":
+        d = decide(replace(n1, witness_ok=False), peer, E.PEER_LOST)
+        assert d.next_state == S.WAIT and "witness" in d.reason, d
+
+
 def test_a_node_that_stopped_for_a_deaf_peer_leaves_a_restarted_peer_to_the_election() -> None:
     """n1 stopped for a peer that did not hear it; n2, which served since, restarts and waits to
     elect (eligible): n1 does not take over on that (n2 may hold the newer data)."""
