@@ -179,6 +179,9 @@ class Receiver:
             hello, decoder, backlog = await server_handshake(reader, writer, self.key)
         except (m.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
             log.warning("replication handshake from %s refused: %s", peer, exc)
+            for stats in self.stats.values():  # shown in `status` (a version or key mismatch): not only the log
+                if not stats.connected:
+                    stats.last_error = f"handshake from {peer} refused: {exc}"
             self._refuse(writer, str(exc))
             self._emit("refused", peer=peer, reason=str(exc))
             return

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safekit_cloud.core.replication import messages as m
 from safekit_cloud.core.replication.apply import Applier
 from safekit_cloud.core.replication.auth import client_handshake
-from safekit_cloud.core.replication.framing import TAG_SIZE, FrameDecoder
+from safekit_cloud.core.replication.framing import TAG_SIZE, FrameDecoder, frame
 from safekit_cloud.core.replication.receiver import Receiver
 from safekit_cloud.core.replication.sender import Sender
 
@@ -204,6 +204,28 @@ def test_wrong_key_is_refused(dirs: tuple[Path, Path, Path]) -> None:
         return "connected"
 
     assert "key" in run(scenario())
+
+
+def test_a_refused_handshake_is_shown_in_the_receivers_status(dirs: tuple[Path, Path, Path]) -> None:
+    """A sender of another protocol version (a node not yet upgraded) is refused at the handshake:
+    the reason is in the receiver's status (`status` shows it as the last stream's end), not only
+    in its log. Before, the status said nothing and the secondary waited in resyncing."""
+    _, replica, _ = dirs
+
+    async def scenario() -> str:
+        receiver = Receiver("mod", {NAME: replica}, KEY)
+        port = await receiver.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(frame(m.Hello(m.PROTOCOL_VERSION + 1, "mod", NAME, "C", os.urandom(32))))
+            await reader.read()  # refused: the receiver closes
+            writer.close()
+            return str(receiver.status()[NAME.decode()]["last_error"])  # type: ignore[index]
+        finally:
+            await receiver.stop()
+
+    error = run(scenario())
+    assert f"unsupported version {m.PROTOCOL_VERSION + 1}" in error and "refused" in error, error
 
 
 def test_sequence_gap_is_protocol_error(dirs: tuple[Path, Path, Path]) -> None:
