@@ -168,7 +168,7 @@ def _stop(local: LocalView, peer: PeerView, event: Event) -> Decision:
         newest = not peer_uptodate_second(local, peer)
         persisted = replace(local.persisted, last_state=S.STOP, can_start_alone=newest)
         actions = STOP_PRIMARY + (run("stop_both"),)
-        if newest:  # said, not refused: stopping the only copy that can serve is the admin's call
+        if newest and local.has_replication:  # said, not refused: stopping the only copy is the admin's call
             verb += (f": {peer.name} is not an up-to-date secondary, so the application runs nowhere until "
                      f"`safekit-cloud start` here")
     elif local.state == S.SECOND:
