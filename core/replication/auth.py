@@ -51,6 +51,11 @@ class AuthError(ProtocolError):
     pass
 
 
+class UnsupportedPeer(ProtocolError):
+    """The sender speaks another protocol version (a node not upgraded yet): worth showing in the
+    receiver's status, unlike a stray connection's garbage."""
+
+
 async def client_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes, module: str,
     directory: bytes, protocol: str, purpose: str = "stream",
@@ -95,8 +100,8 @@ async def server_handshake(
             raise ProtocolError(f"expected hello, got {type(hello).__name__}")
         if hello.version != PROTOCOL_VERSION or hello.protocol not in ("A", "B", "C") \
                 or hello.purpose not in PURPOSES:
-            raise ProtocolError(f"unsupported version {hello.version} / protocol {hello.protocol!r}"
-                                f" / purpose {hello.purpose!r}")
+            raise UnsupportedPeer(f"unsupported version {hello.version} / protocol {hello.protocol!r}"
+                                  f" / purpose {hello.purpose!r}")
         nonce = os.urandom(32)
         writer.write(frame(Challenge(nonce, proof(key, b"receiver", hello, nonce))))
         msg = await read_message(reader, decoder, backlog)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import messages as m, unwatched
-from .auth import server_handshake
+from .auth import AuthError, UnsupportedPeer, server_handshake
 from .framing import READ_CHUNK, FrameDecoder, frame
 from .journal import Journal, journal_path
 from .paths import open_beneath, open_replicated_dir
@@ -179,9 +179,10 @@ class Receiver:
             hello, decoder, backlog = await server_handshake(reader, writer, self.key)
         except (m.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
             log.warning("replication handshake from %s refused: %s", peer, exc)
-            for stats in self.stats.values():  # shown in `status` (a version or key mismatch): not only the log
-                if not stats.connected:
-                    stats.last_error = f"handshake from {peer} refused: {exc}"
+            if isinstance(exc, (AuthError, UnsupportedPeer)):  # a node to fix: shown in `status` too
+                for stats in self.stats.values():  # (not a port scan's garbage, which would hide the
+                    if not stats.connected:  # reason the last stream ended)
+                        stats.last_error = f"handshake from {peer} refused: {exc}"
             self._refuse(writer, str(exc))
             self._emit("refused", peer=peer, reason=str(exc))
             return

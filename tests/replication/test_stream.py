@@ -220,7 +220,14 @@ def test_a_refused_handshake_is_shown_in_the_receivers_status(dirs: tuple[Path, 
             writer.write(frame(m.Hello(m.PROTOCOL_VERSION + 1, "mod", NAME, "C", os.urandom(32))))
             await reader.read()  # refused: the receiver closes
             writer.close()
-            return str(receiver.status()[NAME.decode()]["last_error"])  # type: ignore[index]
+            error = str(receiver.status()[NAME.decode()]["last_error"])  # type: ignore[index]
+            # a stray connection (a port scan) does not hide it
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            await reader.read()
+            writer.close()
+            assert receiver.status()[NAME.decode()]["last_error"] == error  # type: ignore[index]
+            return error
         finally:
             await receiver.stop()
 
