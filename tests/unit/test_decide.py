@@ -541,17 +541,20 @@ def test_heartbeats_lost_one_way_the_node_that_hears_ends_the_double_primary(loc
         assert joined.waiting_for == "split_brain" and has_replication and gens != (G0, G0), joined
 
 
+def both_alone(has_replication: bool) -> tuple[LocalView, LocalView]:
+    """n1 (preferred) and n2, both ALONE after a partition: with replicated data, a split brain."""
+    gens = (NEWER, SIBLING) if has_replication else (G0, G0)
+    return tuple(local_view(S.ALONE, node=n, preferred=n == "n1", has_replication=has_replication,  # type: ignore[return-value]
+                            persisted=Persisted(S.ALONE, True, generation=g)) for n, g in zip(("n1", "n2"), gens))
+
+
 @pytest.mark.parametrize("has_replication", [True, False])
 def test_a_partition_whose_directions_heal_apart_ends_with_the_tie_break_winner_serving(has_replication) -> None:
     """A partition heals, n2 -> n1 first: n1 (preferred) hears n2 serve without hearing it and
     stops (deaf_peer). n2 then hears n1's beats queued while its address resolved, still saying
     ALONE, and yields to the tie-break too. Neither serves for a moment: n1, hearing n2 hear it and
     not serve, serves again, and n2 joins it or waits for the admin on a split brain."""
-    gens = (NEWER, SIBLING) if has_replication else (G0, G0)
-    n1 = local_view(S.ALONE, node="n1", preferred=True, has_replication=has_replication,
-                    persisted=Persisted(S.ALONE, True, generation=gens[0]))
-    n2 = local_view(S.ALONE, node="n2", preferred=False, has_replication=has_replication,
-                    persisted=Persisted(S.ALONE, True, generation=gens[1]))
+    n1, n2 = both_alone(has_replication)
     d1 = decide(n1, replace(view_of(n2, True), hears_us=False), E.PEER_CHANGED)
     d2 = decide(n2, view_of(n1, True), E.PEER_CHANGED)  # n1's stale beat: ALONE
     assert not d1.next_state.is_primary and not d2.next_state.is_primary, (d1, d2)
@@ -570,11 +573,7 @@ def test_a_one_way_loss_healing_while_the_node_that_stops_runs_its_stop_scripts_
     """n1 (preferred) stops serving for n2, which does not hear it; while n1's stop scripts run
     (its announced state is still ALONE), n2 hears it again. n2 must not yield to a node that is
     leaving: before, it did, n1 then joined n2 as it was leaving too, and nothing served."""
-    gens = (NEWER, SIBLING) if has_replication else (G0, G0)
-    n1 = local_view(S.ALONE, node="n1", preferred=True, has_replication=has_replication,
-                    persisted=Persisted(S.ALONE, True, generation=gens[0]))
-    n2 = local_view(S.ALONE, node="n2", preferred=False, has_replication=has_replication,
-                    persisted=Persisted(S.ALONE, True, generation=gens[1]))
+    n1, n2 = both_alone(has_replication)
     d1 = decide(n1, replace(view_of(n2, True), hears_us=False), E.PEER_CHANGED)
     assert (d1.next_state, d1.waiting_for) == (S.WAIT, "deaf_peer")
     d2 = decide(n2, replace(view_of(n1, True), leaving=True), E.PEER_CHANGED)  # n1 mid-stop, heard again
