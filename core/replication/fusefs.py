@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -68,6 +68,17 @@ def _names_of(root_fd: int, st_ino: int, but: bytes) -> list[bytes]:
         finally:
             os.close(fd)
     return out
+
+
+@contextlib.contextmanager
+def _no_such_attribute() -> Iterator[None]:
+    """ENODATA from the backing file system is the kernel's ENOATTR answer to the application."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise fuseabi.FUSEError(fuseabi.ENOATTR) from None
+        raise
 
 
 WALK_TRIES = 3  # walks for a file's names while directories keep moving under them (_walk_names)
@@ -1125,15 +1136,11 @@ class ReplicatedFS(fuseabi.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: fuseabi.RequestContext) -> bytes:
-        try:
+        with _no_such_attribute():
             if (fh := self._nameless_fh(inode)) is not None:
                 return os.getxattr(self._files[fh].fd, name)
             target, follow = self._abs(self._path(inode))
             return os.getxattr(target, name, follow_symlinks=follow)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                raise fuseabi.FUSEError(fuseabi.ENOATTR) from None
-            raise
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: fuseabi.RequestContext) -> list[bytes]:
@@ -1150,20 +1157,12 @@ class ReplicatedFS(fuseabi.Operations):
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: fuseabi.RequestContext) -> None:
         if (fd := await self._nameless_fd(inode)) is not None:
-            try:
+            with _no_such_attribute():
                 os.removexattr(fd, name)  # no name on either node: nothing to replicate
-            except OSError as exc:
-                if exc.errno == errno.ENODATA:
-                    raise fuseabi.FUSEError(fuseabi.ENOATTR) from None
-                raise
             return
         (path,) = await self._settled(lambda: (self._path(inode),), lambda ps: self._intend_meta(ps[0]))
         target, follow = self._abs(path)
-        try:
+        with _no_such_attribute():
             os.removexattr(target, name, follow_symlinks=follow)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                raise fuseabi.FUSEError(fuseabi.ENOATTR) from None
-            raise
         if self._replicated(path, stat.S_ISDIR(self._lstat(path).st_mode)):
             await self.repl.submit(m.RemoveXattr(0, path, name))

@@ -399,16 +399,24 @@ class State:
         for p in [p for p in self.marks if p == path or (subtree and _under(p, path))]:
             self.marks.pop(p).alive = False
 
+    def share_marks(self, path: bytes, to: bytes) -> bool:
+        """What is marked for `path` is marked to send for `to` too, another name of the same file
+        (compared or not: sent, the replica's `to` may not hold what `path` held). True if that
+        marked anything new."""
+        mk = self.marks.get(path)
+        if mk is None:
+            return False
+        new = False
+        for s, e in mk.data.ranges() + mk.cmp.ranges():
+            new |= self.add_data(to, s, e)
+        if mk.meta:
+            new |= self.add_meta(to)
+        return new
+
     def carry(self, path: bytes, to: bytes) -> None:
         """`path` becomes, on the replica, another name of the file synchronised through `to`:
-        what is marked for `path` (changes the application made through that name) is marked to
-        send for `to`, then `path`'s marks go."""
-        mk = self.marks.get(path)
-        if mk is not None:
-            for s, e in mk.data.ranges() + mk.cmp.ranges():  # compared or not: sent through `to`
-                self.add_data(to, s, e)
-            if mk.meta:
-                self.add_meta(to)
+        what is marked for `path` (changes the application made through that name) goes to `to`."""
+        self.share_marks(path, to)
         self._drop(path, False)
 
     def _move(self, old: bytes, new: bytes) -> None:

@@ -749,16 +749,10 @@ class MirrorReplicator:
         `others`: what is marked to send for it is marked for them too, or it would go with the
         name (the replica's other names still share the old data). Made durable before the
         change, like an intent."""
-        mk = self.state.marks.get(victim)
-        if mk is None or self.mode == "live":
+        if victim not in self.state.marks or self.mode == "live":
             return
         for p in others:
-            new = False
-            for s, e in mk.data.ranges() + mk.cmp.ranges():  # compared or not: sent for the others
-                new |= self.state.add_data(p, s, e)
-            if mk.meta:
-                new |= self.state.add_meta(p)
-            if new and self._disk:
+            if self.state.share_marks(victim, p) and self._disk:
                 self.journal.append(marks_record(self.state.marks[p]))
         if self._disk:
             await self.journal.commit()
