@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import stat
 import sys
@@ -35,6 +34,7 @@ from .config import (
     DEFAULT_STATE_DIR,
     ClusterConfig,
     ConfigError,
+    Duration,
     load_config,
     parse_config,
 )
@@ -159,25 +159,24 @@ MAX_SECONDS = 365 * 24 * 3600.0  # a year: far beyond any wait, and socket timeo
 
 class Seconds(click.ParamType):
     """A duration in seconds for every timeout option: a finite number from 0 (or above 0 where 0
-    cannot work) to a year. click's FloatRange lets nan through (no comparison with it is ever true,
-    so a wait on it never ends) and inf (a socket timeout then overflows)."""
+    cannot work) to a year, checked by the cluster file's own Duration. click's FloatRange lets nan
+    through (no comparison with it is ever true, so a wait on it never ends) and inf (a socket
+    timeout then overflows)."""
 
     name = "seconds"
 
     def __init__(self, allow_zero: bool) -> None:
-        self.allow_zero = allow_zero
+        self.range = Duration(high=MAX_SECONDS, low_ok=allow_zero)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        lowest = "from 0" if self.allow_zero else "above 0,"
-        rule = f"use a number of seconds {lowest} up to {MAX_SECONDS:.0f} (a year)"
+        rule = f"use {self.range.rule}"
         try:
             seconds = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number: {rule}", param, ctx)
-        if not math.isfinite(seconds):
-            self.fail(f"{value!r} is not a finite number: {rule}", param, ctx)
-        if seconds < 0 or (seconds == 0 and not self.allow_zero) or seconds > MAX_SECONDS:
-            self.fail(f"{value!r} is out of range: {rule}", param, ctx)
+        problem = self.range.problem(seconds)
+        if problem is not None:
+            self.fail(f"{value!r} {problem}: {rule}", param, ctx)
         return seconds
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
@@ -22,12 +24,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -91,6 +94,59 @@ def _check_host(value: str) -> str:
     return value
 
 
+MINUTE, DAY = 60.0, 86400.0
+_SPANS = {MINUTE: " (a minute)", DAY: " (a day)", 7 * DAY: " (a week)", 365 * DAY: " (a year)"}
+
+
+@dataclass(frozen=True)
+class Duration:
+    """The range of a duration, as pydantic metadata: `Annotated[float, Duration(...)]`; every duration
+    of the cluster file has one, and the CLI's timeout options check theirs with it too.
+
+    Finite: pydantic's float takes inf and nan, and a timeout of inf overflows ping's -W, asyncio and
+    aiohttp at run time, while nan fails every comparison (its error named whichever bound came
+    first). Above `low` (from it when `low_ok`: 0 means "never" or "no delay" for some), up to `high`:
+    a day unless the field or its tool needs less."""
+
+    high: float = DAY
+    low: float = 0.0
+    low_ok: bool = False
+    unit: str = "seconds"
+
+    @property
+    def span(self) -> str:
+        """"seconds above 0, up to 86400 (a day)": what the reference and the messages say."""
+        low = f"from {_number(self.low)}" if self.low_ok else f"above {_number(self.low)},"
+        return f"{self.unit} {low} up to {_number(self.high)}{_SPANS.get(self.high, '')}"
+
+    @property
+    def rule(self) -> str:
+        return f"a number of {self.span}"
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("is not a finite number", "is out of range"), or None."""
+        if not math.isfinite(value):
+            return "is not a finite number"
+        if value < self.low or (value == self.low and not self.low_ok) or value > self.high:
+            return "is out of range"
+        return None
+
+    def _check(self, value: float | None) -> float | None:
+        if value is not None and (problem := self.problem(value)) is not None:
+            raise ValueError(f"{_number(value)} {problem}: write {self.rule}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+
+def _number(value: float) -> str:
+    """31536000, not 3.1536e+07 (:g); but 1e+300, not 301 digits."""
+    value = float(value)  # the bounds may be ints
+    return f"{value:.0f}" if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+PositiveSeconds = Annotated[float, Duration()]  # the common case: above 0, up to a day
 _NUMBERS = (int, float, int | None, float | None)
 
 
@@ -141,9 +197,11 @@ class NodeConfig(Strict):
 
 class HeartbeatConfig(Strict):
     port: int = Field(4800, ge=1, le=65535, description="UDP port of the heartbeats, on every network.")
-    interval: float = Field(0.5, ge=0.1, le=10, description="Seconds between two heartbeats.")
-    timeout: float = Field(
-        3.0, ge=0.5, le=120, description="Seconds of silence on every network before the peer is lost."
+    interval: Annotated[float, Duration(high=10, low=0.1, low_ok=True)] = Field(
+        0.5, description="Seconds between two heartbeats."
+    )
+    timeout: Annotated[float, Duration(high=120, low=0.5, low_ok=True)] = Field(
+        3.0, description="Seconds of silence on every network before the peer is lost."
     )
     key_file: AbsolutePath = Field(
         Path("/etc/safekit-cloud/cluster.key"),
@@ -243,11 +301,13 @@ class VipConfig(Strict):
 
 class CheckerBase(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Checker name, unique in the module.")
-    interval: float = Field(5.0, gt=0, description="Seconds between two checks.")
-    timeout: float = Field(5.0, gt=0, description="Seconds one check may take before it counts as failed.")
+    interval: PositiveSeconds = Field(5.0, description="Seconds between two checks.")
+    timeout: PositiveSeconds = Field(5.0, description="Seconds one check may take before it counts as failed.")
     failures: int = Field(3, ge=1, description="Consecutive failures before the action is taken.")
     action: CheckerAction = Field(CheckerAction.RESTART, description="restart, stopstart, wait or none.")
-    start_delay: float = Field(0.0, ge=0, description="Seconds after start_prim before the first check.")
+    start_delay: Annotated[float, Duration(low_ok=True)] = Field(
+        0.0, description="Seconds after start_prim before the first check."
+    )
 
 
 class ProcessChecker(CheckerBase):
@@ -355,7 +415,10 @@ class WitnessConfig(Strict):
         description="The witness (a router, a gateway, a third machine): an IP address or a host name."
     )
     port: int | None = Field(None, ge=1, le=65535, description="For tcp witnesses.")
-    timeout: float = Field(1.0, gt=0, description="Seconds to wait for its answer.")
+    # A minute at most: a secondary that lost its peer waits for the witnesses before it takes over.
+    timeout: Annotated[float, Duration(high=MINUTE)] = Field(
+        1.0, description="Seconds to wait for its answer (the takeover waits for it)."
+    )
 
     _address = field_validator("address")(_check_host)
 
@@ -368,15 +431,17 @@ class WitnessConfig(Strict):
 
 class RestartPolicy(Strict):
     limit: int = Field(3, ge=0, description="Local restarts allowed within the window (SafeKit: 3).")
-    window: float = Field(86400.0, gt=0, description="Seconds the restart count looks back (24 h).")
+    window: Annotated[float, Duration(high=7 * DAY)] = Field(
+        86400.0, description="Seconds the restart count looks back (24 h)."
+    )
 
 
 class ScriptsConfig(Strict):
     directory: AbsolutePath | None = Field(
         None, description="Absolute path of the folder holding prestart, start_prim, stop_prim, ... (missing ones are skipped)."
     )
-    timeout: float = Field(120.0, gt=0, description="Seconds a script may run before its group is killed.")
-    stop_timeout: float = Field(60.0, gt=0, description="The same for stop scripts.")
+    timeout: PositiveSeconds = Field(120.0, description="Seconds a script may run before its group is killed.")
+    stop_timeout: PositiveSeconds = Field(60.0, description="The same for stop scripts.")
 
 
 # Kernel file systems: nothing of an application's data lives there, and a mount over them breaks the node.
@@ -430,8 +495,8 @@ class ReplicationConfig(Strict):
     network: str | None = Field(
         None, description="Heartbeat network whose addresses carry the stream (default: the first listed)."
     )
-    timeout: float = Field(
-        10.0, gt=0, description="Seconds without an acknowledgement before the primary continues alone."
+    timeout: PositiveSeconds = Field(
+        10.0, description="Seconds without an acknowledgement before the primary continues alone."
     )
     journal_block: int = Field(
         4096, ge=512, le=1 << 20,
@@ -439,15 +504,15 @@ class ReplicationConfig(Strict):
                     "and the resync resends them whole (4096 matches page-sized writes; larger blocks mean a "
                     "smaller journal but more bytes resent for scattered small writes). A power of two.",
     )
-    busy_poll_us: float = Field(
-        200, ge=0, le=10_000,
+    busy_poll_us: Annotated[float, Duration(high=10_000, low_ok=True, unit="microseconds")] = Field(
+        200,
         description="Longest time, in microseconds, a replication agent polls for the peer's answer or the next "
                     "request before it sleeps: cuts the latency of each synchronous write (a wake-up costs more "
                     "than the work) for some CPU while writes stream. Adaptive: a quiet stream stops polling. "
                     "0: never poll.",
     )
-    agent_timeout: float = Field(
-        120, ge=0,
+    agent_timeout: Annotated[float, Duration(low_ok=True)] = Field(
+        120,
         description="Seconds a replication agent may go without a status line (one a second) before it is "
                     "taken for hung: its mount is aborted (the application's calls fail instead of waiting), "
                     "it is killed and the module restarts it. An fsync holds the agent meanwhile: keep it "
@@ -455,7 +520,7 @@ class ReplicationConfig(Strict):
                     "speed: 12 GB at 150 MB/s is 80 s); 0: never.",
     )
     resync_bandwidth: float | None = Field(
-        None, gt=0,
+        None, gt=0, allow_inf_nan=False,
         description="Cap on the resync's file data, in MB/s (token bucket); none: as fast as the link goes. "
                     "Synchronous replication of the application's own writes is never capped.",
     )
@@ -519,8 +584,8 @@ class ModuleConfig(Strict):
     boot: bool = Field(True, description="`run` starts this module.")
     preferred_primary: str | None = Field(None, description="Node that becomes primary when both start.")
     failback: bool = Field(False, description="Return the primary role to preferred_primary automatically.")
-    startup_wait: float | None = Field(
-        None, ge=0, description="Seconds to wait for the peer at start (default: the heartbeat timeout)."
+    startup_wait: Annotated[float | None, Duration(low_ok=True)] = Field(
+        None, description="Seconds to wait for the peer at start (default: the heartbeat timeout)."
     )
     split_brain: Literal["manual", "keep-preferred"] = Field(
         "manual", description="After both nodes were primary: wait for an admin, or keep the preferred."
@@ -772,6 +837,7 @@ HINTS = {
     "extra_forbidden": "unknown key: check its spelling against docs/configuration.md",
     "int_parsing": "write a whole number",
     "float_parsing": "write a number",
+    "finite_number": "write a number (not .inf nor .nan)",
     "bool_parsing": "write true or false",
     "literal_error": "use one of the values listed",
     "union_tag_invalid": "checker type must be process, tcp, http or command",

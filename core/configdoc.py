@@ -19,6 +19,7 @@ from .config import (
     ClusterConfig,
     ClusterInfo,
     CommandChecker,
+    Duration,
     HeartbeatConfig,
     HttpChecker,
     ModuleConfig,
@@ -60,6 +61,11 @@ One YAML file describes the whole cluster; the same file goes on both nodes. Eve
 overridden by an environment variable `SAFEKIT_<SECTION>__<KEY>` (for example
 `SAFEKIT_HEARTBEAT__TIMEOUT=5`). `safekit-cloud -c FILE config check` validates a file and prints
 the effective configuration; every problem is reported at once with its YAML path and line.
+
+Durations are finite numbers within the range their type column gives (`.inf`, `.nan` and values
+beyond the range are refused, naming the key): a day for most, a minute for a witness's `timeout` (a
+secondary that lost its peer waits for its witnesses before it takes over), a week for
+`restart.window`.
 
 The `vip` section belongs to its provider: besides `provider` and `address` it takes the provider's
 own keys (see docs/providers.md). For `provider: lan`: `interface`, `interfaces` (per node),
@@ -110,7 +116,11 @@ def render() -> str:
         out.append("| key | type | default | meaning |\n|---|---|---|---|")
         for name, info in model.model_fields.items():
             meaning = (info.description or "").replace("|", "\\|")
-            out.append(f"| `{name}` | {type_name(info.annotation)} | {default_text(info)} | {meaning} |")
+            kind = type_name(info.annotation)
+            duration = next((m for m in info.metadata if isinstance(m, Duration)), None)
+            if duration is not None:  # the range the loader enforces, so that the reference cannot drift
+                kind += f": {duration.span}"
+            out.append(f"| `{name}` | {kind} | {default_text(info)} | {meaning} |")
     return "\n".join(out) + "\n"
 
 

@@ -25,6 +25,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import Field, StringConstraints
 from pyroute2 import IPRoute, NetlinkError
+from safekit_cloud.core.config import MINUTE, Duration
 
 from ..base import (
     MoveResult,
@@ -59,7 +60,8 @@ class LanSettings(ProviderSettings):
         default_factory=dict, description="Per-node override: node name -> interface.")
     garp_count: int = Field(3, ge=0, le=100, description=(
         "Gratuitous ARPs / unsolicited neighbour advertisements sent after a takeover (0: none)."))
-    garp_interval: float = Field(0.2, gt=0, le=60, description="Seconds between two announcements.")
+    garp_interval: Annotated[float, Duration(high=MINUTE)] = Field(
+        0.2, description="Seconds between two announcements.")
 
     def per_node_keys(self) -> list[str]:
         """Node names used as keys (validate_settings checks they are nodes of the cluster)."""

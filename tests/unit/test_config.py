@@ -7,10 +7,12 @@ operator fixes a file in one pass.
 from __future__ import annotations
 
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
-from safekit_cloud.core.config import ConfigError, load_config, parse_config
+from pydantic import BaseModel
+from safekit_cloud.core.config import ClusterConfig, ConfigError, Duration, load_config, parse_config
 from safekit_cloud.core.replication.exclude import Excluder
 
 MINIMAL = """\
@@ -655,3 +657,90 @@ def test_every_unusable_directory_is_reported_at_once() -> None:
     for words in ("/proc/x cannot be replicated", "/sys cannot be replicated", "/etc is a system directory",
                   "/srv/a/b and /srv/a overlap"):
         assert words in problem, words
+
+
+# ---- durations ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("setting", "where", "message"), [
+    # inf passed `config check`, then overflowed ping's -W (math.ceil) and aiohttp's timeout at run time
+    ("witnesses: [{address: 198.18.0.254, timeout: .inf}]", "modules[0].witnesses[0].timeout (line 10)",
+     "inf is not a finite number: write a number of seconds above 0, up to 60 (a minute)"),
+    ("witnesses: [{address: 198.18.0.254, timeout: 2147484}]", "modules[0].witnesses[0].timeout (line 10)",
+     "2147484 is out of range: write a number of seconds above 0, up to 60 (a minute)"),
+    ("checkers: [{name: web, type: http, url: 'http://127.0.0.1/', timeout: .inf}]",
+     "modules[0].checkers[0].timeout (line 10)",
+     "inf is not a finite number: write a number of seconds above 0, up to 86400 (a day)"),
+    ("checkers: [{name: p, type: tcp, port: 80, interval: 1e300}]", "modules[0].checkers[0].interval (line 10)",
+     "1e+300 is out of range: write a number of seconds above 0, up to 86400 (a day)"),
+    ("checkers: [{name: p, type: tcp, port: 80, start_delay: -1}]", "modules[0].checkers[0].start_delay (line 10)",
+     "-1 is out of range: write a number of seconds from 0 up to 86400 (a day)"),
+    ("scripts: {timeout: .nan}", "modules[0].scripts.timeout (line 10)", "nan is not a finite number"),
+    ("scripts: {stop_timeout: 0}", "modules[0].scripts.stop_timeout (line 10)", "0 is out of range"),
+    ("restart: {window: 1e300}", "modules[0].restart.window (line 10)",
+     "1e+300 is out of range: write a number of seconds above 0, up to 604800 (a week)"),
+    ("replication: {timeout: .inf}", "modules[0].replication.timeout (line 10)", "inf is not a finite number"),
+    ("replication: {agent_timeout: .inf}", "modules[0].replication.agent_timeout (line 10)",
+     "inf is not a finite number: write a number of seconds from 0 up to 86400 (a day)"),
+    ("replication: {busy_poll_us: .nan}", "modules[0].replication.busy_poll_us (line 10)",
+     "nan is not a finite number: write a number of microseconds from 0 up to 10000"),
+    ("replication: {resync_bandwidth: .inf}", "modules[0].replication.resync_bandwidth (line 10)",
+     "Input should be a finite number (write a number (not .inf nor .nan))"),
+    ("startup_wait: .inf", "modules[0].startup_wait (line 10)", "inf is not a finite number"),
+    ("vip: {provider: lan, address: 198.18.0.100/24, interface: eth0, garp_interval: .inf}", "modules[0].vip (line 10)",
+     "garp_interval: inf is not a finite number: write a number of seconds above 0, up to 60 (a minute)"),
+])
+def test_a_duration_must_be_finite_and_within_its_range(setting: str, where: str, message: str) -> None:
+    problem = only(problems_of(MINIMAL + f"    {setting}\n"), where.partition(" ")[0])
+    assert problem.startswith(f"{where}: {message}"), problem
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (".nan", "nan is not a finite number: write a number of seconds from 0.1 up to 10"),  # not "less than 10"
+    (".inf", "inf is not a finite number: write a number of seconds from 0.1 up to 10"),
+    ("0.05", "0.05 is out of range: write a number of seconds from 0.1 up to 10"),
+])
+def test_heartbeat_interval_keeps_its_range_and_says_finite(value: str, message: str) -> None:
+    assert only(problems_of(MINIMAL + f"heartbeat: {{interval: {value}}}\n"), "heartbeat") == \
+        f"heartbeat.interval (line 10): {message}"
+
+
+def test_a_duration_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_HEARTBEAT__TIMEOUT", "inf")
+    assert only(problems_of(MINIMAL), "heartbeat") == (
+        "heartbeat.timeout (from the environment variable SAFEKIT_HEARTBEAT__TIMEOUT): inf is not a finite "
+        "number: write a number of seconds from 0.5 up to 120")
+
+
+def test_durations_at_their_bounds_are_accepted() -> None:
+    cfg = parse_config(MINIMAL + "    startup_wait: 0\n    restart: {window: 604800}\n"
+                                 "    witnesses: [{address: 198.18.0.254, timeout: 60}]\n"
+                                 "    replication: {agent_timeout: 0, busy_poll_us: 10000, timeout: 86400}\n")
+    module = cfg.module("app")
+    assert (module.startup_wait, module.restart.window, module.witnesses[0].timeout) == (0, 604800, 60)
+    assert (module.replication.agent_timeout, module.replication.busy_poll_us) == (0, 10000)
+
+
+def test_every_duration_field_has_a_range() -> None:
+    """A new float setting in seconds must get a Duration (finite, bounded), or nan and inf pass again."""
+    pending: list[type[BaseModel]] = [ClusterConfig]
+    seen: set[type[BaseModel]] = set()
+    floats = []
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            text = str(info.annotation)
+            pending += [m for m in _models_in(info.annotation) if m not in seen]
+            if "float" in text:
+                floats.append((model.__name__, name))
+                if name != "resync_bandwidth":  # MB/s, not a duration: finite only
+                    assert any(isinstance(m, Duration) for m in info.metadata), (model.__name__, name)
+    assert ("WitnessConfig", "timeout") in floats and ("HeartbeatConfig", "interval") in floats
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
