@@ -239,8 +239,9 @@ class ApiConfig(Strict):
     @classmethod
     def _host_port(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9010)")
+        if not sep or not host or not _port_digits(port) or not 0 < int(port) < 65536:
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise ValueError(f"{shown!r} is not host:port with a port from 1 to 65535 (for example 127.0.0.1:9010)")
         if host.startswith("[") and host.endswith("]"):
             try:
                 ipaddress.IPv6Address(host[1:-1])
@@ -673,9 +674,15 @@ def _entries(value: Any) -> list[tuple[int, dict[str, Any]]]:
 def _int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+    if isinstance(value, str) and _port_digits(value.strip()):
         return int(value)
     return None
+
+
+def _port_digits(text: str) -> bool:
+    """ASCII digits, few enough for a port: int() of thousands of digits raises a ValueError about
+    Python's own limits (field validation says what is wrong with the value)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -836,6 +843,7 @@ HINTS = {
     "missing": "add this key",
     "extra_forbidden": "unknown key: check its spelling against docs/configuration.md",
     "int_parsing": "write a whole number",
+    "int_parsing_size": "write the intended whole number",
     "float_parsing": "write a number",
     "finite_number": "write a number (not .inf nor .nan)",
     "bool_parsing": "write true or false",
@@ -849,7 +857,100 @@ YAML_HINT = ("fix the YAML there: indent with spaces (not tabs), close every bra
              "holding ': ' or ' #' or starting with one of [ ] { } , & * ! | > ' \" % @ `")
 
 
-def _scan(text: str) -> tuple[dict[Loc, int], list[str]]:
+MAX_DEPTH = 64  # lists and mappings inside each other: a cluster file needs 6
+MAX_VALUES = 100_000  # values once aliases are expanded: a cluster file holds a few hundred
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that the loader refuses (too deep, too large, a value Python cannot hold):
+    located like a syntax error, with its own words instead of the syntax hint."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with the limits a cluster file never reaches. Composing recurses once per
+    nesting level (5000 `[` ended in a RecursionError); int() and datetime() raise a bare ValueError
+    (a 5000-digit number, a date with month 13), located here."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"lists and mappings nested more than {MAX_DEPTH} deep: a cluster file needs a "
+                               "handful of levels; check the brackets and the indentation there",
+                               self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except ValueError as exc:
+            if node.tag == "tag:yaml.org,2002:int":
+                why = (f"a number of {len(node.value)} characters: no setting takes one that long; write the "
+                       "intended value")
+            else:
+                kind = "a date" if node.tag == "tag:yaml.org,2002:timestamp" else "a value"
+                why = f"{node.value[:40]!r} cannot be read as {kind} ({exc}): quote it to make it text, or correct it"
+            raise _Refused(why, node.start_mark) from None
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document holds once its aliases are expanded, counted up to just past
+    MAX_VALUES. Linear in the file: each node is counted once and its count reused for every alias of
+    it, where expanding them (a "billion laughs": 9 aliases of 9 aliases of ...) is exponential."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in ancestors:  # an alias of an enclosing node: `&a [*a]`
+            return 1
+        ancestors.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(total + size(child), MAX_VALUES + 1)
+        ancestors.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def load_yaml(text: str) -> tuple[Any, dict[Loc, int], list[str]]:
+    """The document's data, the line of each YAML path and the keys given twice (see `_scan`).
+
+    Composed first, then checked and scanned, then built: PyYAML builds an aliased value once, but a
+    merge (`<<: [*a, *a]`) copies it, and the scan visits every alias; both are exponential in the
+    nesting of aliases, so the expanded size is checked before either. Raises yaml.YAMLError."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}, []
+        if _expanded_size(root) > MAX_VALUES:
+            raise _Refused(f"the aliases (*name) of this file expand it to more than {MAX_VALUES} values (a "
+                           "cluster file holds a few hundred): write the values out, or alias fewer nested ones",
+                           None)
+        lines, duplicates = _scan(root)  # before building: a merge rewrites the nodes it reads
+        return loader.construct_document(root), lines, duplicates
+    finally:
+        loader.dispose()
+
+
+def _scan(root: yaml.Node) -> tuple[dict[Loc, int], list[str]]:
     """Map YAML paths (keys and list indices) to 1-based line numbers, for error messages; and list the
     keys given twice in one mapping (YAML would silently keep the last one, hiding a mistake)."""
     index: dict[Loc, int] = {}
@@ -879,12 +980,7 @@ def _scan(text: str) -> tuple[dict[Loc, int], list[str]]:
             for i, item in enumerate(node.value):
                 walk(item, path + (i,), ancestors)
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index, duplicates
-    if root is not None:
-        walk(root, (), frozenset())
+    walk(root, (), frozenset())
     return index, duplicates
 
 
@@ -895,6 +991,9 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
         return (f"line {line}, column {column}: not valid YAML: character U+{exc.character:04X} is not allowed "
                 "in a YAML file: remove it (in a double-quoted string, write an escape such as \\t)")
+    if isinstance(exc, _Refused):
+        where = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: " if exc.problem_mark else ""
+        return where + str(exc.problem)
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         what = exc.problem or "syntax error"
@@ -990,12 +1089,11 @@ def _environment_problems(exc: SettingsError) -> list[str]:
 
 def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
     try:
-        data = yaml.safe_load(text)
+        data, lines, problems = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_yaml_problem(exc, text)]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping with cluster, nodes and modules"])
-    lines, problems = _scan(text)
     for key in [key for key in data if not isinstance(key, str)]:  # `1: x`: not even a keyword argument
         where = _where((str(key),), lines) if (str(key),) in lines else _format_loc(())
         problems.append(f"{where}: key {key!r} is not a section name ({HINTS['extra_forbidden']})")

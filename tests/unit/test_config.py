@@ -7,6 +7,7 @@ operator fixes a file in one pass.
 from __future__ import annotations
 
 import textwrap
+import time
 import typing
 from pathlib import Path
 
@@ -367,6 +368,80 @@ def test_a_key_given_twice_is_refused_naming_both_lines() -> None:
 def test_a_key_that_is_not_text_is_an_unknown_key_not_a_crash() -> None:
     assert only(problems_of(MINIMAL + "1: x\n"), "key 1").startswith("1 (line 10): key 1 is not a section name "
                                                                     "(unknown key")
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs": each level a list of 9 aliases of the level before, 9**levels strings in all."""
+    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return MINIMAL + "\n".join(lines) + "\n"
+
+
+def merges(levels: int) -> str:
+    """Merge keys that double at each level: `<<: [*m, *m]` copies the mapping twice, 2**levels pairs."""
+    lines = ["m0: &m0 {k: 1}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, levels)]
+    return MINIMAL + "\n".join(lines) + "\n"
+
+
+ALIAS_BOMB = ("the aliases (*name) of this file expand it to more than 100000 values (a cluster file holds a few "
+              "hundred): write the values out, or alias fewer nested ones")
+
+
+# Before the check: 7 levels took 6 s and 1.1 GB, 8 levels 120 s and 9 GB, 24 levels of merges ran out of
+# memory. The check counts each node once, so it is milliseconds whatever the size the aliases claim.
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("text", [laughs(7), laughs(8), laughs(40), merges(24)], ids=["9^7", "9^8", "9^40", "2^24"])
+def test_an_alias_bomb_is_refused_at_once(text: str) -> None:
+    started = time.monotonic()
+    assert problems_of(text) == [ALIAS_BOMB]
+    assert time.monotonic() - started < 5
+
+
+def test_aliases_and_merges_of_a_real_file_still_work() -> None:
+    text = MINIMAL + textwrap.indent(textwrap.dedent("""\
+          checkers:
+            - &web {name: web, type: http, url: "http://127.0.0.1/", interval: 2}
+            - {<<: *web, name: web2}
+          witnesses: [&w {address: 198.18.0.254}, {<<: *w, address: 198.18.0.253}]
+        """), "    ")
+    module = parse_config(text).module("app")
+    assert [(c.name, c.interval) for c in module.checkers] == [("web", 2), ("web2", 2)]
+    assert [w.address for w in module.witnesses] == ["198.18.0.254", "198.18.0.253"]
+    assert ALIAS_BOMB not in problems_of(laughs(4))  # 9**4 values: unknown keys, but under the bound ...
+    problems = problems_of(laughs(4) + "l9: &l9 [*l3, *l3]\nl10: [*l9, *l9, *l9, *l9, *l9, *l9, *l9, *l9]\n")
+    assert problems == [ALIAS_BOMB]  # ... and just over it (16 * 9**4 > 100000)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    # 5000 `[`: a RecursionError, "internal error"
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n",
+     ("line 10, column 67: lists and mappings nested more than 64 deep: a cluster file needs a handful of levels; "
+     "check the brackets and the indentation there")),
+    # int() of more than 4300 digits: a ValueError, "internal error"
+    ("heartbeat: {port: " + "9" * 5000 + "}\n",
+     "line 10, column 19: a number of 5000 characters: no setting takes one that long; write the intended value"),
+    # datetime(2024, 13, 1): a ValueError, "internal error"
+    ("modules:\n  - name: 2024-13-01\n",
+     ("line 11, column 11: '2024-13-01' cannot be read as a date (month must be in 1..12): quote it to make it "
+     "text, or correct it")),
+])
+def test_yaml_python_cannot_hold_is_a_located_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(MINIMAL + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: 1 problem(s):")
+    assert info.value.problems == [problem]
+
+
+def test_a_port_of_thousands_of_digits_from_the_environment_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_HEARTBEAT__PORT", "9" * 5000)
+    monkeypatch.setenv("SAFEKIT_API__LISTEN", "127.0.0.1:" + "9" * 5000)
+    problems = problems_of(MINIMAL)
+    assert only(problems, "heartbeat.port").startswith("heartbeat.port (from the environment variable "
+                                                        "SAFEKIT_HEARTBEAT__PORT): Unable to parse")
+    listen = only(problems, "api.listen")
+    assert "is not host:port with a port from 1 to 65535" in listen and len(listen) < 300
 
 
 # ---- paths -----------------------------------------------------------------------------------------------
