@@ -205,7 +205,7 @@ class HeartbeatConfig(Strict):
     )
     key_file: AbsolutePath = Field(
         Path("/etc/safekit-cloud/cluster.key"),
-        description="Absolute path of the cluster key (hex, 32 bytes) authenticating heartbeats and replication (and encrypting the replication stream); "
+        description="Absolute path of the cluster key (64 hex digits: 32 random bytes; a longer key works, a shorter one is refused) authenticating heartbeats and replication (and encrypting the replication stream); "
         "`safekit-cloud init` writes one.",
     )
     replay_window: int = Field(64, ge=8, le=4096, description="Out-of-order datagrams accepted per peer.")

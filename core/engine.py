@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from safekit_cloud import __version__
 from .config import ClusterConfig, ModuleConfig
 from .decoding import DECODE_ERRORS
 from .heartbeat import Heartbeat, Link
+from .init import file_kind
 from .module import ModuleRuntime
 from .status import CommandResult, ModuleOut, NetworkOut, NodeOut, PeerOut
 from .types import DataStatus, Generation, Intent, ModuleState, PeerView
@@ -55,18 +57,35 @@ class EngineError(Exception):
     pass
 
 
+KEY_BYTES = 32
+KEY_HOWTO = ("write 64 hex digits (32 random bytes) there, e.g. `openssl rand -hex 32 > FILE`, or let "
+             "`safekit-cloud init` write one; the same file on both nodes")
+
+
 def read_key(path: Path) -> bytes:
+    """The cluster key: at least 32 bytes in hex, as `init` writes it (docs/configuration.md). Checked
+    to be a regular file first, as the API token is: reading a FIFO blocks `run` for ever."""
     try:
-        text = path.read_text().strip()
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise EngineError(f"the cluster key {path} (heartbeat.key_file) is {file_kind(mode)}, not a regular "
+                              f"file: {KEY_HOWTO}")
+        data = path.read_bytes()
     except OSError as exc:
         raise EngineError(f"cannot read the cluster key {path}: {exc.strerror} "
                           f"(create one with `safekit-cloud init`, same file on both nodes)") from None
     try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise EngineError(f"the cluster key {path} is not hex text (byte {exc.start + 1} is not ASCII): "
+                          f"{KEY_HOWTO}") from None
+    try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise EngineError(f"cluster key {path} is not hexadecimal (expected 64 hex digits)") from None
-    if len(key) < 16:
-        raise EngineError(f"cluster key {path} is too short ({len(key)} bytes; 32 expected)")
+        raise EngineError(f"the cluster key {path} is not hexadecimal: {KEY_HOWTO}") from None
+    if len(key) < KEY_BYTES:
+        raise EngineError(f"the cluster key {path} is too short ({len(key)} bytes, {KEY_BYTES} at least): "
+                          f"{KEY_HOWTO}")
     return key
 
 

@@ -25,7 +25,8 @@ from safekit_cloud.core import cli
 from safekit_cloud.core.api import build_app, serve_api
 from safekit_cloud.core.config import ApiConfig, load_config
 from safekit_cloud.core.daemon import read_token as daemon_read_token
-from safekit_cloud.core.engine import EngineError
+from safekit_cloud.core.engine import EngineError, read_key
+from safekit_cloud.core.init import new_cluster_key
 from safekit_cloud.core.status import (
     CheckerOut,
     CommandResult,
@@ -345,6 +346,47 @@ def test_daemon_refuses_a_token_the_cli_could_not_send(tmp_path: Path) -> None:
         daemon_read_token(token_file)
     token_file.write_text(f"{TOKEN}\n")
     assert daemon_read_token(token_file) == TOKEN
+
+
+def run_with_key(tmp_path: Path, content: bytes | None) -> Result:
+    """`run` with a cluster key file holding `content` (None: a FIFO)."""
+    key_file = tmp_path / "cluster.key"
+    if content is None:
+        os.mkfifo(key_file)
+    else:
+        key_file.write_bytes(content)
+    config = write_config(tmp_path, free_port())
+    data = yaml.safe_load(config.read_text())
+    data["heartbeat"] = {"key_file": str(key_file)}
+    config.write_text(yaml.safe_dump(data))
+    return invoke("-c", str(config), "--node", "n1", "--state-dir", str(tmp_path / "state"), "run")
+
+
+KEY_HOWTO = ("write 64 hex digits (32 random bytes) there, e.g. `openssl rand -hex 32 > FILE`, or let "
+             "`safekit-cloud init` write one; the same file on both nodes")
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block `run` for ever; text that is not UTF-8 was "internal error"
+@pytest.mark.parametrize(("content", "what"), [
+    (None, "(heartbeat.key_file) is a FIFO, not a regular file"),
+    (bytes(range(128, 192)), "is not hex text (byte 1 is not ASCII)"),
+    (b"0123456789abcdef" * 2 + b"\n", "is too short (16 bytes, 32 at least)"),  # 16 to 31 bytes were taken
+    (b"ab" * 31 + b"\n", "is too short (31 bytes, 32 at least)"),
+    (b"not a key at all\n", "is not hexadecimal"),
+], ids=["fifo", "not-text", "16-bytes", "31-bytes", "not-hex"])
+def test_run_refuses_an_unusable_cluster_key(tmp_path: Path, content: bytes | None, what: str) -> None:
+    result = run_with_key(tmp_path, content)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert f"safekit-cloud: the cluster key {tmp_path / 'cluster.key'} {what}: {KEY_HOWTO}" in result.stderr
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "state").exists()  # refused before anything else happened
+
+
+def test_the_key_init_writes_is_accepted_longer_ones_too(tmp_path: Path) -> None:
+    key_file = tmp_path / "cluster.key"
+    for key in (new_cluster_key(), "ab" * 48 + "\n"):
+        key_file.write_text(key)
+        assert read_key(key_file) == bytes.fromhex(key)
 
 
 def test_token_with_surrounding_whitespace_is_fine(daemon: Daemon) -> None:
