@@ -52,6 +52,7 @@ from .init import (
     parse_node_flags,
     render_cluster_file,
     write_init_files,
+    written_path,
 )
 from .status import COMMANDS, ModuleOut, NodeOut
 from .types import ModuleState
@@ -284,7 +285,7 @@ def init(g: Globals, output: str | None, force: bool, **flags: Any) -> None:
     Every answer can come from flags (automation); in a terminal, missing ones are asked for.
     Nothing is written unless all three files can be.
     """
-    output_path = (_path_flag("-o/--output", output, "the cluster file to write") or g.config_path).absolute()
+    output_path = written_path(_path_flag("-o/--output", output, "the cluster file to write") or g.config_path)
     spec = _init_spec(_checked_path_flags(flags), output_path)
     text = render_cluster_file(spec)
     parse_config(text, str(output_path))  # never write a file that `run` would refuse
@@ -348,8 +349,8 @@ def _init_spec(flags: dict[str, Any], output: Path) -> InitSpec:
         fail(str(exc))
     return InitSpec(
         cluster=flags["cluster"], nodes=nodes, module=flags["module"],
-        key_file=(flags["key_file"] or key_default).absolute(),
-        token_file=(flags["token_file"] or token_default).absolute(),
+        key_file=written_path(flags["key_file"] or key_default),
+        token_file=written_path(flags["token_file"] or token_default),
         vip=flags["vip"] or None, interface=flags["interface"] or None,
         scripts=flags["scripts"].absolute() if flags["scripts"] else None,
         replicate=tuple(p.absolute() for p in flags["replicate"]), preferred=flags["preferred"] or None,

@@ -280,6 +280,19 @@ def default_secret_paths(output: Path) -> tuple[Path, Path]:
     return folder / "cluster.key", folder / "api.token"
 
 
+def written_path(path: Path) -> Path:
+    """The absolute path init writes `path` at, spelled so that `run` opens that same file: every `..`
+    resolved as the system resolves it. Otherwise `DIR/sub/../k` with `sub` missing is written at DIR/k
+    (init creates only the directories the file really goes in) but named DIR/sub/../k in the cluster
+    file, which no open() can follow. Only the part up to the last `..` is resolved: a symbolic link
+    after it (the file itself, say) stays the name the cluster file gives."""
+    path = path.absolute()
+    if ".." not in path.parts:
+        return path
+    last = len(path.parts) - 1 - path.parts[::-1].index("..")
+    return Path(os.path.realpath(Path(*path.parts[: last + 1]))).joinpath(*path.parts[last + 1:])
+
+
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for messages."""
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),

@@ -582,6 +582,34 @@ def test_init_custom_secret_paths_and_default_output(tmp_path: Path, monkeypatch
     assert cfg.module("web").vip is None and cfg.module("web").preferred_primary == "n1"
 
 
+def test_init_names_the_files_it_wrote_where_run_finds_them(tmp_path: Path) -> None:
+    """`DIR/sub/../k` with sub missing: init wrote DIR/k but the cluster file said DIR/sub/../k, which
+    `run` could not open."""
+    base = tmp_path / "etc"
+    result = invoke(*INIT_FLAGS, "-o", f"{base}/x/../cluster.yaml", "--key-file", f"{base}/sub/../k",
+                    "--token-file", f"{base}/a/b/../../t")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in base.iterdir()) == ["cluster.yaml", "k", "t"]
+    cfg = load_config(base / "cluster.yaml")
+    assert (cfg.heartbeat.key_file, cfg.api.token_file) == (base / "k", base / "t")
+    assert len(read_key(cfg.heartbeat.key_file)) == 32 and len(daemon_read_token(cfg.api.token_file)) >= 32
+    assert result.stdout.startswith(f"wrote {base}/cluster.yaml, {base}/k (mode 0600) and {base}/t (mode 0600)")
+    # the default key and token go next to the cluster file that was written
+    result = invoke(*INIT_FLAGS, "-o", f"{tmp_path}/other/y/../c.yaml")
+    assert result.exit_code == 0, result.output
+    cfg = load_config(tmp_path / "other" / "c.yaml")
+    assert cfg.heartbeat.key_file == tmp_path / "other" / "cluster.key" and cfg.heartbeat.key_file.exists()
+
+
+def test_init_keeps_a_symbolic_link_name_after_the_last_dots(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.key").symlink_to(tmp_path / "real" / "k")
+    result = invoke(*INIT_FLAGS, "-o", str(tmp_path / "c.yaml"), "--key-file", f"{tmp_path}/no/../link.key")
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "c.yaml").heartbeat.key_file == tmp_path / "link.key"
+    assert (tmp_path / "link.key").is_symlink() and len(read_key(tmp_path / "real" / "k")) == 32
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["init", "--module", "app"], "init needs --cluster, --node"),
     (["init", "--cluster", "c1", "--module", "app", "--node", "n1=198.18.0.1", "--node", "n2=198.18.0.2",
