@@ -197,16 +197,19 @@ def check_config_path(path: Path) -> None:
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=str), default=DEFAULT_CONFIG_PATH,
               envvar="SAFEKIT_CONFIG", show_default=True, help="Cluster file.")
 @click.option("--node", envvar="SAFEKIT_NODE", help="This node's name (default: the node whose address is local).")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, envvar="SAFEKIT_STATE_DIR",
+@click.option("--state-dir", type=click.Path(path_type=str), default=str(DEFAULT_STATE_DIR), envvar="SAFEKIT_STATE_DIR",
               show_default=True, help="Where the daemon keeps its state and module logs.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks of internal errors.")
 @click.version_option(package_name="safekit-cloud", prog_name="safekit-cloud")
 @click.pass_context
-def main(ctx: click.Context, config_path: str, node: str | None, state_dir: Path, verbose: bool) -> None:
+def main(ctx: click.Context, config_path: str, node: str | None, state_dir: str, verbose: bool) -> None:
     """High availability for an application on two Linux nodes: mirror clusters with a virtual IP."""
     if not config_path:  # Path("") would silently be the current directory
         fail(f"-c/--config is empty: name the cluster file (default {DEFAULT_CONFIG_PATH})")
-    ctx.obj = Globals(Path(config_path), node, state_dir, verbose)
+    if not state_dir.strip():  # the same
+        fail(f"--state-dir is empty: name the daemon's state directory (default {DEFAULT_STATE_DIR}), or leave "
+             "--state-dir out")
+    ctx.obj = Globals(Path(config_path), node, Path(state_dir), verbose)
     if ctx.invoked_subcommand != "run":  # the daemon sets up its own logging
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")

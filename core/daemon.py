@@ -46,12 +46,27 @@ def read_token(path: Path) -> str:
     return token
 
 
+def make_state_dir(path: Path) -> None:
+    """The state directory, created when missing; when it cannot be, why in words (mkdir's own
+    "[Errno 17] File exists" did not say that --state-dir names a file)."""
+    fix = "give --state-dir (SAFEKIT_STATE_DIR) a directory, created if missing"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise EngineError(f"the state directory {path} exists but is not a directory: {fix}") from None
+    except NotADirectoryError:
+        raise EngineError(f"the state directory {path} cannot be created: a part of its path is a file, "
+                          f"not a directory: {fix}") from None
+    except OSError as exc:
+        raise EngineError(f"cannot create the state directory {path}: {exc.strerror or exc}: {fix}") from None
+
+
 async def serve(config: ClusterConfig, node: str, state_dir: Path) -> int:
     from .engine import read_key
 
     key = read_key(config.heartbeat.key_file)
     token = read_token(config.api.token_file)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     engine = Engine(config, node, state_dir, key)
     await engine.start()
     try:

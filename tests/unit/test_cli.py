@@ -348,7 +348,7 @@ def test_daemon_refuses_a_token_the_cli_could_not_send(tmp_path: Path) -> None:
     assert daemon_read_token(token_file) == TOKEN
 
 
-def run_with_key(tmp_path: Path, content: bytes | None) -> Result:
+def run_with_key(tmp_path: Path, content: bytes | None, state_dir: str | None = None) -> Result:
     """`run` with a cluster key file holding `content` (None: a FIFO)."""
     key_file = tmp_path / "cluster.key"
     if content is None:
@@ -359,7 +359,7 @@ def run_with_key(tmp_path: Path, content: bytes | None) -> Result:
     data = yaml.safe_load(config.read_text())
     data["heartbeat"] = {"key_file": str(key_file)}
     config.write_text(yaml.safe_dump(data))
-    return invoke("-c", str(config), "--node", "n1", "--state-dir", str(tmp_path / "state"), "run")
+    return invoke("-c", str(config), "--node", "n1", "--state-dir", state_dir or str(tmp_path / "state"), "run")
 
 
 KEY_HOWTO = ("write 64 hex digits (32 random bytes) there, e.g. `openssl rand -hex 32 > FILE`, or let "
@@ -380,6 +380,28 @@ def test_run_refuses_an_unusable_cluster_key(tmp_path: Path, content: bytes | No
     assert f"safekit-cloud: the cluster key {tmp_path / 'cluster.key'} {what}: {KEY_HOWTO}" in result.stderr
     assert "internal error" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "state").exists()  # refused before anything else happened
+
+
+@pytest.mark.parametrize("verb", [["run"], ["config", "check"]])
+def test_an_empty_state_dir_is_refused(tmp_path: Path, verb: list[str]) -> None:
+    """It used to be the current directory, silently."""
+    config = write_config(tmp_path, free_port())
+    result = invoke("-c", str(config), "--node", "n1", "--state-dir", "", *verb)
+    assert_one_line_error(result, 1, "Error: --state-dir is empty: name the daemon's state directory (default "
+                                     "/var/lib/safekit-cloud), or leave --state-dir out")
+
+
+@pytest.mark.parametrize(("where", "what"), [
+    ("file", "exists but is not a directory"),  # was "[Errno 17] File exists"
+    ("file/state", "cannot be created: a part of its path is a file, not a directory"),
+])
+def test_run_says_the_state_dir_is_not_a_directory(tmp_path: Path, where: str, what: str) -> None:
+    (tmp_path / "file").write_text("")
+    result = run_with_key(tmp_path, new_cluster_key().encode(), state_dir=str(tmp_path / where))
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert (f"safekit-cloud: the state directory {tmp_path / where} {what}: give --state-dir (SAFEKIT_STATE_DIR) "
+            "a directory, created if missing") in result.stderr
+    assert "Errno" not in result.output
 
 
 def test_the_key_init_writes_is_accepted_longer_ones_too(tmp_path: Path) -> None:
