@@ -55,7 +55,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """JSON errors everywhere, and never a traceback to the client: unexpected exceptions are logged
     here with their traceback and answered with one line."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        # Nothing here may be cached: a proxy keeping a status, a 409 or a log chunk would show a state
+        # that has since changed (json_error, /health and the console already say so themselves).
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
     except web.HTTPException as exc:  # the router's 404 / 405
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_error(exc.status, f"{exc.reason}: {request.method} {request.path}", allow)
@@ -87,15 +91,19 @@ def _controller(request: web.Request) -> Controller:
 
 
 def _bad_request(request: web.Request, params: tuple[str, ...]) -> web.Response | None:
-    """A body, or a query parameter, where the route takes none: refused rather than ignored, so
-    that a typo (?fulsync=1) or a client that sends options in a body does not run another command
-    than the one meant."""
+    """A body, a query parameter the route does not take, or one given twice: refused rather than
+    ignored (every route calls this), so that a typo (?fulsync=1), a client that sends options in a
+    body, or ?offset=1&offset=2 (which value?) does not get another answer than the one meant."""
     if request.body_exists:
         return json_error(400, f"{request.method} {request.path} takes no body: send the request without one")
     unknown = sorted(set(request.query) - set(params))
     if unknown:
         takes = f"it takes {', '.join(params)}" if params else "it takes none"
         return json_error(400, f"unknown query parameter {', '.join(unknown)} for {request.path} ({takes})")
+    repeated = sorted(name for name in set(request.query) if len(request.query.getall(name)) > 1)
+    if repeated:
+        return json_error(400, f"query parameter {', '.join(repeated)} given more than once for {request.path}: "
+                               "give it once")
     return None
 
 
@@ -108,6 +116,8 @@ def _unknown_module(controller: Controller, module: str) -> web.Response | None:
 
 async def health(request: web.Request) -> web.Response:
     """200 only where the module should receive traffic (PRIM/ALONE): what load balancers probe."""
+    if (bad := _bad_request(request, ("module",))) is not None:
+        return bad
     controller = _controller(request)
     names = controller.module_names()
     module = request.query.get("module")
@@ -124,6 +134,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    if (bad := _bad_request(request, ())) is not None:
+        return bad
     body = msgspec.json.encode(_controller(request).status())
     return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
@@ -207,6 +219,8 @@ async def module_log(request: web.Request) -> web.Response:
 async def console(request: web.Request) -> web.Response:
     # The page holds no data (it fetches the status with the token the user types), so it needs no
     # auth; the CSP keeps it from loading or sending anything anywhere but this API.
+    if (bad := _bad_request(request, ())) is not None:
+        return bad
     return web.Response(text=CONSOLE_HTML, content_type="text/html", headers={
         "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                                    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",

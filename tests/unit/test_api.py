@@ -310,6 +310,52 @@ def test_bodies_unknown_parameters_and_bad_flags_are_refused(controller: FakeCon
     assert controller.commands == [("app", "start"), ("app", "second --fullsync")]
 
 
+def test_every_route_refuses_what_it_does_not_take(controller: FakeController) -> None:
+    """docs/api.md: "Nothing a client sends is ignored" held for commands and the log only: the status,
+    /health and the console answered 200 to an unknown parameter or a body, and the log read the first
+    of two offsets."""
+    async def scenario() -> None:
+        async with served(controller) as url, aiohttp.ClientSession() as http:
+            for path, kwargs, words in [
+                ("/api/v1/status?x=1", {}, "unknown query parameter x for /api/v1/status (it takes none)"),
+                ("/api/v1/status", {"data": b"{}"}, "GET /api/v1/status takes no body"),
+                ("/health?module=app&x=1", {}, "unknown query parameter x for /health (it takes module)"),
+                ("/health?module=app&module=app", {}, "query parameter module given more than once for /health"),
+                ("/health", {"data": b"x"}, "GET /health takes no body"),
+                ("/?x=1", {}, "unknown query parameter x for / (it takes none)"),
+                ("/api/v1/modules/app/log?offset=1&offset=2", {},
+                 "query parameter offset given more than once for /api/v1/modules/app/log: give it once"),
+                ("/api/v1/modules/app/log", {"data": b"x"}, "takes no body"),
+            ]:
+                async with http.get(url + path, headers=AUTH, **kwargs) as r:
+                    assert r.status == 400, (path, await r.text())
+                    assert words in (await r.json())["error"], path
+                    assert r.headers["Cache-Control"] == "no-store", path
+            async with http.get(url + "/health?module=app", headers=AUTH) as r:
+                assert r.status == 503  # STOP: a parameter it takes, once
+    run(scenario())
+
+
+def test_no_answer_may_be_cached(controller: FakeController, tmp_path: Path) -> None:
+    """A 409 (command refused) had no Cache-Control although docs/api.md says no error may be cached."""
+    (tmp_path / "app.log").write_text("line\n")
+
+    async def scenario() -> None:
+        async with served(controller) as url, aiohttp.ClientSession() as http:
+            async with http.post(url + "/api/v1/modules/app/second", headers=AUTH) as r:
+                assert r.status == 409 and (await r.json())["ok"] is False
+                assert r.headers["Cache-Control"] == "no-store"
+            for method, path, status in [
+                ("GET", "/api/v1/modules/app/log", 200), ("POST", "/api/v1/modules/app/start", 200),
+                ("GET", "/api/v1/status", 200), ("GET", "/health", 200), ("GET", "/api/v1/nothing", 404),
+                ("PUT", "/api/v1/status", 405), ("GET", "/api/v1/modules/nope/log", 404),
+            ]:
+                async with http.request(method, url + path, headers=AUTH) as r:
+                    assert r.status == status, (method, path, await r.text())
+                    assert r.headers["Cache-Control"] == "no-store", (method, path)
+    run(scenario())
+
+
 def test_unexpected_exception_is_a_one_line_500(controller: FakeController,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     controller.broken = True
