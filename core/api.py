@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .config import ApiConfig, TLSConfig
 from .replication.verify import VerifyError
-from .status import COMMANDS, Controller
+from .status import COMMANDS, MAX_QUERY_DIGITS, Controller
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,8 @@ def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    # isascii: str.isdigit also takes "²" and other scripts' digits; 18 digits: int() refuses
-    # very long strings with a message about Python's limits.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    # isascii: str.isdigit also takes "²" and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_QUERY_DIGITS:
         raise ValueError(f"{name} must be a whole number >= 0, got {raw[:40]!r}")
     return int(raw)
 

@@ -54,7 +54,7 @@ from .init import (
     write_init_files,
     written_path,
 )
-from .status import COMMANDS, ModuleOut, NodeOut
+from .status import COMMANDS, MAX_QUERY_DIGITS, ModuleOut, NodeOut
 from .types import ModuleState
 
 log = logging.getLogger(__name__)
@@ -715,7 +715,8 @@ def _describe_state(current: ModuleOut | str) -> str:
 @main.command("log")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended (Ctrl-C to stop).")
 @module_option
-@click.option("-n", "--lines", type=click.IntRange(min=0), help="Only the last LINES lines [whole log].")
+@click.option("-n", "--lines", type=click.IntRange(min=0, max=10**MAX_QUERY_DIGITS - 1),
+              help="Only the last LINES lines [whole log].")
 @click.pass_obj
 def log_cmd(g: Globals, follow: bool, module: str | None, lines: int | None) -> None:
     """Print the module log."""

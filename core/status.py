@@ -12,6 +12,9 @@ import msgspec
 
 SCHEMA_VERSION = 1
 COMMANDS = ("start", "stop", "restart", "swap", "prim", "second", "forcestop")
+# The log's offset and tail: whole numbers of at most 18 digits (int() refuses very long strings with
+# a message about Python's limits); the CLI's `log -n` takes no more, so its usage error says so.
+MAX_QUERY_DIGITS = 18
 
 
 class NetworkOut(msgspec.Struct, frozen=True):

@@ -436,6 +436,21 @@ def test_log_and_tail(daemon: Daemon, tmp_path: Path) -> None:
     assert (result.exit_code, result.stdout) == (0, "line 99\nline 100\n")
 
 
+@pytest.mark.parametrize("lines", ["99999999999999999999999", "1000000000000000000", "-1"])
+def test_log_lines_beyond_what_the_api_takes_is_a_usage_error(daemon: Daemon, lines: str) -> None:
+    """It exited 1 with the API's 400; a value an option does not take exits 2 (docs/cli.md)."""
+    result = daemon.cli("log", "-n", lines)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert f"Invalid value for '-n' / '--lines': {lines} is not in the range 0<=x<=999999999999999999" in result.stderr
+    assert "HTTP 400" not in result.output
+
+
+def test_log_lines_at_the_bound_reaches_the_api(daemon: Daemon, tmp_path: Path) -> None:
+    (tmp_path / "app.log").write_text("a\nb\n")
+    result = daemon.cli("log", "-n", "999999999999999999")
+    assert result.exit_code == 0 and result.stdout == "a\nb\n", result.output
+
+
 def test_log_follow_until_ctrl_c(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "app.log"
     log.write_text("first\n")
