@@ -7,6 +7,7 @@ failures, usage errors included, use 5: a script must never read an error as a s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from .init import (
     check_nodes,
     default_secret_paths,
     file_kind,
+    init_flag,
     new_api_token,
     new_cluster_key,
     parse_node_flags,
@@ -291,7 +293,11 @@ def init(g: Globals, output: str | None, force: bool, **flags: Any) -> None:
     output_path = written_path(_path_flag("-o/--output", output, "the cluster file to write") or g.config_path)
     spec = _init_spec(_checked_path_flags(flags), output_path)
     text = render_cluster_file(spec)
-    parse_config(text, str(output_path))  # never write a file that `run` would refuse
+    # never write a file that `run` would refuse; its problems name the flags (the file does not exist)
+    config = parse_config(text, "init (nothing was written)", flags=functools.partial(init_flag, spec))
+    conflicts = state_dir_conflicts(config, g.state_dir)  # run's own check, on this node's --state-dir
+    if conflicts:
+        fail(f"--replicate: {'; '.join(conflicts)} (nothing was written)")
     targets = [
         InitTarget("the cluster file", output_path, "cluster.yaml", text, 0o644),
         InitTarget("the cluster key (--key-file)", spec.key_file, "cluster.key", new_cluster_key(), 0o600),

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
@@ -1049,18 +1050,23 @@ def _env_sources(loc: Loc, env: dict[str, Any]) -> tuple[str | None, list[str]]:
                         if name.upper() == base or name.upper().startswith(base + "__"))
 
 
-def _where(loc: Loc, lines: dict[Loc, int], env: dict[str, Any] | None = None) -> str:
+Flags = Callable[[Loc], str | None]  # the command-line flag that gave the value at a YAML path
+
+
+def _where(loc: Loc, lines: dict[Loc, int], env: dict[str, Any] | None = None, flags: Flags | None = None) -> str:
     """`modules[0].vip (line 12)`: the path, and the line of its nearest part present in the file (or the
-    SAFEKIT_* variable that gave the value)."""
+    SAFEKIT_* variable, or the flag, that gave the value)."""
     whole, parts = _env_sources(loc, env or {})
     if whole:
         return f"{_format_loc(loc)} (from the environment variable {whole})"
+    if flags is not None and (flag := flags(loc)) is not None:
+        return flag
     line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
     notes = ([f"line {line}"] if line else []) + ([f"overridden in part by {', '.join(parts)}"] if parts else [])
     return _format_loc(loc) + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _describe(error: dict[str, Any], lines: dict[Loc, int], env: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], where: Callable[[Loc], str]) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     hint = HINTS.get(error["type"], "")
     if error["type"] == "string_type" and isinstance(error.get("input"), (bool, int, float, datetime.date)):
@@ -1068,7 +1074,7 @@ def _describe(error: dict[str, Any], lines: dict[Loc, int], env: dict[str, Any])
         kind = {bool: "a boolean (yes, no, on, off, true, false)", int: "a number",
                 float: "a number"}.get(type(error["input"]), "a date")
         hint = f"YAML read it as {kind}: write it in quotes, e.g. name: 'no'"
-    return f"{_where(_without_tag(error['loc']), lines, env)}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
+    return f"{where(_without_tag(error['loc']))}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
 
 
 def _environment_problems(exc: SettingsError) -> list[str]:
@@ -1087,13 +1093,19 @@ def _environment_problems(exc: SettingsError) -> list[str]:
     return problems or [f"environment: {exc}"]
 
 
-def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
+def parse_config(text: str, source: str = "<config>", flags: Flags | None = None) -> ClusterConfig:
+    """The validated config of `text`, or a ConfigError naming every problem's YAML path and line.
+
+    `flags`: the text was rendered from command-line flags (init) and is no file anyone can open, so
+    problems name the flag that gave the value (None: its YAML path), never a line."""
     try:
         data, lines, problems = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_yaml_problem(exc, text)]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping with cluster, nodes and modules"])
+    if flags is not None:
+        lines = {}
     for key in [key for key in data if not isinstance(key, str)]:  # `1: x`: not even a keyword argument
         where = _where((str(key),), lines) if (str(key),) in lines else _format_loc(())
         problems.append(f"{where}: key {key!r} is not a section name ({HINTS['extra_forbidden']})")
@@ -1102,6 +1114,10 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
         env = EnvSettingsSource(ClusterConfig)()
     except SettingsError as exc:  # a SAFEKIT_* variable that cannot be parsed (JSON for lists, ...)
         raise ConfigError(source, problems + _environment_problems(exc)) from None
+
+    def where(loc: Loc) -> str:
+        return _where(loc, lines, env, flags)
+
     try:
         cfg = ClusterConfig(**data)
     except ValidationError as exc:
@@ -1109,13 +1125,13 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
         # settings: check both on the raw data (with the environment's overrides) so that every problem
         # is reported at once. Cross-check errors of the model itself are reported from here too.
         plain = _merge(data, env)
-        errors = [_describe(e, lines, env) for e in exc.errors() if e["type"] != CROSS_CHECK]
+        errors = [_describe(e, where) for e in exc.errors() if e["type"] != CROSS_CHECK]
         rules = cross_check(plain) + validate_providers(plain)
-        errors += [f"{_where(loc, lines, env)}: {msg}" for loc, msg in rules]
+        errors += [f"{where(loc)}: {msg}" for loc, msg in rules]
         if not errors:  # cannot happen unless the rules disagree with the model: keep pydantic's words
-            errors = [_describe(e, lines, env) for e in exc.errors()]
+            errors = [_describe(e, where) for e in exc.errors()]
         raise ConfigError(source, problems + list(dict.fromkeys(errors))) from None
-    problems += [f"{_where(loc, lines, env)}: {msg}" for loc, msg in validate_providers(cfg.model_dump())]
+    problems += [f"{where(loc)}: {msg}" for loc, msg in validate_providers(cfg.model_dump())]
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import secrets
+import shlex
 import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -95,6 +97,45 @@ def _same_address(a: str, b: str) -> bool:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)  # 2001:db8::1 is 2001:db8:0::1
     except ValueError:
         return a == b  # not an IP address: the config loader will say so
+
+
+def init_flag(spec: InitSpec, loc: tuple[Any, ...]) -> str | None:
+    """The flag of `init` that gave the value at `loc` (a YAML path) of the file rendered from `spec`,
+    as the user typed it: what its problems name, since the file was not written. None: the template's
+    own value (an environment override, say)."""
+    if loc[:2] == ("cluster", "name"):
+        return f"--cluster {shlex.quote(spec.cluster)}"
+    if loc[:2] == ("heartbeat", "key_file"):
+        return f"--key-file {shlex.quote(str(spec.key_file))}"
+    if loc[:2] == ("api", "token_file"):
+        return f"--token-file {shlex.quote(str(spec.token_file))}"
+    if loc[:1] == ("nodes",):
+        if len(loc) < 2 or not isinstance(loc[1], int) or loc[1] >= len(spec.nodes):
+            return "--node"
+        node = spec.nodes[loc[1]]
+        nets = [loc[3]] if loc[2:3] == ("addresses",) and loc[3:4] and loc[3] in node.addresses else node.addresses
+        return " ".join(f"--node {shlex.quote(_node_flag(node, net))}" for net in nets)
+    if loc[:2] != ("modules", 0):
+        return None
+    rest = loc[2:]
+    if rest[:1] == ("name",):
+        return f"--module {shlex.quote(spec.module)}"
+    if rest[:1] == ("preferred_primary",):
+        return f"--preferred {shlex.quote(spec.preferred)}" if spec.preferred else "--preferred (the first --node)"
+    if rest[:2] == ("vip", "address"):
+        return f"--vip {shlex.quote(spec.vip or '')}"
+    if rest[:1] == ("vip",):  # the provider's own settings: init gives it the interface only
+        return f"--interface {shlex.quote(spec.interface)}" if spec.interface else "--vip"
+    if rest[:1] == ("scripts",):
+        return f"--scripts {shlex.quote(str(spec.scripts))}"
+    if rest[:2] == ("replication", "directories"):
+        return " ".join(f"--replicate {shlex.quote(str(d))}" for d in spec.replicate) or "--replicate"
+    return None
+
+
+def _node_flag(node: NodeSpec, net: str) -> str:
+    name = node.name if net == DEFAULT_NETWORK else f"{node.name}:{net}"
+    return f"{name}={node.addresses[net]}"
 
 
 def new_cluster_key() -> str:

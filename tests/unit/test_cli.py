@@ -682,10 +682,36 @@ def test_init_output_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_init_invalid_values_are_reported_before_writing(tmp_path: Path) -> None:
+    """Each problem names the flag, as typed: they named YAML lines of a file that was never written."""
     result = invoke("init", "--cluster", "c 1", "--module", "app", "--node", "n1=198.18.0.1",
-                    "--node", "n2=not-an-ip", "-o", str(tmp_path / "c.yaml"))
+                    "--node", "n2=not-an-ip", "--vip", "198.18.0.1/24", "--interface", "bad/if",
+                    "--replicate", "/etc", "--preferred", "n9", "-o", str(tmp_path / "c.yaml"))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "cluster.name" in result.stderr and "not-an-ip" in result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: init (nothing was written): 6 problem(s):",
+        "  - --cluster 'c 1': String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'",
+        "  - --node n2=not-an-ip: network 'default': 'not-an-ip' is not an IPv4 or IPv6 address",
+        ("  - --replicate /etc: /etc is a system directory: replicated, it would be read-only on the secondary and "
+         "replaced by the other node's at a failover; name the application's own directories inside it (e.g. "
+         "/etc/app)"),
+        "  - --preferred n9: 'n9' is not a node (['n1', 'n2'])",
+        ("  - --vip 198.18.0.1/24: 198.18.0.1 is the address of nodes[0]: a virtual IP moves between the nodes, it "
+         "needs an address of its own"),
+        "  - --interface bad/if: interface: String should match pattern '^[^/\\s:]{1,15}$'",
+    ]
+    assert "line" not in result.stderr and "c.yaml" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("state_dir", "replicate"), [(None, "/var/lib/safekit-cloud"), ("/srv/app/state", "/srv/app")])
+def test_init_refuses_to_replicate_the_state_directory(tmp_path: Path, state_dir: str | None, replicate: str) -> None:
+    """init wrote a file that `run` then refused."""
+    state = ["--state-dir", state_dir] if state_dir else []
+    result = invoke(*state, *INIT_FLAGS, "--replicate", replicate, "-o", str(tmp_path / "c.yaml"))
+    assert_one_line_error(result, 1, f"Error: --replicate: module app: the replicated directory {replicate} and the "
+                                     f"state directory {state_dir or '/var/lib/safekit-cloud'} overlap: replicate "
+                                     "the application's own directories only, or give the daemon another "
+                                     "--state-dir (SAFEKIT_STATE_DIR) (nothing was written)")
     assert list(tmp_path.iterdir()) == []
 
 
