@@ -609,6 +609,10 @@ class ClusterInfo(Strict):
 class ClusterConfig(BaseSettings):
     """The whole cluster file. Environment variables SAFEKIT_<SECTION>__<KEY> override it."""
 
+    # BaseSettings for its reading of SAFEKIT_* (EnvSettingsSource); parse_config lays those over the
+    # file itself (`_overlay`), which can reach into lists (SAFEKIT_MODULES__0__NAME): pydantic-settings'
+    # own merge replaced the file's list with the variables' {"0": ...} mapping.
+
     model_config = SettingsConfigDict(
         env_prefix="SAFEKIT_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
@@ -624,7 +628,7 @@ class ClusterConfig(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ClusterConfig:
@@ -845,6 +849,8 @@ HINTS = {
     "extra_forbidden": "unknown key: check its spelling against docs/configuration.md",
     "int_parsing": "write a whole number",
     "int_parsing_size": "write the intended whole number",
+    "model_type": "a section: write its keys (from the environment, one variable per key: "
+                  "SAFEKIT_MODULES__0__NAME=web)",
     "float_parsing": "write a number",
     "finite_number": "write a number (not .inf nor .nan)",
     "bool_parsing": "write true or false",
@@ -853,6 +859,8 @@ HINTS = {
     "union_tag_not_found": "add `type:` (process, tcp, http or command)",
 }
 CHECKER_TYPES = ("process", "tcp", "http", "command")
+ADD_ITEM_HINT = ("a variable changes an item the file has (SAFEKIT_MODULES__0__NAME: the first module's name), "
+                 "it cannot add one: add it to the file, or set the whole list as JSON (SAFEKIT_MODULES='[...]')")
 ENV_PREFIX = "SAFEKIT_"
 YAML_HINT = ("fix the YAML there: indent with spaces (not tabs), close every bracket and quote, quote values "
              "holding ': ' or ' #' or starting with one of [ ] { } , & * ! | > ' \" % @ `")
@@ -1035,10 +1043,10 @@ def _env_sources(loc: Loc, env: dict[str, Any]) -> tuple[str | None, list[str]]:
     node: Any = env
     keys: list[str] = []
     for part in loc:
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, dict) or str(part) not in node:  # a list index is a key there: "0"
             break
         keys.append(str(part))
-        node = node[part]
+        node = node[str(part)]
     if keys and not isinstance(node, dict):  # a value (or list) the environment gave whole
         # SAFEKIT_HEARTBEAT__TIMEOUT=5 and SAFEKIT_HEARTBEAT='{"timeout": 5}' give the same data.
         found = (_variable(keys[:n]) for n in range(len(keys), 0, -1))
@@ -1074,6 +1082,9 @@ def _describe(error: dict[str, Any], where: Callable[[Loc], str]) -> str:
         kind = {bool: "a boolean (yes, no, on, off, true, false)", int: "a number",
                 float: "a number"}.get(type(error["input"]), "a date")
         hint = f"YAML read it as {kind}: write it in quotes, e.g. name: 'no'"
+    value = error.get("input")
+    if error["type"] == "list_type" and isinstance(value, dict) and all(str(k).isdigit() for k in value):
+        hint = ADD_ITEM_HINT  # SAFEKIT_..._0__... for a list the file does not have
     return f"{where(_without_tag(error['loc']))}: {msg}" + (f" ({hint})" if hint and hint not in msg else "")
 
 
@@ -1118,13 +1129,17 @@ def parse_config(text: str, source: str = "<config>", flags: Flags | None = None
     def where(loc: Loc) -> str:
         return _where(loc, lines, env, flags)
 
+    overlaid: list[str] = []
+    data = _overlay(data, env, (), overlaid)
+    if overlaid:  # a list index the file does not have: the rest would only repeat it
+        raise ConfigError(source, problems + overlaid)
     try:
         cfg = ClusterConfig(**data)
     except ValidationError as exc:
         # Field errors make pydantic skip the cross-section rules and the providers never see their
         # settings: check both on the raw data (with the environment's overrides) so that every problem
         # is reported at once. Cross-check errors of the model itself are reported from here too.
-        plain = _merge(data, env)
+        plain = data
         errors = [_describe(e, where) for e in exc.errors() if e["type"] != CROSS_CHECK]
         rules = cross_check(plain) + validate_providers(plain)
         errors += [f"{where(loc)}: {msg}" for loc, msg in rules]
@@ -1137,14 +1152,31 @@ def parse_config(text: str, source: str = "<config>", flags: Flags | None = None
     return cfg
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
+def _overlay(base: Any, override: Any, loc: Loc, problems: list[str]) -> Any:
+    """The environment's values (`override`, from EnvSettingsSource) laid over the file's (`base`):
+    mappings key by key, lists item by item where a variable names an index (SAFEKIT_MODULES__0__NAME
+    gives {"modules": {"0": {"name": ...}}}), anything else replaced whole. An index the list does not
+    have is added to `problems`: a variable changes an item of the file, it cannot add one."""
+    if not isinstance(override, dict):
+        return override
+    if isinstance(base, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _overlay(base.get(key), value, loc + (key,), problems) if key in base else value
+        return merged
+    if not isinstance(base, list):
+        return override
+    items = list(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+        if key.isascii() and key.isdigit() and int(key) < len(items):
+            items[int(key)] = _overlay(items[int(key)], value, loc + (int(key),), problems)
+            continue
+        prefix = (ENV_PREFIX + "__".join(map(str, loc + (key,)))).upper()
+        names = ", ".join(sorted(n for n in os.environ if n.upper() == prefix or n.upper().startswith(prefix + "__")))
+        valid = f"0 to {len(items) - 1}" if items else "none"
+        problems.append(f"{_format_loc(loc)} (from the environment variable {names}): {key!r} is not an index of "
+                        f"this list, which has {len(items)} item(s) in the file (indices: {valid}); {ADD_ITEM_HINT}")
+    return items
 
 
 def validate_providers(data: dict[str, Any]) -> list[tuple[Loc, str]]:

@@ -273,6 +273,45 @@ def test_env_override_is_validated_like_the_file(monkeypatch: pytest.MonkeyPatch
     assert "less than 3 heartbeat intervals" in only(problems_of(MINIMAL), "heartbeat")
 
 
+def test_env_overrides_reach_into_lists_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs: every key can be overridden; SAFEKIT_MODULES__0__NAME=zz gave "modules: Input should be a
+    valid list" (the variables' {"0": ...} replaced the file's list)."""
+    monkeypatch.setenv("SAFEKIT_MODULES__0__NAME", "zz")
+    monkeypatch.setenv("SAFEKIT_MODULES__0__WITNESSES__0__TIMEOUT", "2")
+    monkeypatch.setenv("SAFEKIT_NODES__1__ADDRESSES__DEFAULT", "198.18.0.3")
+    cfg = parse_config(MINIMAL + "    witnesses: [{address: 198.18.0.254}]\n    failback: true\n")
+    assert [m.name for m in cfg.modules] == ["zz"] and cfg.modules[0].failback  # the rest of the item kept
+    assert cfg.modules[0].witnesses[0].timeout == 2 and cfg.modules[0].witnesses[0].address == "198.18.0.254"
+    assert cfg.node("n2").addresses == {"default": "198.18.0.3"} and cfg.node("n1").addresses["default"] == "198.18.0.1"
+
+
+def test_an_env_override_of_a_list_item_is_validated_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEKIT_MODULES__0__WITNESSES__0__TIMEOUT", "inf")
+    problem = only(problems_of(MINIMAL + "    witnesses: [{address: 198.18.0.254}]\n"), "witnesses")
+    assert problem.startswith("modules[0].witnesses[0].timeout (from the environment variable "
+                              "SAFEKIT_MODULES__0__WITNESSES__0__TIMEOUT): inf is not a finite number")
+
+
+ADD_ITEM = ("a variable changes an item the file has (SAFEKIT_MODULES__0__NAME: the first module's name), it cannot "
+            "add one: add it to the file, or set the whole list as JSON (SAFEKIT_MODULES='[...]')")
+
+
+@pytest.mark.parametrize(("variable", "problem"), [
+    ("SAFEKIT_MODULES__1__NAME", "modules (from the environment variable SAFEKIT_MODULES__1__NAME): '1' is not an "
+                                 "index of this list, which has 1 item(s) in the file (indices: 0 to 0); " + ADD_ITEM),
+    ("SAFEKIT_MODULES__APP__NAME", "modules (from the environment variable SAFEKIT_MODULES__APP__NAME): 'app' is not "
+                                   "an index of this list, which has 1 item(s) in the file (indices: 0 to 0); "
+                                   + ADD_ITEM),
+    ("SAFEKIT_MODULES__0__CHECKERS__0__NAME",  # a list the file does not have
+     "modules[0].checkers (line 9; overridden in part by SAFEKIT_MODULES__0__CHECKERS__0__NAME): Input should be a "
+     "valid list (" + ADD_ITEM + ")"),
+])
+def test_an_env_index_the_file_does_not_have_is_a_clear_problem(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                                                 problem: str) -> None:
+    monkeypatch.setenv(variable, "web")
+    assert problems_of(MINIMAL) == [problem]
+
+
 def test_unparsable_env_override_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAFEKIT_NODES", "not json")
     assert "environment" in only(problems_of(MINIMAL), "nodes")
