@@ -129,13 +129,15 @@ class DaemonClient:
     # This node's name for messages, found only when one is printed: finding it from the local
     # addresses costs a netlink import that `state` in a monitoring loop should not pay.
     node: str | Callable[[], str | None] | None = None
+    token_file: Path | None = None  # where the token came from: what a 401 names
 
     @classmethod
     def from_config(cls, api: ApiConfig, node: str | Callable[[], str | None] | None = None) -> DaemonClient:
         host = connect_host(api.host)
         netloc = f"[{host}]:{api.port}" if ":" in host else f"{host}:{api.port}"
         context = client_ssl_context(api.tls.cert_file) if api.tls else None
-        return cls(f"{'https' if context else 'http'}://{netloc}", read_token(api.token_file), netloc, context, node)
+        return cls(f"{'https' if context else 'http'}://{netloc}", read_token(api.token_file), netloc, context, node,
+                   api.token_file)
 
     @property
     def where(self) -> str:
@@ -193,7 +195,13 @@ class DaemonClient:
             body = exc.read()
             if exc.code in accept:
                 return exc.code, body
-            raise RequestFailed(exc.code, _error_message(exc.code, body)) from None
+            message = _error_message(exc.code, body)
+            if exc.code == 401 and self.token_file is not None:
+                # The API cannot know which file the CLI read: say it, and the usual causes.
+                message += (f": the daemon at {self.where} refused the token of {self.token_file} (api.token_file): "
+                            "it must hold the token that daemon read when it started; restart the daemon after "
+                            "writing a new token, or copy that token there")
+            raise RequestFailed(exc.code, message) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._transport_error(exc) from None
 

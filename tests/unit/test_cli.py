@@ -305,9 +305,15 @@ def test_missing_token_file(daemon: Daemon) -> None:
     assert_one_line_error(daemon.cli("status"), 1, "cannot read the API token", "no such file")
 
 
-def test_wrong_token_shows_the_api_error(daemon: Daemon) -> None:
-    (daemon.config.parent / "api.token").write_text("not-the-token\n")
-    assert_one_line_error(daemon.cli("state"), 5, "missing or wrong API token", "HTTP 401")
+def test_wrong_token_shows_the_api_error_and_names_the_token_file(daemon: Daemon) -> None:
+    """The API's words and "(HTTP 401)" did not say which file the CLI had read the token from."""
+    token_file = daemon.config.parent / "api.token"
+    token_file.write_text("not-the-token\n")
+    named = (f"(HTTP 401): the daemon at 127.0.0.1:{daemon.port} (node n1) refused the token of {token_file} "
+             "(api.token_file): it must hold the token that daemon read when it started; restart the daemon after "
+             "writing a new token, or copy that token there")
+    assert_one_line_error(daemon.cli("state"), 5, "missing or wrong API token", named)
+    assert_one_line_error(daemon.cli("status"), 1, "missing or wrong API token", named)
 
 
 
