@@ -62,6 +62,7 @@ class _LogSink:
         self._partial = b""
         self.background = False  # set once run() returned: later lines come from leftover children
         self.logged = 0  # bytes of output written to the log (MAX_LOGGED)
+        self.dropping = False  # the cap was reached: what comes next is read and dropped
 
     async def pump(self, pipe: OutputPipe) -> None:
         """Read until every writer closed the pipe (EOF), then close it."""
@@ -85,16 +86,21 @@ class _LogSink:
         if not lines:
             return
         texts = [shown(raw.decode(errors="replace").rstrip("\r")) for raw in lines]
-        self.tail.extend(texts)
-        if self.logged >= MAX_LOGGED:
-            return
-        for kept, raw in enumerate(lines):
-            if self.logged + len(raw) > MAX_LOGGED:
-                self.logged = MAX_LOGGED
-                texts[kept:] = [f"(output beyond {MAX_LOGGED / 2**20:g} MiB from this run is not logged)"]
+        logged: list[str] = []
+        for text, raw in zip(texts, lines):
+            if self.dropping:
+                break
+            if self.logged + len(raw) > MAX_LOGGED:  # said once, also when the cap fell between batches
+                self.dropping = True
+                logged.append(f"(output beyond {MAX_LOGGED / 2**20:g} MiB from this run is not logged)")
                 break
             self.logged += len(raw)
-        await asyncio.to_thread(self.append, texts)
+            logged.append(text)
+        if logged:
+            await asyncio.to_thread(self.append, logged)
+        # Only once written: a result whose tail shows a line (run() may return while a batch is
+        # still being appended) then never comes before that line is in the module log.
+        self.tail.extend(texts)
 
     def append(self, texts: list[str]) -> None:
         """Blocking file append: call through asyncio.to_thread."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safekit_cloud.core.config import ScriptsConfig
-from safekit_cloud.core.scripts import SCRIPT_NAMES, ScriptRunner
+from safekit_cloud.core.scripts import SCRIPT_NAMES, ScriptRunner, _LogSink
 
 
 def async_test(fn):
@@ -177,6 +177,20 @@ async def test_output_of_one_run_is_logged_up_to_a_cap(tmp_path, monkeypatch):
     output = [line.split(": ", 1)[1] for line in text.splitlines()]
     assert output[-1] == "(output beyond 0.0625 MiB from this run is not logged)"
     assert 64 * 1024 - 16 < sum(len(line) for line in output[:-1]) <= 64 * 1024  # of 1,000,000 bytes
+
+
+@async_test
+async def test_output_dropped_after_a_cap_reached_exactly_between_two_reads_is_still_said(tmp_path, monkeypatch):
+    """The pipe delivers output in pieces of any size: the cap may be reached by the last line of one
+    piece; the next line dropped must still leave the notice (it was missing in 1 run of 3 above)."""
+    monkeypatch.setattr("safekit_cloud.core.scripts.MAX_LOGGED", 32)
+    sink = _LogSink(tmp_path / "module.log", "mod1", "start_prim")
+    await sink._write([b"a" * 16, b"b" * 16])  # exactly the cap
+    await sink._write([b"c" * 16])
+    await sink._write([b"d" * 16])
+    output = [line.split(": ", 1)[1] for line in (tmp_path / "module.log").read_text().splitlines()]
+    assert output == ["a" * 16, "b" * 16, "(output beyond 3.05176e-05 MiB from this run is not logged)"]
+    assert list(sink.tail)[-1] == "d" * 16  # the result's tail still has what the script said last
 
 
 @async_test
