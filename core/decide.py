@@ -491,9 +491,19 @@ def _both_primary(local: LocalView, peer: PeerView) -> Decision:
         return stay(local, f"{peer.name} is leaving the primary role: this node keeps serving")
     if not peer.hears_us:
         return _yield_to_deaf_peer(local, peer)
+    # The data first: a node that wrote since the other's generation keeps serving (the other, paused
+    # or cut off, has not written since: it resyncs from this one). The tie-break alone made a node
+    # that took over yield to its old primary's late heartbeats and lose what it wrote meanwhile.
+    order = data_order(local, peer) if local.has_replication else GenerationOrder.SAME
+    if order == GenerationOrder.LOCAL_NEWER:
+        return stay(local, f"{peer.name} also serves, on data older than this node's (it has not written "
+                    "since): this node keeps serving")
+    if order == GenerationOrder.PEER_NEWER:
+        return go_second(local, peer, f"{peer.name} also serves, on newer data (this node has not written "
+                         "since): yielding and resyncing from it", STOP_PRIMARY)
     if wins_tie(local, peer):
         return stay(local, f"{peer.name} also serves (partition healed): this node keeps serving")
-    split = local.has_replication and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN
+    split = order == GenerationOrder.SPLIT_BRAIN
     if split and local.split_brain_policy != "keep-preferred":
         return wait(local, f"split brain: {peer.name} also served; this node stopped serving and keeps its "
                     f"data: `safekit-cloud second` here discards it, `safekit-cloud second` on {peer.name} "

@@ -509,7 +509,25 @@ def test_two_primaries_that_see_each_other_agree_on_one(local_pref, peer_pref, a
     d2 = decide(n2, view_of(n1, True), E.PEER_CHANGED)
     assert [d1.next_state.is_primary, d2.next_state.is_primary].count(True) == 1
     keeper = "n1" if d1.next_state.is_primary else "n2"
-    assert keeper == ("n1" if local_pref or not peer_pref else "n2")
+    if gens == (NEWER, G0):  # n2 has not written since n1's data left it: n1 keeps serving, whatever the preference
+        assert keeper == "n1" and d2.next_state == S.SECOND, (d1, d2)
+    else:
+        assert keeper == ("n1" if local_pref or not peer_pref else "n2")
+
+
+def test_a_paused_primary_coming_back_yields_to_the_node_that_took_over_and_wrote() -> None:
+    """n1 (preferred) was primary at G0, its daemon paused (SIGSTOP) past the heartbeat timeout; n2
+    took over (NEWER: G0 in its history) and acknowledged writes. n1's first heartbeats still say PRIM
+    at G0: n2 must keep serving and n1 resync from it (the tie-break made n2 yield, and n2's writes
+    were lost on both nodes)."""
+    n1 = local_view(S.PRIM, node="n1", preferred=True, persisted=Persisted(S.PRIM, False, generation=G0))
+    n2 = local_view(S.ALONE, node="n2", preferred=False, persisted=Persisted(S.ALONE, True, generation=NEWER))
+    for event in (E.PEER_CHANGED, E.REPLICATION_LOST):
+        d1 = decide(n1, view_of(n2, True), event)
+        assert d1.next_state == S.SECOND and d1.persisted.data == DataStatus.RESYNCING, d1
+        assert_in_order(names(d1), STOP_PRIM + START_SECOND)
+    d2 = decide(n2, view_of(n1, True), E.PEER_CHANGED)
+    assert d2.next_state == S.ALONE and not d2.actions and "keeps serving" in d2.reason, d2
 
 
 @pytest.mark.parametrize("local_pref,peer_pref", [(True, False), (False, True), (False, False)])
