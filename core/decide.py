@@ -147,8 +147,10 @@ def peer_discards(peer: PeerView) -> bool:
 
 
 def peer_uptodate_second(local: LocalView, peer: PeerView) -> bool:
+    # The current generation only: a history announced shorter than the one kept (an older peer, or
+    # many modules in one datagram) must not make an up-to-date secondary look out of date.
     return (peer.reachable and peer.state == S.SECOND and peer.data == DataStatus.UPTODATE
-            and (not local.has_replication or peer.generation == local.persisted.generation))
+            and (not local.has_replication or peer.generation.current == local.persisted.generation.current))
 
 
 # ---- admin commands ------------------------------------------------------------------------------
@@ -406,7 +408,7 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored on the secondary")
     if peer_serving(peer):
-        if uptodate and local.has_replication and peer.generation != local.persisted.generation:
+        if uptodate and local.has_replication and peer.generation.current != local.persisted.generation.current:
             # The primary writes under a generation we never adopted (it went ALONE: link lost while
             # heartbeats held): our copy misses its changes until the next resync completes.
             return stay(local, f"{peer.name} writes without replicating to this node: not up to date "
@@ -463,9 +465,33 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
     if peer_uptodate_second(local, peer):
-        return Decision(S.PRIM, (), f"{peer.name} is an up-to-date secondary: replicating",
-                        persisted=replace(local.persisted, last_state=S.PRIM, can_start_alone=False))
+        if event.kind == E.REPLICATION_LOST:
+            # Its resync ended (it took this generation) and the link went before we moved to PRIM:
+            # it counts itself up to date, and what we write next reaches only the journal.
+            return stay(local, f"replication link lost while {peer.name} counts itself up to date: a new data "
+                        "generation marks its copy out of date", actions=(Action(A.NEW_GENERATION),))
+        if local.replication_live:
+            return Decision(S.PRIM, (), f"{peer.name} is an up-to-date secondary: replicating",
+                            persisted=replace(local.persisted, last_state=S.PRIM, can_start_alone=False))
+    released = _release_held_writes(local, peer)
+    if released is not None:
+        return released
     return stay(local, "serving alone" if not peer.reachable else f"serving; {peer.name} is {peer.state.name}")
+
+
+def _release_held_writes(local: LocalView, peer: PeerView) -> Decision | None:
+    """ALONE while the replication holds the application's writes (a live link was lost: resync.py,
+    "Holding writes"): acknowledge them once the peer cannot take over without them. A peer still
+    announcing an up-to-date copy has not yet seen this node's new generation: wait for it."""
+    if local.writes_held is None:
+        return None
+    if peer.reachable and peer.state == S.SECOND and peer.data == DataStatus.UPTODATE:
+        return None
+    if peer.reachable:
+        why = f"{peer.name} no longer counts its copy up to date ({peer.state.name}, {peer.data.value})"
+    else:
+        why = f"{peer.name} is lost; this node's writes carry a new data generation"
+    return stay(local, f"writes held {local.writes_held:.1f}s released: {why}", actions=(Action(A.RELEASE_WRITES),))
 
 
 def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:

@@ -23,7 +23,7 @@ from .config import ClusterConfig, ModuleConfig
 from .decoding import DECODE_ERRORS
 from .heartbeat import Heartbeat, Link
 from .init import file_kind
-from .module import ModuleRuntime
+from .module import HISTORY_KEPT, ModuleRuntime
 from .status import CommandResult, ModuleOut, NetworkOut, NodeOut, PeerOut
 from .types import DataStatus, Generation, Intent, ModuleState, PeerView
 
@@ -55,6 +55,22 @@ class Announce(msgspec.Struct, array_like=True, frozen=True):
 
 class EngineError(Exception):
     pass
+
+
+_ANNOUNCE_ENCODER = msgspec.msgpack.Encoder()
+
+
+def announce_payload(modules: list[dict[str, Any]], hears_peer: bool, max_size: int) -> bytes:
+    """The heartbeat payload: every module (`announce_fields`) with the whole generation history it
+    keeps, which the peer compares ancestry with (a list cut to 8 made a node that had started alone
+    9 times look split from its peer); only if that does not fit a datagram (many modules), shorter."""
+    payload = b""
+    for keep in (HISTORY_KEPT, 8, 4, 1):
+        payload = _ANNOUNCE_ENCODER.encode(Announce(
+            [ModuleAnnounce(**(m | {"history": m["history"][:keep]})) for m in modules], hears_peer=hears_peer))
+        if len(payload) <= max_size:
+            break
+    return payload
 
 
 KEY_BYTES = 32
@@ -99,7 +115,6 @@ class Engine:
         self.state_dir = state_dir
         self.started = time.monotonic()
         self._decoder = msgspec.msgpack.Decoder(Announce)
-        self._encoder = msgspec.msgpack.Encoder()
         self._announced: dict[str, ModuleAnnounce] = {}
         self._peer_deaf_since: float | None = None  # since when the peer says it does not hear us
         self._peer_deaf_reported = False  # ... and we took it as deaf (logged once)
@@ -181,8 +196,8 @@ class Engine:
     # ---- heartbeat payload -----------------------------------------------------------------------
 
     def _payload(self) -> bytes:
-        return self._encoder.encode(Announce([ModuleAnnounce(**m.announce_fields()) for m in self.modules.values()],
-                                             hears_peer=self.heartbeat.peer_status().reachable))
+        return announce_payload([m.announce_fields() for m in self.modules.values()],
+                                self.heartbeat.peer_status().reachable, self.heartbeat.max_payload)
 
     def _peer_changed(self) -> None:
         status = self.heartbeat.peer_status()

@@ -222,6 +222,8 @@ class ModuleRuntime:
             waiting_for=self.waiting_for, startup_elapsed=now - self.started_at,
             startup_wait=startup_wait, witness_ok=self.witness_ok,
             peer_seen_since_start=self.peer_seen_since_start,
+            replication_live=self.replication is None or self.replication.live,
+            writes_held=None if self.replication is None else self.replication.writes_held(),
         )
 
     def _witness_needed(self, peer: PeerView) -> bool:
@@ -244,8 +246,6 @@ class ModuleRuntime:
 
     async def _carry_out(self, d: Decision, event: Event, peer: PeerView, outer: trace.Span | None) -> None:
         old = self.state
-        if old == S.PRIM and d.next_state == S.ALONE and not peer.reachable and self.replication is not None:
-            self.replication.peer_lost()  # writes waiting for the dead peer's acknowledgement go on now
         failover = old == S.SECOND and d.next_state.is_primary and not peer.reachable
         span_name = "failover" if failover else "transition" if d.next_state != old else "decision"
         line = (f"{event.kind.value}{'(' + event.detail + ')' if event.detail else ''}: {old.name} -> "
@@ -270,7 +270,14 @@ class ModuleRuntime:
                 with tracer.start_as_current_span("detection") as det:
                     det.set_attribute("peer", peer.name)
                     det.set_attribute("heartbeat.timeout", self.cluster.heartbeat.timeout)
+            generation = self.persisted.generation
             await self._save(self._next_persisted(d, peer))
+            if self.persisted.generation != generation:
+                self._announce()  # the peer learns at once that its copy no longer holds everything
+            if old == S.PRIM and d.next_state == S.ALONE and not peer.reachable and self.replication is not None:
+                # Writes waiting for the dead peer's acknowledgement go on now: after the new generation
+                # is on disk, so the peer, if it was only cut off, finds a split brain, not older data.
+                self.replication.peer_lost()
             if event.kind == E.START:
                 self.started_at, self.peer_seen_since_start = time.monotonic(), peer.reachable
                 self.restart_times.clear()  # an admin start is a fresh start: the restart limit too
@@ -335,7 +342,9 @@ class ModuleRuntime:
         elif kind == A.COUNT_RESTART:
             self.restart_times.append(time.monotonic())
         elif kind in (A.REPLICATE_AS_PRIMARY, A.REPLICATE_AS_SECONDARY, A.STOP_REPLICATION):
-            return await self._replication(kind)
+            return await self._replication(kind, d.next_state)
+        elif kind == A.RELEASE_WRITES and self.replication is not None:
+            self.replication.release_writes()
         return True
 
     async def _script(self, name: str, old: S, new: S, event: Event) -> bool:
@@ -365,13 +374,15 @@ class ModuleRuntime:
         self.vip_held = take
         return True
 
-    async def _replication(self, kind: A) -> bool:
+    async def _replication(self, kind: A, next_state: S) -> bool:
         if self.replication is None:
             return True
         try:
             generation = self.persisted.generation.current or None
             if kind == A.REPLICATE_AS_PRIMARY:
-                await self.replication.become_primary(base_generation=generation)
+                # PRIM (not ALONE): the peer counts itself up to date, so what the first resync has not
+                # yet sent must not be acknowledged (resync.py, "Holding writes").
+                await self.replication.become_primary(base_generation=generation, hold_writes=next_state == S.PRIM)
             elif kind == A.REPLICATE_AS_SECONDARY:
                 # Without --fullsync the replication layer still compares blocks unless its lineage
                 # proves this tree is exactly the journal's base (it never is after a split brain).
@@ -432,7 +443,7 @@ class ModuleRuntime:
     def announce_fields(self) -> dict[str, Any]:
         return {
             "name": self.config.name, "state": int(self.state), "data": self.persisted.data.value,
-            "gen": self.persisted.generation.current, "history": list(self.persisted.generation.history[:8]),
+            "gen": self.persisted.generation.current, "history": list(self.persisted.generation.history),
             "intent": (Intent.STARTING if self.starting and self.state == S.STOP else self.intent).value,
             "eligible": eligible(self.local_view()), "leaving": self.leaving,
         }

@@ -64,6 +64,7 @@ class ActionKind(str, enum.Enum):
     RELEASE_VIP = "release_vip"
     NEW_GENERATION = "new_generation"  # we write alone from now on: start a new data generation
     ADOPT_PEER_GENERATION = "adopt_peer_generation"  # our data equals the primary's
+    RELEASE_WRITES = "release_writes"  # the peer cannot take over without what we hold: acknowledge it
     START_CHECKERS = "start_checkers"
     STOP_CHECKERS = "stop_checkers"
     REPLICATE_AS_PRIMARY = "replicate_as_primary"  # mount, send to the secondary (journal while ALONE)
@@ -181,6 +182,10 @@ class LocalView:
     startup_wait: float = 0.0  # how long to wait for the peer at start before deciding alone
     witness_ok: bool = True  # at least one witness answered (True when none configured)
     peer_seen_since_start: bool = False
+    # Replication (True without any): the primary's link is synchronous (resync done, link held since);
+    # how long its agents have held the application's writes (None: they hold none; resync.py).
+    replication_live: bool = True
+    writes_held: float | None = None
 
 
 @dataclass(frozen=True)

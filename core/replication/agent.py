@@ -8,9 +8,10 @@ the key arrives on stdin (never on the command line), events leave on stdout as 
   secondary's receiver: with "directory"), {"event": "disconnected", "directory", "reason"},
   {"event": "status", ...} every second, {"event": "stopped"} at the end; the secondary's "ready" and
   "status" list the directories it made read-only for applications ("protected", see protect.py),
-  and {"event": "warning", "reason"} says when it could not.
+  and {"event": "warning", "reason"} says when it could not. The primary's {"event": "holding"} and
+  {"event": "released", "seconds"} bracket a time its writes are held (resync.py, "Holding writes").
 SIGTERM stops cleanly (unmount, close the stream); so does the death of the daemon (PR_SET_PDEATHSIG,
-or our stdout breaking).
+or our stdout breaking). The service's other signals: signals.py.
 
 The primary keeps (re)connecting to the secondary's receiver whenever it is not connected (every
 `--retry` seconds while it cannot connect, at once after the loss of a healthy link); each connection
@@ -45,6 +46,7 @@ from .protect import is_protected, marker_path as protect_marker, protect
 from .receiver import Receiver, raise_fd_limit
 from .resync import MirrorReplicator
 from .sender import Sender
+from .signals import PEER_LOST_SIGNAL, RELEASE_WRITES_SIGNAL
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +124,24 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
         emit("status", **repl.status())  # the service's view changes with these events: at once
 
     repl = MirrorReplicator(journal, excluder, block=args.journal_block, bandwidth=bandwidth,
-                            generation=args.generation, on_event=on_event)
+                            generation=args.generation, on_event=on_event, hold_limit=args.timeout)
+    if args.hold_writes:  # the module makes us the primary of an up-to-date secondary (a handover)
+        repl.hold_writes("primary of an up-to-date secondary: until the first resync is done")
 
     def make_fs(fd: int) -> ReplicatedFS:
         repl.bind(fd)
         return ReplicatedFS(fd, repl, excluder)
 
-    def peer_gone() -> None:  # SIGUSR2 from the service: heartbeats say the peer is gone
+    def peer_gone() -> None:  # PEER_LOST_SIGNAL from the service: heartbeats say the peer is gone
         if repl.sender is not None:
             repl.sender.abandon("peer lost on every heartbeat network")
+        repl.release_writes("the peer is lost on every heartbeat network (the module recorded a new generation)")
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, peer_gone)
+    def peer_knows() -> None:  # RELEASE_WRITES_SIGNAL from the service
+        repl.release_writes("the peer no longer counts itself an up-to-date secondary")
+
+    asyncio.get_running_loop().add_signal_handler(PEER_LOST_SIGNAL, peer_gone)
+    asyncio.get_running_loop().add_signal_handler(RELEASE_WRITES_SIGNAL, peer_knows)
     # At the stop, a read-only bind goes beneath the mount before it is removed (protect.py).
     guard = protect_marker(Path(args.state_dir), args.module, local) if args.protect else None
     mount = FuseMount(local, make_fs, guard=guard)
@@ -284,6 +293,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--busy-poll-us", type=float, default=DEFAULT_MAX_WINDOW * 1e6,
                     help="longest time the event loop polls before it sleeps, in microseconds (0: never)")
     ap.add_argument("--retry", type=float, default=0.5, help="primary: seconds between connection attempts")
+    ap.add_argument("--hold-writes", action="store_true",
+                    help="primary: start holding writes the peer does not have (see resync.py), until released")
     ap.add_argument("--no-protect", dest="protect", action="store_false",
                     help="secondary: leave the directories writable for applications (no read-only bind mount)")
     return ap.parse_args(argv)

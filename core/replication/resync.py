@@ -45,6 +45,14 @@ await in between either: both orders are the stream order the secondary applies.
   entries do. A truncate is sent too; the blocks past the new size become `data`.
 - A file's size and `data` marks past its end are settled in one step at the end of the file.
 So when no mark is left, the replica equals the primary, and `RsDone` is sent in stream order.
+
+Holding writes. A change that is journaled instead of sent is acknowledged to the application only
+once the peer can no longer take over without it: while the peer still counts itself an up-to-date
+secondary (a live link just lost, before the module's new generation reached it; or the first resync
+after a handover), the acknowledgement waits (`hold_writes`). The module releases it when the peer
+announces its copy out of date or is lost on every heartbeat network (`release_writes`, by signal);
+going live releases it too (the resync sent everything), and so does `hold_limit` (the replication
+timeout) as a last resort, so that a call never waits for ever.
 """
 
 from __future__ import annotations
@@ -631,7 +639,7 @@ class MirrorReplicator:
 
     def __init__(self, journal: Journal, exclude: Excluder | None = None, *, block: int | None = None,
                  bandwidth: float | None = None, generation: int | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None, hold_limit: float | None = None) -> None:
         self.journal = journal
         self.exclude = exclude or Excluder()
         self.block = block or journal.block
@@ -662,6 +670,13 @@ class MirrorReplicator:
         self._al_epoch = 0
         self._al_wake = asyncio.Event()
         self._al_task: asyncio.Task[None] | None = None
+        # Holding writes (module docstring): changes the peer does not have are acknowledged only
+        # once it can no longer count itself an up-to-date secondary without them.
+        self.hold_limit = hold_limit
+        self._released = asyncio.Event()
+        self._released.set()
+        self.held_since: float | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     # ---- plumbing ----
 
@@ -703,7 +718,43 @@ class MirrorReplicator:
             "lag": s.lag_seconds() if s else None,
             "resync": self.progress.snapshot() if self.progress is not None and self.mode == "resync" else None,
             "last_resync": self.last_resync, "journal": self.journal.describe(),
+            "writes_held": None if self.held_since is None else round(time.monotonic() - self.held_since, 3),
         }
+
+    # ---- holding writes ----
+
+    def hold_writes(self, why: str) -> None:
+        """From now on, a change the peer does not have is acknowledged only after release_writes()."""
+        if self.held_since is not None:
+            return
+        self._released.clear()
+        self.held_since = time.monotonic()
+        if self.hold_limit is not None:
+            self._hold_timer = asyncio.get_running_loop().call_later(self.hold_limit, self._hold_expired)
+        log.warning("holding the application's writes: %s", why)
+        self._emit("holding", reason=why)
+
+    def release_writes(self, why: str) -> None:
+        if self.held_since is None:
+            return
+        held = time.monotonic() - self.held_since
+        self.held_since = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._released.set()
+        log.info("writes released after %.2f s: %s", held, why)
+        self._emit("released", reason=why, seconds=round(held, 3))
+
+    def _hold_expired(self) -> None:
+        self._hold_timer = None
+        self.release_writes(f"no word from the module within {self.hold_limit:g} s (the replication timeout): "
+                            "writes go on, journaled for the resync")
+
+    async def _unless_held(self) -> None:
+        """The end of every acknowledgement that did not wait for the peer."""
+        if self.held_since is not None:
+            await self._released.wait()
 
     # ---- intents (write-ahead) ----
 
@@ -880,9 +931,11 @@ class MirrorReplicator:
                 self._token_done(tok)
             send = self._route(ops) if self.mode == "resync" else self._track(ops)
             sender = self.sender
-            if sender is not None and (not send or await sender.submit(*send)):
+            if sender is not None and send and await sender.submit(*send):
                 return
-            await self._after_loss(ops)
+            if sender is None or send:
+                await self._after_loss(ops)
+            await self._unless_held()  # only marked (a resync sends them later), or the link lost
             return
         self._track_hids(ops)
         if self.mode == "resync" or self.journal.authoritative:
@@ -890,6 +943,7 @@ class MirrorReplicator:
                 await self.journal.commit()
         elif tok is not None:
             self._token_done(tok)
+        await self._unless_held()
 
     def _track_hids(self, ops: tuple[m.Op, ...] | list[m.Op]) -> None:
         for op in ops:
@@ -1071,6 +1125,8 @@ class MirrorReplicator:
         self.epoch += 1
         self._stop_activity_log()
         if self.mode == "live":
+            self.hold_writes(f"the replication link to the up-to-date secondary was lost ({reason}): until "
+                             "the module marks that copy out of date")
             tmp = self._unacked_state(unacked)
             self.journal.alone_from_session(tmp.marks.values(), tmp.suspects)
             if self.journal.authoritative:
@@ -1220,6 +1276,7 @@ class MirrorReplicator:
         await self._barrier()
         j.start_session(new_sync, self.generation, patterns)
         self.mode, self.phase = "live", ""
+        self.release_writes("the resync is done: the secondary has every change")
         self.live_at = time.monotonic()
         self._al_epoch = 0  # start_session emptied the journal's activity log
         if self.sender is not None:

@@ -35,6 +35,7 @@ from .protect import (
     protect_beneath,
     unprotect,
 )
+from .signals import PEER_LOST_SIGNAL, RELEASE_WRITES_SIGNAL
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,13 @@ class ReplicationService:
 
     # ---- roles ----
 
-    async def become_primary(self, base_generation: int | None = None) -> None:
+    async def become_primary(self, base_generation: int | None = None, hold_writes: bool = False) -> None:
         """Mount over every replicated directory and stream to the peer (journal if it is away).
         Returns once every mount is in place: the application may start.
         `base_generation` (optional): the data generation both nodes shared when replication last
-        held; recorded with a new journal and compared (as a diagnostic) with the secondary's."""
+        held; recorded with a new journal and compared (as a diagnostic) with the secondary's.
+        `hold_writes`: the peer is an up-to-date secondary (a handover): writes it does not have
+        are acknowledged only after the first resync (or `release_writes`, see resync.py)."""
         await self._stop_agents()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._check_protection()
@@ -106,7 +109,7 @@ class ReplicationService:
             argv = ["--role", "primary", "--directory", str(directory), "--local", str(self._local_dir(directory)),
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
             argv += [f"--exclude={p}" for p in self.config.exclude]
-            argv += self._resync_argv(base_generation)
+            argv += self._resync_argv(base_generation) + (["--hold-writes"] if hold_writes else [])
             # Resolved now, before the mount: the watchdog must not ask a mount that may be hung.
             await self._spawn(str(directory), argv, mount_point=os.fsencode(self._local_dir(directory)))
         self.role = "primary"
@@ -171,7 +174,26 @@ class ReplicationService:
             return
         for agent in self._agents:
             if agent.proc.returncode is None:
-                agent.proc.send_signal(signal.SIGUSR2)
+                agent.proc.send_signal(PEER_LOST_SIGNAL)
+
+    @property
+    def live(self) -> bool:
+        """The primary replicates synchronously: every directory's resync is done and its link held since."""
+        mine = [a for a in self._agents if a.name != "receiver"]
+        return (self.role == "primary" and len(mine) == len(self.config.directories)
+                and all(a.synced and a.status.get("connected") for a in mine))
+
+    def writes_held(self) -> float | None:
+        """Seconds the primary has held the application's writes (resync.py, "Holding writes"); None: it holds none."""
+        held = [a.status["writes_held"] for a in self._agents
+                if a.name != "receiver" and a.proc.returncode is None and a.status.get("writes_held") is not None]
+        return max(held) if held else None
+
+    def release_writes(self) -> None:
+        """The peer can no longer take over without what the primary holds: acknowledge it."""
+        for agent in self._agents:
+            if agent.name != "receiver" and agent.proc.returncode is None and agent.status.get("writes_held") is not None:
+                agent.proc.send_signal(RELEASE_WRITES_SIGNAL)
 
     def _resync_argv(self, generation: int | None) -> list[str]:
         argv = [f"--journal-block={getattr(self.config, 'journal_block', 4096)}"]
@@ -228,6 +250,8 @@ class ReplicationService:
             "bytes_sent": sum(s.get("bytes_sent", 0) for s in primary),
             "inflight_bytes": sum(s.get("inflight", 0) for s in primary),
             "lag_seconds": max((s.get("lag") or 0.0 for s in primary), default=0.0),
+            # Seconds the application's writes have been held (resync.py, "Holding writes"); None: none.
+            "writes_held": self.writes_held(),
             # Progress of the resyncs running now (bytes to send or compare, done, sent, files, ETA).
             "resync": self._resync_progress(primary),
             # The latest resync of each directory once over ("results": done / interrupted).

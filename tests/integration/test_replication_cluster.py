@@ -183,6 +183,10 @@ with open({str(cluster.data_dir / 'during-the-cut')!r}, 'w') as f:
     f.write('written while the stream was cut'); f.flush(); os.fsync(f.fileno())
 """)
     assert time.monotonic() - started < 20, "the write waited far past the replication timeout"
+    # Acknowledged only once n2 no longer counted its copy up to date (docs/replication.md, "Holding
+    # writes"): before, it returned while n2 did, and n2 taking over then would have lost it.
+    module = cluster.status("n2")["modules"][0]
+    assert module["data"] != "uptodate", module
     cluster.wait_states({"n1": "ALONE", "n2": "SECOND(stale)"}, timeout=30)
     module = cluster.status("n2")["modules"][0]
     assert module["data"] != "uptodate" and not module["serving"], module

@@ -1084,3 +1084,79 @@ def test_a_change_of_the_exclusion_patterns_makes_the_next_resync_compare_everyt
             again.close()
         finally:
             force_unmount(tmp_path / "primary")
+
+
+def _write_in_thread(path: Path) -> threading.Event:
+    """Write and fsync `path` from a thread (as the application would); the event is set once both returned."""
+    done = threading.Event()
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(b"acknowledged")
+            os.fsync(f.fileno())
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return done
+
+
+async def _release(mir: ResyncMirror) -> None:
+    assert mir.repl is not None
+    mir.repl.release_writes("the test: the module would say the peer knows")
+
+
+def test_writes_after_a_live_link_is_lost_are_acknowledged_only_once_released(tmp_path: Path) -> None:
+    """The secondary still counts itself up to date when the link goes: a write that reaches only the
+    journal must not return before the module says the peer knows (before, it returned at once, and
+    a secondary taking over in that window lost it). Released, it returns, and the next resync
+    brings it to the replica."""
+    with running_mirror(tmp_path, ResyncMirror, timeout=2.0, hold_limit=None) as mir:
+        go_live(mir)
+        mir.stop_secondary()
+        mir.wait_mode("alone")
+        done = _write_in_thread(mir.primary / "f")
+        assert not done.wait(1.5), "a write the peer does not have returned before any release"
+        assert mir.status()["writes_held"] is not None
+        assert ("holding", ) == tuple(e for e, _ in mir.events if e == "holding")
+        mir.call(_release(mir))
+        assert done.wait(10), "the write did not return after the release"
+        assert mir.status()["writes_held"] is None
+        mir.start_secondary()
+        mir.connect()
+        mir.wait_mode("live")
+        assert_same(mir)
+
+
+def test_writes_held_from_the_start_return_once_the_first_resync_is_done(tmp_path: Path) -> None:
+    """A handover makes this node the primary of an up-to-date secondary (`--hold-writes`): what the
+    first resync has not sent is acknowledged only when it has (going live releases, no module
+    needed)."""
+    with running_mirror(tmp_path, ResyncMirror, timeout=2.0, hold_limit=None) as mir:
+        mir.start_secondary()
+        mir.start_primary()
+
+        async def hold() -> None:
+            assert mir.repl is not None
+            mir.repl.hold_writes("the test: a handover")
+
+        mir.call(hold())
+        done = _write_in_thread(mir.primary / "f")
+        assert not done.wait(1.0), "a write returned while the secondary did not have it"
+        mir.connect()
+        mir.wait_mode("live")
+        assert done.wait(10), "the write did not return once the resync was done"
+        assert mir.status()["writes_held"] is None
+        assert_same(mir)
+
+
+def test_held_writes_are_released_after_the_limit(tmp_path: Path) -> None:
+    """With no word from the module (its loop busy, say), a call must not wait for ever: the
+    replication timeout releases it."""
+    with running_mirror(tmp_path, ResyncMirror, timeout=2.0, hold_limit=1.0) as mir:
+        go_live(mir)
+        mir.stop_secondary()
+        mir.wait_mode("alone")
+        done = _write_in_thread(mir.primary / "f")
+        assert done.wait(15)
+        released = [d for e, d in mir.events if e == "released"]
+        assert released and "no word from the module" in released[-1]["reason"], mir.events

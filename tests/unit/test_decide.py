@@ -1608,3 +1608,59 @@ def test_a_dead_agent_is_restarted_then_the_pair_replicates_again() -> None:
     pair.do("n2", E.RESYNC_DONE)  # the new agent reconnected and resynchronised it
     pair.do("n1", E.PEER_CHANGED)
     assert pair.states() == (S.PRIM, S.SECOND), pair.trace()
+
+
+# ---- holding writes, the link and the generation ------------------------------------------------
+
+def alone_with_uptodate_peer(**kw: object) -> tuple[LocalView, PeerView]:
+    """n1 ALONE at G0; n2 an up-to-date secondary that took G0 (its resync just ended)."""
+    local = local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=G0), **kw)
+    return local, peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=G0)
+
+
+def test_alone_moves_to_prim_only_once_its_replication_is_live() -> None:
+    """Heartbeats alone said "up-to-date secondary": an ALONE node whose link had gone moved to PRIM
+    with its writes reaching only the journal, and a secondary taking over lost them."""
+    local, peer = alone_with_uptodate_peer(replication_live=False)
+    d = decide(local, peer, E.PEER_CHANGED)
+    assert d.next_state == S.ALONE and "new_generation" not in names(d), d
+    d = decide(replace(local, replication_live=True), peer, E.PEER_CHANGED)
+    assert d.next_state == S.PRIM, d
+
+
+def test_alone_that_loses_the_link_to_a_secondary_counting_itself_up_to_date_starts_a_new_generation() -> None:
+    local, peer = alone_with_uptodate_peer(replication_live=False)
+    d = decide(local, peer, E.REPLICATION_LOST)
+    assert d.next_state == S.ALONE and names(d) == ["new_generation"], d
+    # Once the new generation is announced, the secondary knows its copy is out of date.
+    n2 = local_view(S.SECOND, node="n2", preferred=False, persisted=Persisted(S.SECOND, False, generation=G0))
+    d2 = decide(n2, peer_view(name="n1", state=S.ALONE, generation=NEWER, preferred=True), E.PEER_CHANGED)
+    assert d2.persisted is not None and d2.persisted.data == DataStatus.STALE, d2
+
+
+def test_a_secondary_announcing_a_shorter_history_is_still_up_to_date() -> None:
+    """The heartbeat used to carry 8 of the 16 generations kept: a secondary that took the primary's
+    generation had a shorter history, and the pair stayed ALONE / SECOND for good."""
+    local = local_view(S.ALONE, replication_live=True,
+                       persisted=Persisted(S.ALONE, True, generation=Generation(99, tuple(range(1, 17)))))
+    peer = peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=Generation(99, tuple(range(1, 9))))
+    assert decide(local, peer, E.PEER_CHANGED).next_state == S.PRIM
+
+
+@pytest.mark.parametrize("peer,released", [
+    (peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=G0), False),  # has not seen the new generation
+    (peer_view(state=S.SECOND, data=DataStatus.STALE, generation=G0), True),
+    (peer_view(state=S.SECOND, data=DataStatus.RESYNCING, generation=G0), True),
+    (peer_view(state=S.WAIT, data=DataStatus.UPTODATE, generation=G0), True),
+    (peer_view(state=S.STOP, data=DataStatus.UPTODATE, generation=G0), True),
+    (LOST, True),
+], ids=["uptodate-second", "stale-second", "resyncing-second", "wait", "stop", "lost"])
+def test_held_writes_are_released_once_the_peer_cannot_take_over_without_them(peer: PeerView, released: bool) -> None:
+    local = local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=NEWER), writes_held=0.4,
+                       replication_live=False)
+    d = decide(local, peer, E.PEER_CHANGED if peer.reachable else E.PEER_LOST)
+    assert ("release_writes" in names(d)) == released and d.next_state == S.ALONE, d
+    if not released:
+        assert not d.actions, d
+    nothing_held = decide(replace(local, writes_held=None), peer, E.PEER_CHANGED)
+    assert "release_writes" not in names(nothing_held)

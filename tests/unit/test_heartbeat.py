@@ -517,3 +517,20 @@ def test_address_not_on_host() -> None:
             await hb.start()
 
     run(scenario)
+
+
+def test_announce_carries_the_whole_history_kept_and_shortens_it_only_to_fit_a_datagram() -> None:
+    import msgspec
+    from safekit_cloud.core.engine import Announce, announce_payload
+    from safekit_cloud.core.module import HISTORY_KEPT
+
+    def module(name: str) -> dict:
+        return {"name": name, "state": 3, "data": "uptodate", "gen": 2**62 + 1,
+                "history": [2**62 + i for i in range(2, 2 + HISTORY_KEPT)], "intent": "none", "eligible": True}
+
+    one = msgspec.msgpack.decode(announce_payload([module("web")], True, 1300), type=Announce)
+    assert len(one.modules[0].history) == HISTORY_KEPT
+    many = announce_payload([module(f"module-{i}") for i in range(10)], True, 1300)
+    assert len(many) <= 1300  # one that does not fit is sent empty: the peer would see no module
+    decoded = msgspec.msgpack.decode(many, type=Announce)
+    assert len(decoded.modules) == 10 and 1 <= len(decoded.modules[0].history) < HISTORY_KEPT
