@@ -74,11 +74,22 @@ def record_directories(root_fd: int, marker: Path, excluded: Callable[[bytes, bo
     todo: list[bytes] = [b""]
     while todo:
         rel = todo.pop()
-        with os.scandir(base + b"/" + rel if rel else base) as entries:
+        try:
+            entries = os.scandir(base + b"/" + rel if rel else base)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            continue  # beyond what a path names (see changed_since): left unrecorded, so compared whole
+        with entries:
             for entry in entries:
                 path = rel + b"/" + entry.name if rel else entry.name
                 if entry.is_dir(follow_symlinks=False) and not excluded(path, True):
-                    found[path] = file_handle_at(base + b"/" + path)
+                    try:
+                        found[path] = file_handle_at(base + b"/" + path)
+                    except OSError as exc:
+                        if exc.errno != errno.ENAMETOOLONG:
+                            raise
+                        continue
                     todo.append(path)
     tmp = marker.with_suffix(".dirs.tmp")
     with open(tmp, "wb") as f:
@@ -131,6 +142,13 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 continue  # gone meanwhile: its parent's ctime says so
+            if exc.errno == errno.ENAMETOOLONG:
+                # A directory renamed to a longer name can leave paths below it longer than a system
+                # call takes (with our /proc/self/fd prefix): compared whole rather than failing the
+                # agent (the failover that started it then left no node serving).
+                found.append(rel)
+                covered.add(rel)
+                continue
             raise
         with entries:
             for entry in entries:
@@ -143,6 +161,11 @@ def changed_since(root_fd: int, since_ns: int, excluded: Callable[[bytes, bool],
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    found.append(path)  # as above
                     continue
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if excluded(path, is_dir):

@@ -469,3 +469,34 @@ def test_an_alone_journal_keeps_its_records_and_adds_what_changed_around_it(tmp_
     j = Journal.load(path)
     assert j.trusted and b"written/alone" in j.state.marks and j.state.suspects == {b"changed/by-hand"}
     assert "changed while unwatched" in j.reason
+
+
+def test_paths_longer_than_a_system_call_takes_are_compared_whole_not_fatal(tmp_path: Path) -> None:
+    """A deep tree (a directory renamed to a longer name makes one through the mount): paths below
+    it pass the 4,096 bytes a system call takes once prefixed with /proc/self/fd/N. The walk (at the
+    start of a primary agent: every failover) raised ENAMETOOLONG, the agent died and no node
+    served; it now reports the part it cannot reach as changed (compared whole by the resync), and
+    recording identities skips it."""
+    root = tmp_path / "d"
+    root.mkdir()
+    level = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    names = []
+    try:
+        for i in range(17):  # 17 x 251 bytes of path: past 4,096 with the prefix
+            name = bytes([ord("a") + i]) * 250
+            os.mkdir(name, dir_fd=level)
+            below = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=level)
+            os.close(level)
+            level, names = below, names + [name]
+        os.close(os.open(b"f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=level))
+        since = _after_a_tick()
+        os.chmod(f"/proc/self/fd/{level}/f", 0o600)  # a change at the bottom, after `since`
+    finally:
+        os.close(level)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        found = unwatched.changed_since(fd, since, lambda p, d: False, same_root=True)
+        assert found and all(b"/".join(names).startswith(p) for p in found), found
+        assert unwatched.record_directories(fd, tmp_path / "dirs", lambda p, d: False) >= 15
+    finally:
+        os.close(fd)
