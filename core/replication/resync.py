@@ -1473,11 +1473,10 @@ class MirrorReplicator:
                     st.add_meta(p)  # its mtime
                 else:
                     ops.append(m.Mknod(0, p, o.mode, 0, o.uid, o.gid))
-                    if o.xattrs:
-                        st.add_meta(p)
+                    st.add_meta(p)  # its mtime (made with the resync's own), and xattrs
                 continue
             if (o.kind != "l" and o.mode != t.mode) or o.uid != t.uid or o.gid != t.gid or o.xattrs != t.xattrs \
-                    or (o.kind in ("d", "l") and o.mtime_ns != t.mtime_ns):
+                    or (o.kind != "f" and o.mtime_ns != t.mtime_ns):  # a file's: with its data, below
                 st.add_meta(p)
             if o.kind != "f":
                 continue

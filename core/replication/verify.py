@@ -172,7 +172,8 @@ class Scanner:
                             mtime_ns=m.wire_time(st.st_mtime_ns), target=target, xattrs=_xattrs(proc), link=link)
         elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
             entry = m.Entry(path, "p" if kind == stat.S_IFIFO else "s", stat.S_IMODE(st.st_mode),
-                            st.st_uid, st.st_gid, xattrs=_xattrs(proc), link=link)
+                            st.st_uid, st.st_gid, mtime_ns=m.wire_time(st.st_mtime_ns), xattrs=_xattrs(proc),
+                            link=link)
         else:
             return None  # directories are handled by the caller; device nodes are never replicated
         self.entries += 1
@@ -397,8 +398,8 @@ def compare_entries(a: m.Entry, b: m.Entry) -> list[str]:
             out.append("mtime")
     if a.kind == "d" and a.mtime_ns != b.mtime_ns:
         out.append("mtime")
-    # A node of the previous release sends no symlink mtime (it did not replicate them): not a difference.
-    if a.kind == "l" and None not in (a.mtime_ns, b.mtime_ns) and a.mtime_ns != b.mtime_ns:
+    # A node of an earlier release sends no symlink (or FIFO, socket) mtime: not a difference.
+    if a.kind in ("l", "p", "s") and None not in (a.mtime_ns, b.mtime_ns) and a.mtime_ns != b.mtime_ns:
         out.append("mtime")
     if a.kind == "l" and a.target != b.target:
         out.append("target")

@@ -1160,3 +1160,36 @@ def test_held_writes_are_released_after_the_limit(tmp_path: Path) -> None:
         assert done.wait(15)
         released = [d for e, d in mir.events if e == "released"]
         assert released and "no word from the module" in released[-1]["reason"], mir.events
+
+
+def test_a_checksum_resync_brings_fifo_times_over_and_verify_compares_them(mirror: ResyncMirror) -> None:
+    """A FIFO missing on the replica was made again with the resync's own time, and one whose time
+    differed stayed different; verify saw neither (FIFO and socket entries carried no mtime)."""
+    from safekit_cloud.core.replication.verify import Scanner, compare_entries
+
+    p = alone_after_sync(mirror)
+    for name in ("fifo_a", "fifo_b"):
+        os.mkfifo(p / "d" / name)
+        os.utime(p / "d" / name, ns=(10**18, 10**18))
+    resync_after_alone(mirror, lose_journal=False)
+    os.unlink(mirror.replica / "d" / "fifo_a")  # the replica lost one, and the other's time moved
+    os.utime(mirror.replica / "d" / "fifo_b", ns=(5, 5))
+
+    def entry(root: Path) -> object:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(root / "d", os.O_RDONLY | os.O_DIRECTORY)
+        scanner = Scanner(fd)
+        try:
+            return scanner._entry(dfd, b"fifo_b", b"d/fifo_b", os.lstat(root / "d" / "fifo_b"), False)
+        finally:
+            scanner.close()
+            os.close(dfd)
+            os.close(fd)
+
+    assert compare_entries(entry(mirror.primary), entry(mirror.replica)) == ["mtime"]  # what verify reports
+    mirror.stop_secondary()
+    mirror.wait_mode("alone")
+    resync_after_alone(mirror, lose_journal=True)  # a checksum resync: compares the listings
+    for name in ("fifo_a", "fifo_b"):
+        assert os.lstat(mirror.replica / "d" / name).st_mtime_ns == 10**18, name
+    assert_same(mirror)
