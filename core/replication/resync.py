@@ -1507,7 +1507,9 @@ class MirrorReplicator:
                 except OSError:
                     size = 0
                 nb = _ceil(size, self.block)
-                total += (mk.data.count(nb) + mk.cmp.count(nb)) * self.block
+                either = mk.data.copy()
+                either.update(mk.cmp)  # a block marked both ways is read once, not twice
+                total += either.count(nb) * self.block
             if i % 2000 == 1999:
                 await asyncio.sleep(0)
         prog.bytes_total, prog.files_total = total, len(marks)
