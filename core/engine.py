@@ -131,6 +131,7 @@ class Engine:
         self.modules: dict[str, ModuleRuntime] = {
             m.name: ModuleRuntime(cluster=config, config=m, node=node, state_dir=state_dir,
                                   peer_view=self.peer_view, announce=self.heartbeat.beat_now,
+                                  settle=self.heartbeat.settle,
                                   provider=self._provider(m), replication=self._replication)
             for m in config.modules
         }

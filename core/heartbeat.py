@@ -177,6 +177,10 @@ class Heartbeat:
         self._window = ReplayWindow(replay_window)
         self._peer_incarnation: int | None = None
         self._peer_payload: bytes | None = None
+        # When loss detection last looked (it looks at least every interval/2): a longer gap means
+        # this process did not run (a paused VM, SIGSTOP, a starved host), see _account_pause.
+        self._looked_at = time.monotonic()
+        self._resumed_at: float | None = None  # when the last such pause ended
         self._reported: tuple[object, ...] = (self._alive_flags(time.monotonic()), None, None)
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._limited = _RateLimitedLog(WARN_PERIOD)
@@ -441,7 +445,34 @@ class Heartbeat:
                 delay = min(delay, state.last_seen + self._timeout - now + 0.001)
         return delay
 
+    def _account_pause(self, now: float) -> None:
+        """Silence is counted only while this node listened. After a pause of this process longer
+        than half the timeout, each link's silence resumes where it stood when the pause began: a
+        primary paused past the timeout used to find its peer "lost" the moment it ran again (the
+        peer's beats sent meanwhile are too old to be accepted), start a new generation and
+        acknowledge writes alone, when the peer had taken over: a split brain where one node had
+        simply been away. Now it hears the peer first, and yields to it."""
+        gap = now - self._looked_at
+        self._looked_at = now
+        if gap <= self._timeout / 2:
+            return
+        self._resumed_at = now
+        for state in self._links:
+            if state.last_seen is not None:
+                state.last_seen = min(now, state.last_seen + gap)
+        log.warning("heartbeat: this process did not run for %.1fs (paused, or its host starved): the peer's "
+                    "silence meanwhile is not counted", gap)
+
+    async def settle(self) -> None:
+        """Return once what the peer said is current: at once, except in the first interval after a
+        pause of this process, while its beats queued meanwhile (read one per loop turn) and its next
+        one arrive. The engine decides nothing on the beat it heard before the pause."""
+        self._account_pause(time.monotonic())
+        while self._resumed_at is not None and time.monotonic() - self._resumed_at < self._interval:
+            await asyncio.sleep(self._interval / 4)
+
     def _alive_flags(self, now: float) -> tuple[bool, ...]:
+        self._account_pause(now)
         return tuple(
             state.last_seen is not None and now - state.last_seen < self._timeout for state in self._links
         )

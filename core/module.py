@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ HISTORY_KEPT = 16
 class ModuleRuntime:
     def __init__(self, *, cluster: ClusterConfig, config: ModuleConfig, node: str, state_dir: Path,
                  peer_view: Callable[[str], PeerView], announce: Callable[[], None],
+                 settle: Callable[[], Awaitable[None]] | None = None,
                  provider: VipProvider | None, replication: Callable[..., Any] | None = None) -> None:
         self.cluster = cluster
         self.config = config
@@ -68,6 +69,7 @@ class ModuleRuntime:
         self.peer_name = cluster.peer_of(node).name
         self._peer_view = peer_view
         self._announce = announce
+        self._settle = settle  # the heartbeat's: the peer's view is current (after a pause of this process)
         self.provider = provider
         # The replication service (None without replicated directories) reports through events.
         self.replication = replication(
@@ -180,6 +182,8 @@ class ModuleRuntime:
                 future.set_result(result)
 
     async def handle(self, event: Event) -> CommandResult:
+        if self._settle is not None:
+            await self._settle()
         peer = self._peer_view(self.config.name)
         if peer.reachable:
             self.peer_seen_since_start = True

@@ -479,3 +479,27 @@ def _proc_state(pid: int) -> str:
             return next((line for line in f if line.startswith("State:")), "").lower()
     except OSError:
         return "gone"
+
+
+def test_a_primary_paused_past_the_timeout_yields_to_the_node_that_took_over_and_keeps_its_writes(
+        cluster: LabCluster) -> None:
+    """n1's daemon is paused (SIGSTOP, as a frozen VM is) past the heartbeat timeout: n2 takes over
+    and the application writes there. When n1 runs again, n2, whose data is newer, keeps serving and
+    n1 resyncs from it. Before, n1 acted on the last beat it had heard before the pause: it went on
+    alone (a split brain, with writes acknowledged on both sides), or made n2 yield to the tie-break
+    and lose what it wrote."""
+    n1 = cluster.daemons["n1"]
+    n1.send_signal(signal.SIGSTOP)
+    try:
+        cluster.wait_states({"n2": "ALONE"}, timeout=30)
+        app_write(cluster, "n2", f"""
+import os
+with open({str(cluster.data_dir / 'written-on-n2')!r}, 'w') as f:
+    f.write('while n1 was paused'); f.flush(); os.fsync(f.fileno())
+""")
+    finally:
+        n1.send_signal(signal.SIGCONT)
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=60)
+    assert (cluster.disk("n1") / "written-on-n2").read_text() == "while n1 was paused"
+    result = verify(cluster, "n2")
+    assert result.returncode == 0, result.stdout + result.stderr

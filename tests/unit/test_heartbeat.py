@@ -534,3 +534,34 @@ def test_announce_carries_the_whole_history_kept_and_shortens_it_only_to_fit_a_d
     assert len(many) <= 1300  # one that does not fit is sent empty: the peer would see no module
     decoded = msgspec.msgpack.decode(many, type=Announce)
     assert len(decoded.modules) == 10 and 1 <= len(decoded.modules[0].history) < HISTORY_KEPT
+
+
+def test_a_pause_of_this_process_does_not_make_the_peer_lost_the_silence_while_listening_does() -> None:
+    """A primary paused (SIGSTOP, a frozen VM) past the timeout used to find its peer lost the
+    moment it ran again, and go on alone beside a peer that had taken over: a split brain where it
+    had only been away. Only the silence while this node looked counts."""
+    hb = receiver(interval=0.25, timeout=1.0)  # a pause: more than timeout/2 without looking
+    feed(hb, datagram(seq=1))
+    time.sleep(2.5)  # this node does not run: nothing looks (a blocked loop, as when paused)
+    assert hb.peer_status().reachable, "a pause of this node was counted as the peer's silence"
+    listening = time.monotonic()  # now it listens (looking every 50 ms), and hears nothing
+    while time.monotonic() < listening + 0.7:
+        assert hb.peer_status().reachable
+        time.sleep(0.05)
+    while time.monotonic() < listening + 1.2:
+        hb.peer_status()
+        time.sleep(0.05)
+    assert not hb.peer_status().reachable  # silent for a whole timeout while this node listened
+
+
+def test_after_a_pause_the_engine_waits_an_interval_for_current_beats_before_deciding() -> None:
+    """The peer's beats queued during the pause are read one per loop turn: deciding on the first,
+    the oldest, made a paused primary go on alone beside the node that had taken over."""
+    hb = receiver(interval=0.25, timeout=1.0)
+    started = time.monotonic()
+    asyncio.run(hb.settle())
+    assert time.monotonic() - started < 0.1  # no pause: at once
+    time.sleep(1.0)  # paused
+    started = time.monotonic()
+    asyncio.run(hb.settle())
+    assert time.monotonic() - started >= 0.25
