@@ -498,7 +498,9 @@ class ReplicationConfig(Strict):
         None, description="Heartbeat network whose addresses carry the stream (default: the first listed)."
     )
     timeout: PositiveSeconds = Field(
-        10.0, description="Seconds without an acknowledgement before the primary continues alone."
+        10.0, description="Seconds without an acknowledgement before the primary continues alone; also the "
+                          "longest the application's writes are held after a live link is lost, if the engine "
+                          "has not released them before (docs/replication.md, holding writes)."
     )
     journal_block: int = Field(
         4096, ge=512, le=1 << 20,
