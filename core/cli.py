@@ -609,6 +609,8 @@ def _replication_text(r: dict[str, Any]) -> str:
         text += f", {r.get('bytes_sent', 0) / 1e6:.1f} MB sent"
         if r.get("lag_seconds"):
             text += f", lag {r['lag_seconds']:.2f} s"
+        if r.get("writes_held") is not None:  # docs/replication.md, holding writes
+            text += f", writes held {r['writes_held']:.1f} s (until the peer knows its copy is out of date)"
         if not r.get("connected") and r.get("last_lost"):
             text += f"; last lost: {_clip(str(r['last_lost']))}"  # why (a full disk there, say)
     elif r.get("role") == "secondary":

@@ -909,6 +909,9 @@ def test_status_line_says_why_replication_is_down() -> None:
         "not connected (journaling), 0.0 MB sent; last lost: /srv/data: receiver error: OSError: [Errno 28] "
         "No space left on device")
     assert "last lost" not in _replication_text(dict(primary, connected=True))
+    held = _replication_text(dict(primary, writes_held=1.24))
+    assert "writes held 1.2 s (until the peer knows its copy is out of date)" in held
+    assert "writes held" not in _replication_text(dict(primary, writes_held=None))
     secondary = {"role": "secondary", "agents": {"receiver": {"streams": {"/srv/data": {
         "connected": False, "last_error": "OSError: [Errno 28] No space left on device"}}}}}
     assert _replication_text(secondary) == ("replication secondary; last stream ended: OSError: [Errno 28] "
