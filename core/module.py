@@ -288,6 +288,8 @@ class ModuleRuntime:
             if old.is_primary and not d.next_state.is_primary:
                 self.leaving = True
                 self._announce()
+                if self.replication is not None:
+                    self.replication.refuse_held_writes()  # never acknowledged now: the peer's data wins
             if d.next_state != old:
                 await self._script("transition", old, d.next_state, event)
             try:

@@ -46,7 +46,7 @@ from .protect import is_protected, marker_path as protect_marker, protect
 from .receiver import Receiver, raise_fd_limit
 from .resync import MirrorReplicator
 from .sender import Sender
-from .signals import PEER_LOST_SIGNAL, RELEASE_WRITES_SIGNAL
+from .signals import PEER_LOST_SIGNAL, REFUSE_HELD_WRITES_SIGNAL, RELEASE_WRITES_SIGNAL
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
 
     asyncio.get_running_loop().add_signal_handler(PEER_LOST_SIGNAL, peer_gone)
     asyncio.get_running_loop().add_signal_handler(RELEASE_WRITES_SIGNAL, peer_knows)
+    asyncio.get_running_loop().add_signal_handler(
+        REFUSE_HELD_WRITES_SIGNAL, lambda: repl.refuse_held_writes("the module leaves the primary role"))
     # At the stop, a read-only bind goes beneath the mount before it is removed (protect.py).
     guard = protect_marker(Path(args.state_dir), args.module, local) if args.protect else None
     mount = FuseMount(local, make_fs, guard=guard)

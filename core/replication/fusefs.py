@@ -1031,7 +1031,7 @@ class ReplicatedFS(fuseabi.Operations):
                 if self._replicated(path):
                     st = os.fstat(f.fd)
                     await self.repl.submit(m.SetAttr(0, path, **m.wire_times(st)))
-        except OSError:
+        except (OSError, fuseabi.FUSEError):  # a close cannot fail: not even refused held writes
             pass
         finally:
             self._behind.forget(f.fd)

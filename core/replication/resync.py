@@ -52,7 +52,9 @@ secondary (a live link just lost, before the module's new generation reached it;
 after a handover), the acknowledgement waits (`hold_writes`). The module releases it when the peer
 announces its copy out of date or is lost on every heartbeat network (`release_writes`, by signal);
 going live releases it too (the resync sent everything), and so does `hold_limit` (the replication
-timeout) as a last resort, so that a call never waits for ever.
+timeout) as a last resort, so that a call never waits for ever. When the module leaves the primary
+role instead (its node yields to a peer with newer data), what is held fails with EIO
+(`refuse_held_writes`): this node's copy is about to be replaced by the peer's.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ import xxhash
 from . import messages as m
 from .apply import Applier, open_regular, proc_path
 from .exclude import Excluder
+from .fuseabi import FUSEError
 from .journal import (
     INF,
     NS_TYPES,
@@ -677,6 +680,7 @@ class MirrorReplicator:
         self._released.set()
         self.held_since: float | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._refusing = False  # leaving the primary role: held writes fail instead (refuse_held_writes)
 
     # ---- plumbing ----
 
@@ -746,6 +750,20 @@ class MirrorReplicator:
         log.info("writes released after %.2f s: %s", held, why)
         self._emit("released", reason=why, seconds=round(held, 3))
 
+    def refuse_held_writes(self, why: str) -> None:
+        """The module leaves the primary role (its node yields to a peer with newer data, or stops):
+        what is held, and any later change, fails with EIO rather than being acknowledged, since this
+        node's copy is about to be replaced by the peer's."""
+        if self.held_since is None or self._refusing:
+            return
+        self._refusing = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._released.set()
+        log.warning("held writes refused (EIO): %s", why)
+        self._emit("refused", reason=why)
+
     def _hold_expired(self) -> None:
         self._hold_timer = None
         self.release_writes(f"no word from the module within {self.hold_limit:g} s (the replication timeout): "
@@ -755,6 +773,8 @@ class MirrorReplicator:
         """The end of every acknowledgement that did not wait for the peer."""
         if self.held_since is not None:
             await self._released.wait()
+            if self._refusing:
+                raise FUSEError(errno.EIO)
 
     # ---- intents (write-ahead) ----
 

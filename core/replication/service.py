@@ -35,7 +35,7 @@ from .protect import (
     protect_beneath,
     unprotect,
 )
-from .signals import PEER_LOST_SIGNAL, RELEASE_WRITES_SIGNAL
+from .signals import PEER_LOST_SIGNAL, REFUSE_HELD_WRITES_SIGNAL, RELEASE_WRITES_SIGNAL
 from .verify import VerifyError, verify_module
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,16 @@ class ReplicationService:
 
     def release_writes(self) -> None:
         """The peer can no longer take over without what the primary holds: acknowledge it."""
+        self._signal_holders(RELEASE_WRITES_SIGNAL)
+
+    def refuse_held_writes(self) -> None:
+        """This node leaves the primary role: what it holds fails instead (resync.py)."""
+        self._signal_holders(REFUSE_HELD_WRITES_SIGNAL)
+
+    def _signal_holders(self, sig: int) -> None:
         for agent in self._agents:
             if agent.name != "receiver" and agent.proc.returncode is None and agent.status.get("writes_held") is not None:
-                agent.proc.send_signal(RELEASE_WRITES_SIGNAL)
+                agent.proc.send_signal(sig)
 
     def _resync_argv(self, generation: int | None) -> list[str]:
         argv = [f"--journal-block={getattr(self.config, 'journal_block', 4096)}"]

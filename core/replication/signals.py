@@ -14,3 +14,6 @@ PEER_LOST_SIGNAL = signal.SIGUSR2
 # The peer no longer counts itself an up-to-date secondary: release held writes (resync.py, "Holding
 # writes"). A real-time signal, which nothing else sends; SIGRTMIN is past glibc's internal ones.
 RELEASE_WRITES_SIGNAL = signal.SIGRTMIN
+# The module leaves the primary role: held writes, and later ones, fail (EIO) instead of being
+# acknowledged by the hold's time limit; the node is about to take the peer's data.
+REFUSE_HELD_WRITES_SIGNAL = signal.SIGRTMIN + 1

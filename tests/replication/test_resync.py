@@ -1216,3 +1216,41 @@ def test_resync_progress_counts_a_block_marked_both_ways_once(tmp_path: Path) ->
     finally:
         os.close(fd)
         os.close(repl.root)
+
+
+def test_held_writes_fail_when_the_node_leaves_the_primary_role(tmp_path: Path) -> None:
+    """A primary paused past the timeout comes back, holds its writes and yields to the node that took
+    over: its copy is about to be replaced, so what it holds must fail (EIO), never be acknowledged by
+    the hold's time limit while its stop scripts run (a probe saw that: acknowledged, then lost)."""
+    import errno as errno_
+
+    with running_mirror(tmp_path, ResyncMirror, timeout=2.0, hold_limit=None) as mir:
+        go_live(mir)
+        mir.stop_secondary()
+        mir.wait_mode("alone")
+        failed: list[int] = []
+
+        def write() -> None:
+            try:
+                with open(mir.primary / "f", "wb") as f:
+                    f.write(b"held")
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                failed.append(exc.errno or 0)
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not failed, "the write was not held"
+
+        async def refuse() -> None:
+            assert mir.repl is not None
+            mir.repl.refuse_held_writes("the test: the node yields")
+
+        mir.call(refuse())
+        thread.join(10)
+        assert failed == [errno_.EIO], failed
+        with pytest.raises(OSError) as later:  # and so does any later change
+            (mir.primary / "g").write_bytes(b"after")
+        assert later.value.errno == errno_.EIO
+        assert ("refused", ) == tuple(e for e, _ in mir.events if e == "refused")
