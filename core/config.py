@@ -498,9 +498,10 @@ class ReplicationConfig(Strict):
         None, description="Heartbeat network whose addresses carry the stream (default: the first listed)."
     )
     timeout: PositiveSeconds = Field(
-        10.0, description="Seconds without an acknowledgement before the primary continues alone; also the "
-                          "longest the application's writes are held after a live link is lost, if the engine "
-                          "has not released them before (docs/replication.md, holding writes)."
+        10.0, description="Seconds without an acknowledgement before the primary continues alone. Also: a "
+                          "primary whose first resync holds the application's writes this long starts a new "
+                          "generation, and writes held three times this long go on even if the secondary never "
+                          "confirmed (docs/replication.md, holding writes)."
     )
     journal_block: int = Field(
         4096, ge=512, le=1 << 20,

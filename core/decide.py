@@ -465,7 +465,8 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
     if peer_uptodate_second(local, peer):
-        if event.kind == E.REPLICATION_LOST:
+        held_too_long = local.writes_held is not None and local.writes_held >= local.hold_limit
+        if event.kind == E.REPLICATION_LOST or (held_too_long and not local.replication_live):
             # Its resync ended (it took this generation) and the link went before we moved to PRIM:
             # it counts itself up to date, and what we write next reaches only the journal.
             return stay(local, f"replication link lost while {peer.name} counts itself up to date: a new data "
@@ -479,27 +480,45 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
     return stay(local, "serving alone" if not peer.reachable else f"serving; {peer.name} is {peer.state.name}")
 
 
+HOLD_LIMITS = 3  # x replication.timeout: held writes go on even if the peer never confirmed (two faults)
+
+
 def _release_held_writes(local: LocalView, peer: PeerView) -> Decision | None:
     """ALONE while the replication holds the application's writes (a live link was lost: resync.py,
-    "Holding writes"): acknowledge them once the peer cannot take over without them. A peer still
-    announcing an up-to-date copy has not yet seen this node's new generation: wait for it."""
+    "Holding writes"): acknowledge them once the peer cannot take over without them: lost (if it was
+    only cut off and takes over, this node's new generation makes that a split brain), its copy out
+    of date, stopped (it compares generations at its start), or waiting without being able to serve.
+    A peer still up to date as a secondary (it has not yet heard this node's new generation), or
+    waiting for a witness to take over, could: wait for it, up to HOLD_LIMITS x replication.timeout,
+    after which the call goes on (a peer that cannot hear this node, and no witness answering it:
+    two faults; the module log says so), so that no call waits for ever."""
     if local.writes_held is None:
         return None
-    if peer.reachable and peer.state == S.SECOND and peer.data == DataStatus.UPTODATE:
-        return None
-    if peer.reachable:
-        why = f"{peer.name} no longer counts its copy up to date ({peer.state.name}, {peer.data.value})"
-    else:
+    if not peer.reachable:
         why = f"{peer.name} is lost; this node's writes carry a new data generation"
+    elif peer.data != DataStatus.UPTODATE:
+        why = f"{peer.name} no longer counts its copy up to date ({peer.state.name}, {peer.data.value})"
+    elif peer.state == S.STOP or (peer.state == S.WAIT and not peer.eligible):
+        why = f"{peer.name} cannot serve without hearing this node first ({peer.state.name})"
+    elif local.writes_held >= HOLD_LIMITS * local.hold_limit:
+        why = (f"WARNING: {peer.name} still counts its copy up to date after {local.writes_held:.0f}s (it does not "
+               "hear this node): released so that the application does not wait for ever; if it takes over "
+               "now, these writes are not there")
+    else:
+        return None
     return stay(local, f"writes held {local.writes_held:.1f}s released: {why}", actions=(Action(A.RELEASE_WRITES),))
 
 
 def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
-    if event.kind == E.REPLICATION_LOST or not peer_uptodate_second(local, peer):
+    held_too_long = local.writes_held is not None and local.writes_held >= local.hold_limit
+    if event.kind == E.REPLICATION_LOST or not peer_uptodate_second(local, peer) or held_too_long:
         if event.kind == E.REPLICATION_LOST:
             why = "replication link lost"
         elif not peer.reachable:
             why = f"{peer.name} lost on every heartbeat network"
+        elif held_too_long:  # a first resync (after a swap) that gets no answer: the writes wait on it
+            why = (f"the replication has held the application's writes {local.writes_held:.0f}s (its first resync "
+                   f"got no answer): a new data generation marks {peer.name}'s copy out of date")
         else:
             why = f"{peer.name} is no longer an up-to-date secondary ({peer.state.name})"
         persisted = replace(local.persisted, last_state=S.ALONE, can_start_alone=True)

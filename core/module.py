@@ -228,6 +228,7 @@ class ModuleRuntime:
             peer_seen_since_start=self.peer_seen_since_start,
             replication_live=self.replication is None or self.replication.live,
             writes_held=None if self.replication is None else self.replication.writes_held(),
+            hold_limit=self.config.replication.timeout,
         )
 
     def _witness_needed(self, peer: PeerView) -> bool:

@@ -186,6 +186,7 @@ class LocalView:
     # how long its agents have held the application's writes (None: they hold none; resync.py).
     replication_live: bool = True
     writes_held: float | None = None
+    hold_limit: float = 10.0  # replication.timeout: how long writes may be held before the engine acts
 
 
 @dataclass(frozen=True)

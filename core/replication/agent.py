@@ -124,7 +124,7 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
         emit("status", **repl.status())  # the service's view changes with these events: at once
 
     repl = MirrorReplicator(journal, excluder, block=args.journal_block, bandwidth=bandwidth,
-                            generation=args.generation, on_event=on_event, hold_limit=args.timeout)
+                            generation=args.generation, on_event=on_event)  # held writes: the module's call
     if args.hold_writes:  # the module makes us the primary of an up-to-date secondary (a handover)
         repl.hold_writes("primary of an up-to-date secondary: until the first resync is done")
 

@@ -51,8 +51,9 @@ once the peer can no longer take over without it: while the peer still counts it
 secondary (a live link just lost, before the module's new generation reached it; or the first resync
 after a handover), the acknowledgement waits (`hold_writes`). The module releases it when the peer
 announces its copy out of date or is lost on every heartbeat network (`release_writes`, by signal);
-going live releases it too (the resync sent everything), and so does `hold_limit` (the replication
-timeout) as a last resort, so that a call never waits for ever. When the module leaves the primary
+going live releases it too (the resync sent everything). Never on its own: a limit here released
+writes while the daemon was paused or could not act, and a failover lost them (the module bounds
+the wait, decide.py). `hold_limit` is for harnesses without a module. When the module leaves the primary
 role instead (its node yields to a peer with newer data), what is held fails with EIO
 (`refuse_held_writes`): this node's copy is about to be replaced by the peer's.
 """
@@ -766,8 +767,7 @@ class MirrorReplicator:
 
     def _hold_expired(self) -> None:
         self._hold_timer = None
-        self.release_writes(f"no word from the module within {self.hold_limit:g} s (the replication timeout): "
-                            "writes go on, journaled for the resync")
+        self.release_writes(f"held {self.hold_limit:g} s (hold_limit): writes go on, journaled for the resync")
 
     async def _unless_held(self) -> None:
         """The end of every acknowledgement that did not wait for the peer."""

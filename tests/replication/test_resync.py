@@ -1149,19 +1149,6 @@ def test_writes_held_from_the_start_return_once_the_first_resync_is_done(tmp_pat
         assert_same(mir)
 
 
-def test_held_writes_are_released_after_the_limit(tmp_path: Path) -> None:
-    """With no word from the module (its loop busy, say), a call must not wait for ever: the
-    replication timeout releases it."""
-    with running_mirror(tmp_path, ResyncMirror, timeout=2.0, hold_limit=1.0) as mir:
-        go_live(mir)
-        mir.stop_secondary()
-        mir.wait_mode("alone")
-        done = _write_in_thread(mir.primary / "f")
-        assert done.wait(15)
-        released = [d for e, d in mir.events if e == "released"]
-        assert released and "no word from the module" in released[-1]["reason"], mir.events
-
-
 def test_a_checksum_resync_brings_fifo_times_over_and_verify_compares_them(mirror: ResyncMirror) -> None:
     """A FIFO missing on the replica was made again with the resync's own time, and one whose time
     differed stayed different; verify saw neither (FIFO and socket entries carried no mtime)."""

@@ -1651,10 +1651,11 @@ def test_a_secondary_announcing_a_shorter_history_is_still_up_to_date() -> None:
     (peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=G0), False),  # has not seen the new generation
     (peer_view(state=S.SECOND, data=DataStatus.STALE, generation=G0), True),
     (peer_view(state=S.SECOND, data=DataStatus.RESYNCING, generation=G0), True),
-    (peer_view(state=S.WAIT, data=DataStatus.UPTODATE, generation=G0), True),
+    (peer_view(state=S.WAIT, data=DataStatus.UPTODATE, generation=G0, eligible=False), True),
+    (peer_view(state=S.WAIT, data=DataStatus.UPTODATE, generation=G0, eligible=True), False),  # a witness away
     (peer_view(state=S.STOP, data=DataStatus.UPTODATE, generation=G0), True),
     (LOST, True),
-], ids=["uptodate-second", "stale-second", "resyncing-second", "wait", "stop", "lost"])
+], ids=["uptodate-second", "stale-second", "resyncing-second", "wait", "wait-to-take-over", "stop", "lost"])
 def test_held_writes_are_released_once_the_peer_cannot_take_over_without_them(peer: PeerView, released: bool) -> None:
     local = local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=NEWER), writes_held=0.4,
                        replication_live=False)
@@ -1664,3 +1665,26 @@ def test_held_writes_are_released_once_the_peer_cannot_take_over_without_them(pe
         assert not d.actions, d
     nothing_held = decide(replace(local, writes_held=None), peer, E.PEER_CHANGED)
     assert "release_writes" not in names(nothing_held)
+
+
+def test_held_writes_go_on_after_three_replication_timeouts_with_a_warning() -> None:
+    """A peer that never hears this node's new generation (heartbeats lost one way, no witness
+    answering it): the application must not wait for ever."""
+    local = local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=NEWER), writes_held=29.0,
+                       hold_limit=10.0)
+    peer = peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=G0)
+    assert "release_writes" not in names(decide(local, peer, E.PEER_CHANGED))
+    d = decide(replace(local, writes_held=30.0), peer, E.PEER_CHANGED)
+    assert names(d) == ["release_writes"] and "WARNING" in d.reason, d
+
+
+def test_a_primary_whose_first_resync_gets_no_answer_starts_a_new_generation() -> None:
+    """After a swap the new primary holds its writes until its first resync is done; one that gets no
+    answer (a receiver that accepts and never answers) must not hold them for ever, nor acknowledge
+    them while the secondary counts itself up to date: a new generation marks it out of date, then
+    the writes are released as after a lost link."""
+    local = local_view(S.PRIM, writes_held=10.5, hold_limit=10.0, replication_live=False)
+    peer = peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=G0)
+    d = decide(local, peer, E.PEER_CHANGED)
+    assert d.next_state == S.ALONE and names(d) == ["new_generation"] and "first resync" in d.reason, d
+    assert decide(replace(local, writes_held=3.0), peer, E.PEER_CHANGED).next_state == S.PRIM
