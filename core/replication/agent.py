@@ -124,7 +124,7 @@ async def run_primary(args: argparse.Namespace, key: bytes, stop: asyncio.Event)
         emit("status", **repl.status())  # the service's view changes with these events: at once
 
     repl = MirrorReplicator(journal, excluder, block=args.journal_block, bandwidth=bandwidth,
-                            generation=args.generation, on_event=on_event)  # held writes: the module's call
+                            generation=args.generation, on_event=on_event, hold_limit=args.hold_limit)
     if args.hold_writes:  # the module makes us the primary of an up-to-date secondary (a handover)
         repl.hold_writes("primary of an up-to-date secondary: until the first resync is done")
 
@@ -297,6 +297,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--retry", type=float, default=0.5, help="primary: seconds between connection attempts")
     ap.add_argument("--hold-writes", action="store_true",
                     help="primary: start holding writes the peer does not have (see resync.py), until released")
+    ap.add_argument("--hold-limit", type=float, default=None,
+                    help="primary: release held writes after this many seconds (none: only the module does)")
     ap.add_argument("--no-protect", dest="protect", action="store_false",
                     help="secondary: leave the directories writable for applications (no read-only bind mount)")
     return ap.parse_args(argv)

@@ -59,6 +59,10 @@ class _Agent:
 
 
 class ReplicationService:
+    # Seconds after which a primary agent releases held writes by itself (resync.py, "Holding
+    # writes"). None: only the engine does (release_writes), as it must; for a caller without an
+    # engine, such as the tests that drive this service alone.
+    hold_limit: float | None = None
     def __init__(self, module_name: str, config: ReplicationConfig, peer_address: str, key: bytes,
                  state_dir: Path | str, on_link_lost: Callable[[str], None] | None = None,
                  listen_address: str = "0.0.0.0", timeout: float = 10.0,
@@ -110,6 +114,8 @@ class ReplicationService:
                     "--peer", f"{self._bracket(self.peer_address)}:{self.config.port}"]
             argv += [f"--exclude={p}" for p in self.config.exclude]
             argv += self._resync_argv(base_generation) + (["--hold-writes"] if hold_writes else [])
+            if self.hold_limit is not None:
+                argv.append(f"--hold-limit={self.hold_limit}")
             # Resolved now, before the mount: the watchdog must not ask a mount that may be hung.
             await self._spawn(str(directory), argv, mount_point=os.fsencode(self._local_dir(directory)))
         self.role = "primary"

@@ -70,3 +70,13 @@ def replicate(replica: Path, ops: list[m.Op], protocol: str = "C") -> None:
         await receiver.stop()
 
     run(scenario())
+
+
+@pytest.fixture(autouse=True)
+def _held_writes_released_without_an_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests drive ReplicationService without the engine that releases held writes (resync.py,
+    "Holding writes"): the agents release them after half a second instead, as the in-process
+    harness does. The integration tests run the real daemon, whose engine decides."""
+    from safekit_cloud.core.replication.service import ReplicationService
+
+    monkeypatch.setattr(ReplicationService, "hold_limit", 0.5)

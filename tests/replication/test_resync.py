@@ -344,6 +344,11 @@ def test_service_resync_with_agents(tmp_path: Path) -> None:
             # The secondary's agent dies: the primary goes on alone, then catches it up again.
             secondary._agents[0].proc.send_signal(signal.SIGKILL)
             await wait_for(lambda: len(lost) >= 2)
+            # The writes the secondary does not have are held (resync.py, "Holding writes") until the
+            # module, hearing the secondary's copy is out of date, releases them: as it would here.
+            await wait_for(lambda: primary.writes_held() is not None)
+            primary.release_writes()
+            await wait_for(lambda: primary.writes_held() is None)
             await asyncio.to_thread((data / "late").write_bytes, b"x" * 300_000)
             await secondary.become_secondary(generation=0x1234)
             await wait_for(lambda: done["primary"] == 2 and done["secondary"] == 2)
