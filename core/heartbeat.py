@@ -448,10 +448,10 @@ class Heartbeat:
     def _account_pause(self, now: float) -> None:
         """Silence is counted only while this node listened. After a pause of this process longer
         than half the timeout, each link's silence resumes where it stood when the pause began: a
-        primary paused past the timeout used to find its peer "lost" the moment it ran again (the
-        peer's beats sent meanwhile are too old to be accepted), start a new generation and
-        acknowledge writes alone, when the peer had taken over: a split brain where one node had
-        simply been away. Now it hears the peer first, and yields to it."""
+        primary paused past the timeout used to find its peer "lost" the moment it ran again (or to
+        act on the oldest of the beats queued meanwhile), start a new generation and acknowledge
+        writes alone, when the peer had taken over: a split brain where one node had simply been
+        away. Now it hears the peer first (see settle), and yields to it."""
         gap = now - self._looked_at
         self._looked_at = now
         if gap <= self._timeout / 2:
