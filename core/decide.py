@@ -465,8 +465,7 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
     if peer_uptodate_second(local, peer):
-        held_too_long = local.writes_held is not None and local.writes_held >= local.hold_limit
-        if event.kind == E.REPLICATION_LOST or (held_too_long and not local.replication_live):
+        if event.kind == E.REPLICATION_LOST or (held_too_long(local) and not local.replication_live):
             # Its resync ended (it took this generation) and the link went before we moved to PRIM:
             # it counts itself up to date, and what we write next reaches only the journal.
             return stay(local, f"replication link lost while {peer.name} counts itself up to date: a new data "
@@ -481,6 +480,11 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
 
 
 HOLD_LIMITS = 3  # x replication.timeout: held writes go on even if the peer never confirmed (two faults)
+
+
+def held_too_long(local: LocalView) -> bool:
+    """The replication has held the application's writes for replication.timeout or more."""
+    return local.writes_held is not None and local.writes_held >= local.hold_limit
 
 
 def _release_held_writes(local: LocalView, peer: PeerView) -> Decision | None:
@@ -510,13 +514,13 @@ def _release_held_writes(local: LocalView, peer: PeerView) -> Decision | None:
 
 
 def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
-    held_too_long = local.writes_held is not None and local.writes_held >= local.hold_limit
-    if event.kind == E.REPLICATION_LOST or not peer_uptodate_second(local, peer) or held_too_long:
+    too_long = held_too_long(local)
+    if event.kind == E.REPLICATION_LOST or not peer_uptodate_second(local, peer) or too_long:
         if event.kind == E.REPLICATION_LOST:
             why = "replication link lost"
         elif not peer.reachable:
             why = f"{peer.name} lost on every heartbeat network"
-        elif held_too_long:  # a first resync (after a swap) that gets no answer: the writes wait on it
+        elif too_long:  # a first resync (after a swap) that gets no answer: the writes wait on it
             why = (f"the replication has held the application's writes {local.writes_held:.0f}s (its first resync "
                    f"got no answer): a new data generation marks {peer.name}'s copy out of date")
         else:

@@ -182,18 +182,23 @@ class ReplicationService:
             if agent.proc.returncode is None:
                 agent.proc.send_signal(PEER_LOST_SIGNAL)
 
+    def _primary_agents(self) -> list[_Agent]:
+        return [a for a in self._agents if a.name != "receiver"]
+
+    def _holders(self) -> list[_Agent]:
+        """The running primary agents that hold the application's writes (resync.py, "Holding writes")."""
+        return [a for a in self._primary_agents() if a.proc.returncode is None and a.status.get("writes_held") is not None]
+
     @property
     def live(self) -> bool:
         """The primary replicates synchronously: every directory's resync is done and its link held since."""
-        mine = [a for a in self._agents if a.name != "receiver"]
+        mine = self._primary_agents()
         return (self.role == "primary" and len(mine) == len(self.config.directories)
                 and all(a.synced and a.status.get("connected") for a in mine))
 
     def writes_held(self) -> float | None:
-        """Seconds the primary has held the application's writes (resync.py, "Holding writes"); None: it holds none."""
-        held = [a.status["writes_held"] for a in self._agents
-                if a.name != "receiver" and a.proc.returncode is None and a.status.get("writes_held") is not None]
-        return max(held) if held else None
+        """Seconds the primary has held the application's writes; None: it holds none."""
+        return max((a.status["writes_held"] for a in self._holders()), default=None)
 
     def release_writes(self) -> None:
         """The peer can no longer take over without what the primary holds: acknowledge it."""
@@ -204,9 +209,8 @@ class ReplicationService:
         self._signal_holders(REFUSE_HELD_WRITES_SIGNAL)
 
     def _signal_holders(self, sig: int) -> None:
-        for agent in self._agents:
-            if agent.name != "receiver" and agent.proc.returncode is None and agent.status.get("writes_held") is not None:
-                agent.proc.send_signal(sig)
+        for agent in self._holders():
+            agent.proc.send_signal(sig)
 
     def _resync_argv(self, generation: int | None) -> list[str]:
         argv = [f"--journal-block={getattr(self.config, 'journal_block', 4096)}"]
@@ -464,7 +468,7 @@ class ReplicationService:
                 self._synced_dirs.discard(directory)
             return self._all_synced_dirs()
         agent.synced = synced
-        mine = [a for a in self._agents if a.name != "receiver"]
+        mine = self._primary_agents()
         return synced and len(mine) == len(self.config.directories) and all(a.synced for a in mine)
 
     def _all_synced_dirs(self) -> bool:
