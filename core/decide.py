@@ -283,7 +283,8 @@ def _in_wait(local: LocalView, peer: PeerView, event: Event) -> Decision:
     elif event.kind == E.SCRIPT_FAILED and event.detail in ("prestart", "start_both"):
         return Decision(S.STOP, (run("stop_both"),), f"{event.detail} failed: module stopped (see the module log)",
                         persisted=replace(local.persisted, last_state=S.STOP), waiting_for="", intent=Intent.NONE)
-    elif event.kind in (E.RESYNC_DONE, E.REPLICATION_LOST, E.REPLICATION_FAILED, E.SCRIPT_FAILED):
+    elif event.kind in (E.RESYNC_DONE, E.REPLICATION_LOST, E.REPLICATION_FAILED, E.SCRIPT_FAILED,
+                        E.RECEIVER_RETRY):
         return stay(local, f"{event.kind.value} ignored in WAIT")
     if local.waiting_for == "witness":
         return _wait_for_witness(local, peer)
@@ -405,6 +406,14 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, f"replication agent failed ({event.detail}): receiver restarted; up to date again "
                     "once resynchronised", actions=(Action(A.COUNT_RESTART), Action(A.REPLICATE_AS_SECONDARY)),
                     persisted=stale)
+    if event.kind == E.RECEIVER_RETRY:
+        if not local.receiver_down:
+            return stay(local, "receiver retry not needed: the receiver runs")
+        # Its start failed (its port taken...): the primary goes on alone meanwhile, so this copy
+        # falls behind. Not counted as a restart: the restart limit is the application's budget.
+        return stay(local, f"replication receiver did not start ({event.detail}): starting it again; up to "
+                    "date once resynchronised", actions=(Action(A.REPLICATE_AS_SECONDARY),),
+                    persisted=replace(local.persisted, data=DataStatus.STALE))
     if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored on the secondary")
     if peer_serving(peer):
@@ -458,7 +467,7 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return _start_failed(local, event.detail)
     if event.kind == E.REPLICATION_FAILED:
         return _replication_failed(local, peer, event.detail)
-    if event.kind in (E.RESYNC_DONE, E.CHECKER_RECOVERED):
+    if event.kind in (E.RESYNC_DONE, E.CHECKER_RECOVERED, E.RECEIVER_RETRY):
         return stay(local, f"{event.kind.value} noted")
     if peer_serving(peer):
         return _both_primary(local, peer)

@@ -56,6 +56,9 @@ ADMIN_EVENTS = {
 # and `decide` hears about it.
 CRITICAL_STEPS = ("prestart", "start_both", "start_prim", "take_vip", "replicate_as_primary")
 HISTORY_KEPT = 16
+# A secondary's receiver that did not start is started again after this wait, doubled each time.
+RECEIVER_RETRY_FIRST = 1.0
+RECEIVER_RETRY_MAX = 30.0
 
 
 class ModuleRuntime:
@@ -102,6 +105,11 @@ class ModuleRuntime:
         self.checkers = CheckerSet(config.checkers, self._on_checker_failure, self._on_checker_recovered)
         self._checkers_running = False
         self._fullsync_pending = False  # `second --fullsync`: compare every block at the next resync
+        # A receiver that could not start (its port taken, ...): why, how many times in a row, and
+        # the timer that posts RECEIVER_RETRY (owned here: cancelled by any later replication action).
+        self._receiver_down = ""
+        self._receiver_failures = 0
+        self._receiver_retry: asyncio.TimerHandle | None = None
 
     # ---- wiring ----------------------------------------------------------------------------------
 
@@ -120,6 +128,7 @@ class ModuleRuntime:
 
     async def close(self) -> None:
         """Cancel the loop (after `shutdown`, or on a crash path). Leaves the application as it is."""
+        self._cancel_receiver_retry()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -229,6 +238,7 @@ class ModuleRuntime:
             replication_live=self.replication is None or self.replication.live,
             writes_held=None if self.replication is None else self.replication.writes_held(),
             hold_limit=self.config.replication.timeout,
+            receiver_down=bool(self._receiver_down),
         )
 
     def _witness_needed(self, peer: PeerView) -> bool:
@@ -384,6 +394,7 @@ class ModuleRuntime:
     async def _replication(self, kind: A, next_state: S) -> bool:
         if self.replication is None:
             return True
+        self._cancel_receiver_retry()
         try:
             generation = self.persisted.generation.current or None
             if kind == A.REPLICATE_AS_PRIMARY:
@@ -400,8 +411,26 @@ class ModuleRuntime:
         except (OSError, RuntimeError) as exc:
             log.error("module %s: replication %s failed: %s", self.config.name, kind.value, exc)
             self._module_log(f"replication {kind.value} failed: {exc}")
+            if kind == A.REPLICATE_AS_SECONDARY:
+                self._retry_receiver(str(exc))
             return False
+        self._receiver_down, self._receiver_failures = "", 0
         return True
+
+    def _retry_receiver(self, why: str) -> None:
+        """This secondary's receiver did not start: try again after a wait that doubles each time
+        (RECEIVER_RETRY_FIRST .. RECEIVER_RETRY_MAX), until it starts or the role changes."""
+        delay = min(RECEIVER_RETRY_MAX, RECEIVER_RETRY_FIRST * 2 ** min(self._receiver_failures, 16))
+        self._receiver_failures += 1
+        self._receiver_down = why
+        self._module_log(f"replication receiver did not start: trying again in {delay:g} s")
+        self._receiver_retry = asyncio.get_running_loop().call_later(
+            delay, self._post, Event(E.RECEIVER_RETRY, why))
+
+    def _cancel_receiver_retry(self) -> None:
+        if self._receiver_retry is not None:
+            self._receiver_retry.cancel()
+            self._receiver_retry = None
 
     # ---- checkers ------------------------------------------------------------------------------
 

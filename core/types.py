@@ -54,6 +54,9 @@ class EventKind(str, enum.Enum):
     REPLICATION_LOST = "replication_lost"  # replication link broke while heartbeats continue
     REPLICATION_FAILED = "replication_failed"  # this node's replication agent died; detail = why
     RESYNC_DONE = "resync_done"  # this secondary's data is now identical to the primary's
+    # This secondary's receiver could not start (its port taken, ...) and the wait before trying
+    # again has passed; detail = why it failed.
+    RECEIVER_RETRY = "receiver_retry"
 
 
 class ActionKind(str, enum.Enum):
@@ -187,6 +190,7 @@ class LocalView:
     replication_live: bool = True
     writes_held: float | None = None
     hold_limit: float = 10.0  # replication.timeout: how long writes may be held before the engine acts
+    receiver_down: bool = False  # this node should receive but its receiver could not start
 
 
 @dataclass(frozen=True)

@@ -445,6 +445,56 @@ with open({str(cluster.data_dir / 'while-down')!r}, 'w') as f:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Holds a TCP port on the given addresses until killed (another program of the node on the port).
+PORT_HOLDER = r"""
+import socket, sys, time
+port, held = int(sys.argv[1]), []
+for address in sys.argv[2:]:
+    s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    s.bind((address, port)); s.listen(); held.append(s)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_swap_onto_a_node_whose_replication_port_is_taken_replicates_once_the_port_is_free(
+        cluster: LabCluster) -> None:
+    """Another program holds the replication port on n1 when a swap makes n1 the secondary: its
+    receiver cannot start. n2 serves alone meanwhile, n1 says why it is not up to date and tries
+    again by itself; once the port is free it receives, is resynchronised and the pair replicates
+    (before, it stayed without a receiver until an administrator stopped and started it)."""
+    port = ReplicationConfig.model_fields["port"].default
+    addresses = sorted(set(cluster.config_dict()["nodes"][0]["addresses"].values()))
+    holder = cluster.app_spawn("n1", [sys.executable, "-c", PORT_HOLDER, str(port), *addresses],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        result = cluster.cli("n1", "swap", timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        deadline = time.monotonic() + 60
+        while True:
+            module = ((cluster.status("n1") or {}).get("modules") or [{}])[0]
+            reasons = [d["reason"] for d in module.get("decisions", [])]
+            if module.get("state") == "SECOND" and any("receiver did not start" in r for r in reasons):
+                break
+            assert time.monotonic() < deadline, f"n1 did not say why it does not receive: {module}"
+            time.sleep(0.2)
+        assert module["data"] != "uptodate", module
+        cluster.wait_states({"n2": "ALONE"}, timeout=30)
+        app_write(cluster, "n2", f"""
+import os
+with open({str(cluster.data_dir / 'while-taken')!r}, 'w') as f:
+    f.write('written while the port was taken'); f.flush(); os.fsync(f.fileno())
+""")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=90)
+    assert (cluster.disk("n1") / "while-taken").read_text() == "written while the port was taken"
+    result = verify(cluster, "n2")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_agents_stop_with_a_killed_daemon_and_the_node_rejoins(cluster: LabCluster) -> None:
     """kill -9 of the primary's daemon: its replication agent stops too (it must not go on serving
     and replicating for a node nobody manages while the peer takes over), the peer takes over, and

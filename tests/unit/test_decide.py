@@ -151,7 +151,7 @@ TABLE: dict[tuple[S, E], Expect] = {
                                      persisted=FORCED_SECOND_WAIT),
     **{(S.STOP, e): noop(S.STOP, "stopped") for e in (
         E.PEER_CHANGED, E.PEER_LOST, E.TICK, E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED,
-        E.REPLICATION_LOST, E.REPLICATION_FAILED, E.RESYNC_DONE)},
+        E.REPLICATION_LOST, E.REPLICATION_FAILED, E.RESYNC_DONE, E.RECEIVER_RETRY)},
     # WAIT (for the peer, start-up wait not over): admin commands, else keep waiting.
     (S.WAIT, E.START): noop(S.WAIT, "already started"),
     (S.WAIT, E.STOP): Expect(S.STOP, ("stop_checkers", "run_script(stop_both)"), exact=True,
@@ -172,6 +172,7 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.WAIT, E.REPLICATION_LOST): noop(S.WAIT),
     (S.WAIT, E.REPLICATION_FAILED): noop(S.WAIT),
     (S.WAIT, E.RESYNC_DONE): noop(S.WAIT),
+    (S.WAIT, E.RECEIVER_RETRY): noop(S.WAIT),
     # ALONE (no peer): keeps serving; leaves only on stop, force second or a failed start_prim.
     (S.ALONE, E.START): noop(S.ALONE, "already started"),
     (S.ALONE, E.STOP): Expect(S.STOP, tuple(STOP_PRIM + ["run_script(stop_both)"]), exact=True,
@@ -195,6 +196,7 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.ALONE, E.REPLICATION_FAILED): Expect(S.ALONE, tuple(RESTART_ON_NEW_MOUNT), exact=True,
                                             reason="application restarted on a new mount"),
     (S.ALONE, E.RESYNC_DONE): noop(S.ALONE),
+    (S.ALONE, E.RECEIVER_RETRY): noop(S.ALONE),
     # PRIM (peer an up-to-date secondary).
     (S.PRIM, E.START): noop(S.PRIM, "already started"),
     (S.PRIM, E.STOP): Expect(S.STOP, tuple(STOP_PRIM + ["run_script(stop_both)"]), exact=True,
@@ -221,6 +223,7 @@ TABLE: dict[tuple[S, E], Expect] = {
                                            reason="application restarted on a new mount",
                                            persisted={"can_start_alone": True, "last_state": S.ALONE}),
     (S.PRIM, E.RESYNC_DONE): noop(S.PRIM),
+    (S.PRIM, E.RECEIVER_RETRY): noop(S.PRIM),
     # SECOND (peer primary, data up to date).
     (S.SECOND, E.START): noop(S.SECOND, "already started"),
     (S.SECOND, E.STOP): Expect(S.STOP, tuple(STOP_SECOND + ["run_script(stop_both)"]), exact=True,
@@ -246,6 +249,8 @@ TABLE: dict[tuple[S, E], Expect] = {
                                              persisted={"data": DataStatus.STALE}, reason="receiver restarted"),
     (S.SECOND, E.RESYNC_DONE): Expect(S.SECOND, ("adopt_peer_generation",), exact=True,
                                       persisted={"data": DataStatus.UPTODATE, "discard_local_data": False}),
+    # A retry left over from a receiver that did not start, now running: nothing to do.
+    (S.SECOND, E.RECEIVER_RETRY): noop(S.SECOND, "not needed"),
 }
 
 
@@ -1596,6 +1601,20 @@ def test_a_dead_receiver_past_the_restart_limit_is_left_down() -> None:
     local, peer = context(S.SECOND, E.REPLICATION_FAILED)
     d = decide(replace(local, restarts_exhausted=True), peer, Event(E.REPLICATION_FAILED, "receiver exited"))
     check(Expect(S.SECOND, (), exact=True, persisted={"data": DataStatus.STALE}, reason="not restarted"), local, d)
+
+
+def test_a_receiver_that_did_not_start_is_started_again_without_using_the_restart_budget() -> None:
+    """Its port was taken (say): the retry starts it again, marks this copy out of date (the
+    primary goes on alone meanwhile) and is not counted against the application's restart limit;
+    past that limit it is still tried, as nothing else would bring the secondary back."""
+    local, peer = context(S.SECOND, E.RECEIVER_RETRY)
+    event = Event(E.RECEIVER_RETRY, "bind on 198.18.0.1:4801: address already in use")
+    for exhausted in (False, True):
+        down = replace(local, receiver_down=True, restarts_exhausted=exhausted)
+        d = decide(down, peer, event)
+        check(Expect(S.SECOND, ("replicate_as_secondary",), exact=True, persisted={"data": DataStatus.STALE},
+                     reason="receiver did not start"), down, d)
+        assert "address already in use" in d.reason
 
 
 def test_a_dead_agent_is_restarted_then_the_pair_replicates_again() -> None:
