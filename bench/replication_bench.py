@@ -30,6 +30,12 @@ The ceiling (`--fuse-only`, on by default): the same workloads on our FUSE layer
 directory with nothing replicated (bench/fuse_only.py, its own process). local -> fuse-only is what
 the FUSE layer costs, fuse-only -> mirror what the replication costs.
 
+The whole machine's CPU (/proc/stat: every process and the kernel) is measured around each run
+too: the report prints each side's CPU seconds per run and the share of the cores it kept busy.
+Where the mirror kept them 80 % busy or more, its figure is bounded by its CPU cost: the report
+prints what every core busy at that cost would give, against local (both nodes share these cores
+here; on two machines the receiver's share moves away).
+
     .venv/bin/python bench/replication_bench.py [--mib 1024] [--iops 2000] [--files 10000] [--runs 3]
                                                 [--pgbench] [--only NAME ...] [--gluster | --no-gluster]
                                                 [--gluster-set KEY=VALUE] [--fuse-only | --no-fuse-only]
@@ -192,6 +198,8 @@ class Side:
 class Figures:
     rates: dict[str, list[float]] = field(default_factory=dict)  # side -> one figure per run
     cpu: dict[str, list[float]] = field(default_factory=dict)  # side -> CPU seconds of its pids per run
+    # side -> (CPU seconds of the whole machine, wall seconds) per run: how busy the cores were
+    machine: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -221,11 +229,22 @@ def agent_pids() -> list[int]:
     return out
 
 
-def measure(fn: Callable[[Path], float], side: Side) -> tuple[float, float]:
+def machine_cpu_seconds() -> float:
+    """CPU time every process and the kernel spent so far, all cores (/proc/stat: user, nice,
+    system, irq, softirq; not idle, iowait or the time the hypervisor took)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(fn: Callable[[Path], float], side: Side) -> tuple[float, float, tuple[float, float]]:
+    """The workload's figure, its side's CPU seconds, and (machine CPU seconds, wall seconds) of the
+    whole call (file removal included)."""
     pids = side.pids()
-    before = cpu_seconds(pids)
+    before, machine, t0 = cpu_seconds(pids), machine_cpu_seconds(), time.perf_counter()
     rate = fn(side.root)
-    return rate, max(0.0, cpu_seconds(pids) - before)
+    used = (machine_cpu_seconds() - machine, time.perf_counter() - t0)
+    return rate, max(0.0, cpu_seconds(pids) - before), used
 
 
 def run_all(sides: list[Side], args: argparse.Namespace) -> dict[str, Figures]:
@@ -237,12 +256,13 @@ def run_all(sides: list[Side], args: argparse.Namespace) -> dict[str, Figures]:
         fsync_iops(side.root, 200)
     out: dict[str, Figures] = {}
     for name, (fn, runs) in workloads(args).items():
-        fig = Figures({s.name: [] for s in sides}, {s.name: [] for s in sides})
+        fig = Figures({s.name: [] for s in sides}, {s.name: [] for s in sides}, {s.name: [] for s in sides})
         for _ in range(runs):  # alternated, so drifting noise hits every side alike
             for side in sides:
-                rate, cpu = measure(fn, side)
+                rate, cpu, used = measure(fn, side)
                 fig.rates[side.name].append(rate)
                 fig.cpu[side.name].append(cpu)
+                fig.machine[side.name].append(used)
         out[name] = fig
         print(f"  {name}: " + " ".join(f"{k} {[round(x) for x in v]}" for k, v in fig.rates.items()), flush=True)
     return out
@@ -305,11 +325,34 @@ def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: 
             mc, gc = med(f.cpu["mirror"]), med(f.cpu["gluster"])
             ratio = f"{gc / mc:.2f}" if mc > 0 else "-"
             lines.append(f"  {name:16} mirror {mc:6.2f}  gluster {gc:6.2f}  gluster/mirror {ratio}")
+    lines += machine_lines(results)
     sides = list(next(iter(results.values())).rates) if results else []
     lines.append(f"runs ({' / '.join(sides)}):")
     for name, f in results.items():
         lines.append(f"  {name:16} " + " / ".join(str([round(x) for x in f.rates[s]]) for s in sides))
     return "\n".join(lines)
+
+
+def machine_lines(results: dict[str, Figures]) -> list[str]:
+    """How busy the machine's cores were during each side's runs, and, where the mirror kept them
+    nearly all busy, the most its CPU cost allows here: its figure if every core did only its work."""
+    cores = os.cpu_count() or 1
+    lines = [(f"whole machine during each run (all processes and the kernel, /proc/stat), medians: CPU seconds "
+              f"per run, and the share of the {cores} cores busy:")]
+    for name, f in results.items():
+        parts = []
+        for side, used in f.machine.items():
+            cpu = statistics.median(u[0] for u in used)
+            busy = statistics.median(u[0] / (u[1] * cores) for u in used if u[1] > 0)
+            parts.append(f"{side} {cpu:.2f} s {busy:.0%}")
+        lines.append(f"  {name:16} " + ", ".join(parts))
+        mirror = [(rate, u[0] / (u[1] * cores)) for rate, u in zip(f.rates["mirror"], f.machine["mirror"]) if u[1] > 0]
+        if mirror and statistics.median(b for _, b in mirror) >= 0.8:
+            most = statistics.median(rate / b for rate, b in mirror)
+            lines.append(f"  {'':16} the mirror kept the cores {statistics.median(b for _, b in mirror):.0%} busy: "
+                         f"at that CPU cost (busy polling included), every core busy would give ~{most:.0f} "
+                         f"({most / statistics.median(f.rates['local']):.2f}x local)")
+    return lines
 
 
 def start_gluster(args: argparse.Namespace, base: Path, stack: contextlib.ExitStack) -> gluster.GlusterVolume | None:
