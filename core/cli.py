@@ -604,6 +604,8 @@ def _module_text(m: ModuleOut) -> str:
 def _replication_text(r: dict[str, Any]) -> str:
     """One line on the replication of a module: role, link, what is in flight, resync progress."""
     text = f"replication {r.get('role', '?')}"
+    if r.get("start_error"):  # e.g. the receiver's port taken: the module tries again
+        text += f"; did not start: {_clip(str(r['start_error']))}"
     if r.get("role") == "primary":
         text += ", connected" if r.get("connected") else ", not connected (journaling)"
         text += f", {r.get('bytes_sent', 0) / 1e6:.1f} MB sent"
@@ -648,8 +650,9 @@ def _decisions_table(m: ModuleOut) -> Any:
     for d in m.decisions[:5]:
         # the date only when it is not today's: most decisions worth reading are recent
         fmt = "%H:%M:%S" if time.time() - d.time < 12 * 3600 else "%Y-%m-%d %H:%M:%S"
+        repeated = f" ({d.repeated} times in a row, the latest shown)" if d.repeated > 1 else ""
         table.add_row(time.strftime(fmt, time.localtime(d.time)), d.event,
-                      f"{d.from_state} -> {d.to_state}", _esc(d.reason))
+                      f"{d.from_state} -> {d.to_state}", _esc(d.reason) + repeated)
     return table
 
 

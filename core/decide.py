@@ -411,8 +411,8 @@ def _in_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
             return stay(local, "receiver retry not needed: the receiver runs")
         # Its start failed (its port taken...): the primary goes on alone meanwhile, so this copy
         # falls behind. Not counted as a restart: the restart limit is the application's budget.
-        return stay(local, f"replication receiver did not start ({event.detail}): starting it again; up to "
-                    "date once resynchronised", actions=(Action(A.REPLICATE_AS_SECONDARY),),
+        return stay(local, f"replication receiver did not start ({event.detail}): trying again until it "
+                    "starts; this copy is not up to date meanwhile", actions=(Action(A.REPLICATE_AS_SECONDARY),),
                     persisted=replace(local.persisted, data=DataStatus.STALE))
     if event.kind in (E.CHECKER_FAILED, E.CHECKER_RECOVERED, E.SCRIPT_FAILED):
         return stay(local, f"{event.kind.value} ignored on the secondary")

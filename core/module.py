@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from opentelemetry import trace
 from safekit_cloud.providers.base import ProviderError, VipProvider
 
@@ -267,8 +268,8 @@ class ModuleRuntime:
                 f"{d.next_state.name}: {d.reason}" + (f" [{', '.join(map(str, d.actions))}]" if d.actions else ""))
         log.info("module %s: %s", self.config.name, line)
         self._module_log(line)
-        self.decisions.appendleft(DecisionOut(time.time(), event.kind.value, old.name, d.next_state.name,
-                                              d.reason, [str(a) for a in d.actions]))
+        self._record_decision(DecisionOut(time.time(), event.kind.value, old.name, d.next_state.name,
+                                          d.reason, [str(a) for a in d.actions]))
         if outer is not None:  # opened by handle() before the witness check: already current
             outer.update_name(span_name)
             opened = contextlib.nullcontext(outer)
@@ -317,6 +318,16 @@ class ModuleRuntime:
         self._announce()
         if failed:
             self._queue.put_nowait((Event(E.SCRIPT_FAILED, failed), None))
+
+    def _record_decision(self, out: DecisionOut) -> None:
+        """Most recent first; the same decision again (a retry that fails alike) is counted on the
+        latest entry, so that repeats do not push the decisions that explain them out of status."""
+        last = self.decisions[0] if self.decisions else None
+        if last is not None and (last.event, last.from_state, last.to_state, last.reason, last.actions) == (
+                out.event, out.from_state, out.to_state, out.reason, out.actions):
+            self.decisions[0] = msgspec.structs.replace(out, repeated=last.repeated + 1)
+        else:
+            self.decisions.appendleft(out)
 
     def _next_persisted(self, d: Decision, peer: PeerView) -> Persisted:
         p = d.persisted or self.persisted

@@ -48,6 +48,7 @@ class DecisionOut(msgspec.Struct, frozen=True):
     to_state: str
     reason: str
     actions: list[str]
+    repeated: int = 1  # the same decision taken this many times in a row (time: the latest)
 
 
 class ModuleOut(msgspec.Struct, frozen=True):

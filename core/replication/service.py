@@ -87,6 +87,7 @@ class ReplicationService:
         self.role = "stopped"
         self._agents: list[_Agent] = []
         self._last_lost = ""  # why the link (or an agent) was last lost: status "last_lost"
+        self._start_error = ""  # why this node's agents did not start last time ("" once they do)
         self._synced_dirs: set[str] = set()  # secondary: directories resynchronised, link held since
         # Primary: descriptors of the replicated directories opened before the mounts, so verify
         # reads the real files beneath the FUSE layer (never through it).
@@ -277,6 +278,7 @@ class ReplicationService:
                        else self.role == "secondary" and self._all_synced_dirs()),
             "agents": agents,
             "last_lost": self._last_lost,
+            "start_error": self._start_error or None,
             "last_verify": self._last_verify,
         }
 
@@ -404,7 +406,13 @@ class ReplicationService:
                 if time.monotonic() - agent.heard > READY_TIMEOUT:
                     agent.failed = f"not ready, and silent for {READY_TIMEOUT:g} s"
         if agent.failed:
-            raise RuntimeError(f"replication agent {name} failed: {agent.failed}")
+            # Reported by this exception, so its exit is not reported again as a lost link (the
+            # engine took a receiver that could not bind its port for a link lost).
+            self._agents.remove(agent)
+            await self._end(agent)
+            self._start_error = f"replication agent {name} failed: {agent.failed}"
+            raise RuntimeError(self._start_error)
+        self._start_error = ""
 
     async def _read_events(self, agent: _Agent) -> None:
         assert agent.proc.stdout is not None
@@ -502,6 +510,22 @@ class ReplicationService:
                         abort_connection(agent.mount_point)
                     agent.proc.kill()
 
+    @staticmethod
+    async def _end(agent: _Agent) -> None:
+        """Stop `agent` (SIGTERM: it unmounts what it mounted; killed if it ignores that) and wait
+        for its event reader to end."""
+        if agent.proc.returncode is None:
+            agent.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await agent.proc.wait()
+        except TimeoutError:
+            log.error("replication agent %s ignored SIGTERM: killing it", agent.name)
+            agent.proc.kill()
+            await agent.proc.wait()
+        if agent.reader is not None:
+            await asyncio.gather(agent.reader, return_exceptions=True)
+
     async def _stop_agents(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -514,15 +538,7 @@ class ReplicationService:
             if agent.proc.returncode is None:
                 agent.proc.send_signal(signal.SIGTERM)
         for agent in agents:
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await agent.proc.wait()
-            except TimeoutError:
-                log.error("replication agent %s ignored SIGTERM: killing it", agent.name)
-                agent.proc.kill()
-                await agent.proc.wait()
-            if agent.reader is not None:
-                await asyncio.gather(agent.reader, return_exceptions=True)
+            await self._end(agent)
         self._agents = []
         if previous == "primary":
             for directory in self.config.directories:

@@ -480,6 +480,9 @@ def test_a_swap_onto_a_node_whose_replication_port_is_taken_replicates_once_the_
             assert time.monotonic() < deadline, f"n1 did not say why it does not receive: {module}"
             time.sleep(0.2)
         assert module["data"] != "uptodate", module
+        # Why, in the replication status too, and said once per retry: no link was ever lost.
+        assert "in use" in (module["replication"]["start_error"] or ""), module["replication"]
+        assert not [d for d in module["decisions"] if d["event"] == "replication_lost"], module["decisions"]
         cluster.wait_states({"n2": "ALONE"}, timeout=30)
         app_write(cluster, "n2", f"""
 import os

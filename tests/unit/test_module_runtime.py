@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import msgspec
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -113,6 +114,11 @@ class Harness:
         return self.tmp_path / f"state-{self.node}"
 
     def build(self) -> ModuleRuntime:
+        runtime = self.build_unstarted()
+        runtime.start()
+        return runtime
+
+    def build_unstarted(self) -> ModuleRuntime:
         cluster = parse_config(cluster_yaml(self.tmp_path, self.preferred, self.witness_port))
         module = cluster.module("app")
         assert module.vip is not None
@@ -120,7 +126,6 @@ class Harness:
         self.runtime = ModuleRuntime(cluster=cluster, config=module, node=self.node, state_dir=self.state_dir,
                                      peer_view=lambda _module: self.peer, announce=self._announce,
                                      provider=provider)
-        self.runtime.start()
         return self.runtime
 
     def _announce(self) -> None:
@@ -490,3 +495,21 @@ def test_tracing_is_on_with_the_console_exporter() -> None:
 
 def test_sdk_disabled_wins() -> None:
     assert run_setup(OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true") == 3
+
+
+def test_the_same_decision_in_a_row_is_counted_not_repeated(tmp_path: Path) -> None:
+    """A retry that fails alike every 30 s must not push the decisions that explain it out of the
+    five status shows: it is counted on the latest entry (`repeated`, with the latest time)."""
+    from safekit_cloud.core.status import DecisionOut
+
+    runtime = Harness(tmp_path).build_unstarted()
+    first = DecisionOut(1.0, "peer_lost", "SECOND", "ALONE", "n2 lost: taking over", ["take_vip"])
+    retry = DecisionOut(2.0, "receiver_retry", "SECOND", "SECOND", "receiver did not start (in use)",
+                        ["replicate_as_secondary"])
+    runtime._record_decision(first)
+    for at in (2.0, 3.0, 4.0):
+        runtime._record_decision(msgspec.structs.replace(retry, time=at))
+    assert [(d.event, d.repeated, d.time) for d in runtime.decisions] == [("receiver_retry", 3, 4.0),
+                                                                           ("peer_lost", 1, 1.0)]
+    runtime._record_decision(msgspec.structs.replace(retry, reason="receiver did not start (other)", time=5.0))
+    assert [d.repeated for d in runtime.decisions] == [1, 3, 1]
