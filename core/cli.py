@@ -587,9 +587,10 @@ def _module_text(m: ModuleOut) -> str:
     style = STATE_STYLE.get(m.state, "bold")
     peer = f"{m.peer_state} ({m.peer_data})" if m.peer_state else "unreachable"
     vip = f"{m.vip} ({m.vip_provider})" if m.vip else "none"
+    torn = " (resync interrupted: files it had begun may be partly updated)" if m.resync_interrupted else ""
     lines = [
         f"\n[bold]module {m.name}[/]: [{style}]{m.state}[/] (code {m.state_code})",
-        f"  data {m.data}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
+        f"  data {m.data}{torn}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
         f"  restarts {m.restarts}/{m.restart_limit}, generation {m.generation}",
     ]
     if m.replication:

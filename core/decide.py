@@ -28,6 +28,7 @@ from .types import (
     LocalView,
     ModuleState as S,
     PeerView,
+    Persisted,
     compare_generations,
 )
 
@@ -61,11 +62,37 @@ def decide(local: LocalView, peer: PeerView, event: E | Event) -> Decision:
         event = Event(event)
     handler = _ADMIN.get(event.kind)
     if handler is not None:
-        return handler(local, peer, event)
+        return _note_interrupted_resync(local.persisted, handler(local, peer, event))
     if local.state == S.STOP:
         return stay(local, "module stopped")
     by_state = {S.WAIT: _in_wait, S.SECOND: _in_second, S.ALONE: _in_primary, S.PRIM: _in_primary}
-    return by_state[local.state](local, peer, event)
+    return _note_interrupted_resync(local.persisted, by_state[local.state](local, peer, event))
+
+
+def _note_interrupted_resync(before: Persisted, d: Decision) -> Decision:
+    """A copy left by a resync (RESYNCING becomes STALE: the source lost, the link lost) stays
+    marked until it is up to date again, whatever happens to it meanwhile."""
+    p = d.persisted
+    if p is None:
+        return d
+    interrupted = p.data != DataStatus.UPTODATE and (
+        p.resync_interrupted or (before.data == DataStatus.RESYNCING and p.data == DataStatus.STALE))
+    if interrupted == p.resync_interrupted:
+        return d
+    return replace(d, persisted=replace(p, resync_interrupted=interrupted))
+
+
+def copy_incomplete(local: LocalView) -> bool:
+    """A resync into this copy began and did not end: files it had begun may mix old and new content."""
+    return local.persisted.resync_interrupted or local.persisted.data == DataStatus.RESYNCING
+
+
+def incomplete_note(local: LocalView) -> str:
+    """Said wherever using this copy is weighed: it is not even the state of an earlier moment."""
+    if not copy_incomplete(local):
+        return ""
+    return ("; this node's copy is incomplete: a resync into it was interrupted, and files it had begun "
+            "may hold old and new content mixed")
 
 
 # ---- small constructors --------------------------------------------------------------------------
@@ -245,9 +272,11 @@ def _force_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
         prefix = STOP_SECONDARY
     elif local.state == S.STOP:
         prefix = START_MODULE
-    return go_alone(local, "forced primary by admin: a peer that comes back with changes of its own waits "
-                    "(split brain) until `safekit-cloud second` there discards them; one without resyncs from "
-                    "this node", prefix)
+    warning = (" on an incomplete copy (a resync into it was interrupted: files it had begun may hold old and "
+               "new content mixed; check the application's data)" if copy_incomplete(local) else "")
+    return go_alone(local, f"forced primary by admin{warning}: a peer that comes back with changes of its own "
+                    "waits (split brain) until `safekit-cloud second` there discards them; one without resyncs "
+                    "from this node", prefix)
 
 
 def _force_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
@@ -262,7 +291,11 @@ def _force_second(local: LocalView, peer: PeerView, event: Event) -> Decision:
                      persisted=replace(local.persisted, discard_local_data=True, data=DataStatus.STALE,
                                        can_start_alone=False))
     if peer_serving(peer):
-        return go_second(forced, peer, "forced secondary by admin: full resync from the peer", prefix)
+        how = ("every block compared (--fullsync)" if event.detail == "fullsync" else
+               "the resync compares what either side changed since they last agreed; `second --fullsync` "
+               "compares every block, which also repairs a copy changed outside safekit-cloud")
+        return go_second(forced, peer, f"forced secondary by admin: this node's changes are discarded and its "
+                         f"copy resynchronised from the peer ({how})", prefix)
     return wait(forced, "forced secondary by admin: waiting for the peer to be primary", "peer", prefix,
                 discard_local_data=True, data=DataStatus.STALE, can_start_alone=False)
 
@@ -338,7 +371,7 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
         return go_alone(local, f"{peer.name} was primary last but cannot serve; no data to lose: serving")
     if order == GenerationOrder.PEER_NEWER and not peer.eligible:
         return stay(local, f"{peer.name} has newer data but cannot serve: fix it there, or force this node "
-                    f"with `safekit-cloud prim` (its changes since are lost)", waiting_for="peer")
+                    f"with `safekit-cloud prim` (its changes since are lost)" + incomplete_note(local), waiting_for="peer")
     if order == GenerationOrder.PEER_NEWER or not mine:
         why = "has newer data" if order == GenerationOrder.PEER_NEWER else "can serve and this node cannot"
         return stay(local, f"{peer.name} {why}: waiting for it to become primary", waiting_for="peer")
@@ -363,7 +396,7 @@ def _peer_stopped_at_start(local: LocalView, peer: PeerView) -> Decision:
     if order == GenerationOrder.SPLIT_BRAIN:
         return wait(local, f"split brain with {peer.name} (stopped): choose the side to keep", "split_brain")
     return stay(local, f"{peer.name} has newer data but its module is stopped: start it there, "
-                "or force this node with `safekit-cloud prim` (its changes will be lost)", waiting_for="stale")
+                "or force this node with `safekit-cloud prim` (its changes will be lost)" + incomplete_note(local), waiting_for="stale")
 
 
 def _peer_silent_at_start(local: LocalView, peer: PeerView) -> Decision:
@@ -375,7 +408,7 @@ def _peer_silent_at_start(local: LocalView, peer: PeerView) -> Decision:
                         f"(it was the last primary): serving alone")
     return stay(local, f"{peer.name} not seen and this node cannot prove its data is current "
                 f"(the peer may have served since): start {peer.name}, or force this node with "
-                f"`safekit-cloud prim`", waiting_for="stale")
+                f"`safekit-cloud prim`" + incomplete_note(local), waiting_for="stale")
 
 
 def _wait_for_witness(local: LocalView, peer: PeerView) -> Decision:
@@ -445,6 +478,11 @@ def _primary_gone(local: LocalView, peer: PeerView, event: Event, uptodate: bool
         why, alone = f"{peer.name} lost on every heartbeat network", True
     # Stale data first: a WAIT for the witness ends in a takeover once a witness answers.
     if not uptodate:
+        if copy_incomplete(local):
+            return wait(local, f"{why}, but this node's copy is incomplete: a resync from {peer.name} into it "
+                        f"was interrupted, and files it had begun may hold old and new content mixed: not "
+                        f"taking over (start {peer.name} to finish the resync; `safekit-cloud prim` would "
+                        f"serve this copy as it is)", "stale", STOP_SECONDARY, data=DataStatus.STALE)
         return wait(local, f"{why}, but this node's data is not up to date: not taking over "
                     f"(start {peer.name}, or force with `safekit-cloud prim`: changes since the last "
                     f"resync are lost)", "stale", STOP_SECONDARY, data=DataStatus.STALE)

@@ -305,4 +305,5 @@ class Engine:
             generation=f"{m.persisted.generation.current:016x}", restarts=len(m.restart_times),
             restart_limit=m.config.restart.limit, checkers=m.checker_status(), decisions=list(m.decisions),
             replication=m.replication.status() if m.replication is not None else None,
+            resync_interrupted=m.persisted.resync_interrupted,
         )

@@ -124,6 +124,8 @@ class LabCluster:
     witnesses: list[dict[str, Any]] = field(default_factory=list)
     restart: dict[str, Any] | None = None
     extra_module: dict[str, Any] = field(default_factory=dict)
+    # More settings of the module's replication section (with replicate=True): resync_bandwidth...
+    replication_settings: dict[str, Any] = field(default_factory=dict)
     # Replicate the service's data folder: each node then runs in its own mount namespace, with its
     # own copy (disk-<node>) bind-mounted on the same path (data), as two machines would have.
     replicate: bool = False
@@ -193,7 +195,8 @@ class LabCluster:
         if self.restart:
             module["restart"] = self.restart
         if self.replicate:
-            module["replication"] = {"directories": [str(self.data_dir)], "timeout": max(2.0, 4 * self.timeout)}
+            module["replication"] = {"directories": [str(self.data_dir)], "timeout": max(2.0, 4 * self.timeout),
+                                     **self.replication_settings}
         module.update(self.extra_module)
         return {
             "cluster": {"name": "demo"},

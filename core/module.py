@@ -160,7 +160,8 @@ class ModuleRuntime:
         if verb == "second" and fullsync:
             self._fullsync_pending = True  # consumed when this node next starts receiving
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((Event(ADMIN_EVENTS[verb]), future))
+        detail = "fullsync" if verb == "second" and fullsync else ""
+        self._queue.put_nowait((Event(ADMIN_EVENTS[verb], detail), future))
         self._wake.set()
         return await future
 

@@ -69,6 +69,8 @@ class ModuleOut(msgspec.Struct, frozen=True):
     checkers: list[CheckerOut]
     decisions: list[DecisionOut]  # the most recent first
     replication: dict[str, Any] | None  # see docs/replication.md; None when nothing is replicated
+    # A resync into this copy began and did not end: files it had begun may mix old and new content.
+    resync_interrupted: bool = False
 
 
 class NodeOut(msgspec.Struct, frozen=True):

@@ -31,6 +31,7 @@ def encode(p: Persisted) -> dict[str, object]:
         "data": p.data.value,
         "generation": {"current": p.generation.current, "history": list(p.generation.history)},
         "discard_local_data": p.discard_local_data,
+        "resync_interrupted": p.resync_interrupted,
     }
 
 
@@ -49,6 +50,7 @@ class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
     data: Literal[tuple(d.value for d in DataStatus)]  # type: ignore[valid-type]
     generation: _GenerationFile
     discard_local_data: bool = False
+    resync_interrupted: bool = False
 
 
 def decode(text: bytes) -> Persisted:
@@ -59,6 +61,7 @@ def decode(text: bytes) -> Persisted:
         data=DataStatus(raw.data),
         generation=Generation(raw.generation.current, tuple(raw.generation.history)),
         discard_local_data=raw.discard_local_data,
+        resync_interrupted=raw.resync_interrupted,
     )
 
 

@@ -139,6 +139,9 @@ class Persisted:
     generation: Generation = Generation()
     # Set by `second`: our data must be replaced by the peer's (full resync) whatever generations say.
     discard_local_data: bool = False
+    # A resync into this copy stopped before its end: files it had begun may hold old and new
+    # content mixed, so the copy is not even the state of an earlier moment. Cleared once up to date.
+    resync_interrupted: bool = False
 
 
 @dataclass(frozen=True)

@@ -445,6 +445,51 @@ with open({str(cluster.data_dir / 'while-down')!r}, 'w') as f:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def resync_bytes_done(cluster: LabCluster, node: str) -> int:
+    """How far the resync the node runs as primary has gone (0 when none runs)."""
+    module = ((cluster.status(node) or {}).get("modules") or [{}])[0]
+    return int(((module.get("replication") or {}).get("resync") or {}).get("bytes_done") or 0)
+
+
+def test_a_secondary_whose_resync_is_cut_by_a_primary_crash_says_its_copy_is_incomplete() -> None:
+    """n1 wrote 6 MiB alone; n2 comes back and its resync (capped at 2 MB/s) is cut by a power cut of
+    n1. n2 must not take over, and must say that its copy is not merely old but incomplete (files
+    the resync had begun hold old and new content mixed), in its reason and its status; `prim`
+    there repeats the warning. Before, both said only that changes since the last resync were lost."""
+    cluster = LabCluster(interval=0.1, timeout=0.5, replicate=True, replication_settings={"resync_bandwidth": 2})
+    try:
+        cluster.build()
+        cluster.start_daemon("n1")
+        cluster.start_daemon("n2")
+        cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=60)
+        assert cluster.cli("n2", "stop").returncode == 0
+        cluster.wait_states({"n1": "ALONE"}, timeout=30)
+        app_write(cluster, "n1", f"""
+import os
+with open({str(cluster.data_dir / 'big')!r}, 'wb') as f:
+    f.write(os.urandom(6 << 20)); f.flush(); os.fsync(f.fileno())
+""")
+        assert cluster.cli("n2", "start").returncode == 0
+        deadline = time.monotonic() + 60
+        while resync_bytes_done(cluster, "n1") < 1_000_000:
+            assert time.monotonic() < deadline, cluster.status("n1")
+            time.sleep(0.1)
+        cluster.power_off("n1")
+        deadline = time.monotonic() + 30
+        while (module := cluster.status("n2")["modules"][0])["state"] != "WAIT":
+            assert time.monotonic() < deadline, module
+            time.sleep(0.2)
+        assert (module["waiting_for"], module["serving"], module["resync_interrupted"]) == ("stale", False, True), module
+        assert "copy is incomplete" in module["decisions"][0]["reason"], module["decisions"][0]
+        assert "resync interrupted" in cluster.cli("n2", "status").stdout
+        forced = cluster.cli("n2", "prim")
+        assert forced.returncode == 0 and "incomplete copy" in forced.stdout, forced.stdout + forced.stderr
+        cluster.wait_states({"n2": "ALONE"}, timeout=30)
+        assert not cluster.status("n2")["modules"][0]["resync_interrupted"]  # this copy is the data now
+    finally:
+        cluster.close()
+
+
 # Holds a TCP port on the given addresses until killed (another program of the node on the port).
 PORT_HOLDER = r"""
 import socket, sys, time

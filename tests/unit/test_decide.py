@@ -236,7 +236,7 @@ TABLE: dict[tuple[S, E], Expect] = {
     (S.SECOND, E.FORCE_PRIM): refused(S.SECOND, "swap"),
     (S.SECOND, E.FORCE_SECOND): Expect(S.SECOND, tuple(STOP_SECOND + START_SECOND), exact=True,
                                        persisted={"discard_local_data": True, "data": DataStatus.RESYNCING,
-                                                  "can_start_alone": False}, reason="full resync"),
+                                                  "can_start_alone": False}, reason="--fullsync` compares every block"),
     (S.SECOND, E.PEER_CHANGED): noop(S.SECOND, "secondary of n2"),
     (S.SECOND, E.PEER_LOST): Expect(S.ALONE, tuple(STOP_SECOND + START_ALONE), exact=True, reason="lost",
                                     persisted={"can_start_alone": True, "last_state": S.ALONE}),
@@ -1015,14 +1015,37 @@ def test_witness_wait_ends_by_joining_when_the_primary_comes_back() -> None:
     assert pair.states() == (S.PRIM, S.SECOND)
 
 
-def test_resyncing_secondary_that_loses_the_primary_waits_stale() -> None:
+def test_resyncing_secondary_that_loses_the_primary_waits_stale_and_says_its_copy_is_incomplete() -> None:
+    """Its resync was under way: files it had begun may mix old and new content. The WAIT says so,
+    not only "changes since the last resync are lost", and so does a forced `prim`; the mark stays
+    through a daemon restart (persisted) and goes once a resync brings the copy up to date."""
     pair = Pair("n1")
     pair.start_both()
     assert pair.nodes["n2"].persisted.data == DataStatus.RESYNCING
     pair.crash("n1")
     assert pair.state("n2") == S.WAIT and pair.nodes["n2"].waiting_for == "stale"
     assert pair.nodes["n2"].persisted.data == DataStatus.STALE
-    assert any("WAIT: n1 lost" in line and "not up to date" in line for line in pair.log), pair.trace()
+    assert pair.nodes["n2"].persisted.resync_interrupted
+    assert any("WAIT: n1 lost" in line and "copy is incomplete" in line for line in pair.log), pair.trace()
+    forced = decide(pair.nodes["n2"], peer_view(), Event(E.FORCE_PRIM))
+    assert "incomplete copy" in forced.reason and forced.next_state == S.ALONE, forced.reason
+    assert forced.persisted is not None and not forced.persisted.resync_interrupted  # it is the data now
+    pair.boot("n1")
+    assert pair.states() == (S.ALONE, S.SECOND), pair.trace()
+    assert pair.nodes["n2"].persisted.resync_interrupted, "joining again does not make the copy whole"
+    pair.resync("n2")
+    assert pair.states() == (S.PRIM, S.SECOND) and not pair.nodes["n2"].persisted.resync_interrupted
+
+
+def test_a_stale_copy_that_no_resync_touched_is_not_called_incomplete() -> None:
+    pair = Pair("n1")
+    pair.start_both()
+    pair.resync("n2")
+    pair.replication_lost()  # n1 goes on alone: n2 is stale, its copy whole (as of the last resync)
+    assert pair.nodes["n2"].persisted.data == DataStatus.STALE, pair.trace()
+    pair.crash("n1")
+    assert pair.state("n2") == S.WAIT and not pair.nodes["n2"].persisted.resync_interrupted
+    assert not any("incomplete" in line for line in pair.log), pair.trace()
 
 
 def test_resyncing_secondary_without_witness_never_takes_over() -> None:
