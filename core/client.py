@@ -45,6 +45,10 @@ class DaemonUnreachable(ClientError):
     exit_code = EXIT_UNREACHABLE
 
 
+class AnswerTimeout(DaemonUnreachable):
+    """The daemon accepted the request and did not answer within the timeout."""
+
+
 class RequestFailed(ClientError):
     def __init__(self, status: int, message: str):
         self.status = status
@@ -164,7 +168,15 @@ class DaemonClient:
 
     def verify(self, module: str, timeout: float = VERIFY_TIMEOUT) -> dict[str, Any]:
         """The verify report of the module's replicas (RequestFailed 409: verify could not run)."""
-        _, body = self._request("POST", f"/api/v1/modules/{_q(module)}/verify", timeout=timeout)
+        try:
+            _, body = self._request("POST", f"/api/v1/modules/{_q(module)}/verify", timeout=timeout)
+        except AnswerTimeout:
+            # Not an unreachable daemon: a verify hashes every replicated byte on both nodes. The
+            # daemon runs it to its end (a client leaving does not cancel it) and keeps the result.
+            raise ClientError(f"no verify report from the daemon at {self.where} within {timeout:g} s: a verify "
+                              "hashes all replicated data on both nodes; run it again with a larger --timeout. "
+                              "The verify under way runs to its end: `safekit-cloud status --json` shows its "
+                              "result as replication.last_verify") from None
         try:
             report = json.loads(body)
         except ValueError as exc:
@@ -211,7 +223,7 @@ class DaemonClient:
             return ClientError(f"TLS error with the daemon at {self.where}: "
                                f"{getattr(reason, 'verify_message', None) or reason.reason or reason}")
         if isinstance(reason, (TimeoutError, socket.timeout)):
-            return DaemonUnreachable(f"the safekit-cloud daemon at {self.where} did not answer in time")
+            return AnswerTimeout(f"the safekit-cloud daemon at {self.where} did not answer in time")
         return DaemonUnreachable(f"cannot reach the safekit-cloud daemon at {self.where}: "
                                  f"is `safekit-cloud run` running? ({_describe_reason(reason)})")
 

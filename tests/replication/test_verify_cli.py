@@ -35,11 +35,13 @@ DIFF = {"identical": False, "total_differences": 102, "truncated": True,
 class Controller:
     def __init__(self) -> None:
         self.report: dict[str, Any] | Exception = SAME
+        self.takes = 0.0  # seconds a verify runs
 
     def module_names(self) -> list[str]:
         return ["app"]
 
     async def verify(self, module: str) -> dict[str, Any]:
+        await asyncio.sleep(self.takes)
         if isinstance(self.report, Exception):
             raise self.report
         return self.report
@@ -107,6 +109,16 @@ def test_cannot_run_is_a_one_line_error(daemon: tuple[Controller, Path]) -> None
     assert result.exit_code == 1
     assert result.stderr.strip() == ("Error: verify app: verify runs on the primary; this node's replication "
                                      "role is secondary (HTTP 409)")
+
+
+def test_a_verify_longer_than_the_timeout_is_not_called_an_unreachable_daemon(daemon: tuple[Controller, Path]) -> None:
+    controller, config = daemon
+    controller.takes = 2.0
+    result = _cli(config, "--timeout", "0.3")
+    assert result.exit_code == 1, result.output
+    assert "no verify report" in result.stderr and "within 0.3 s" in result.stderr
+    assert "larger --timeout" in result.stderr and "last_verify" in result.stderr
+    assert "not reachable" not in result.stderr and "did not answer" not in result.stderr
 
 
 def test_daemon_unreachable_exits_5(tmp_path: Path) -> None:
