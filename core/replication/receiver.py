@@ -143,7 +143,12 @@ class Receiver:
             if name in self.journals:
                 self.journals[name].target_invalidate(why)
             active = self._active.get(name)
-            if active is not None:
+            if active is None:
+                continue
+            proto = active[1].transport.get_protocol()
+            if isinstance(proto, _Apply):  # ended with the reason, which the primary then shows
+                proto.fail(ReplicaDistrusted(f"{why}: the next resync compares every file"))
+            else:
                 active[1].transport.abort()
 
     def status(self) -> dict[str, object]:
@@ -295,6 +300,10 @@ class Receiver:
             pass
 
 
+class ReplicaDistrusted(OSError):
+    """The replica may have been changed behind the stream: the stream ends, a full compare follows."""
+
+
 class _Apply(asyncio.BufferedProtocol):
     """The connection's protocol once the stream is authenticated: the socket reads straight into
     the decoder's buffer; every complete frame is applied as it arrives, then the batch is
@@ -314,7 +323,8 @@ class _Apply(asyncio.BufferedProtocol):
         self.last_rx = loop.time()
         self.done: asyncio.Future[None] = loop.create_future()
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` (the receiver sends its reason to the primary)."""
         if not self.done.done():
             self.done.set_exception(exc)
         try:
@@ -342,7 +352,7 @@ class _Apply(asyncio.BufferedProtocol):
             if batch:
                 self.apply(batch)
         except (m.ProtocolError, OSError) as exc:
-            self._fail(exc)
+            self.fail(exc)
 
     def apply(self, batch: list[m.Message]) -> None:
         transport, decoder, applier = self.transport, self._decoder, self._applier

@@ -268,8 +268,8 @@ def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_
     replica.mkdir()
     cfg = ReplicationConfig(directories=[data], port=free_port())
 
-    async def scenario() -> tuple[bool, dict, bool]:
-        async with running_pair(tmp_path, cfg, data, replica, timeout=1.0) as (_, primary):
+    async def scenario() -> tuple[bool, dict, bool, str, str]:
+        async with running_pair(tmp_path, cfg, data, replica, timeout=1.0) as (secondary, primary):
             await _blocking((data / "f").write_bytes, b"from the primary")
             assert await wait_for(lambda: primary.status()["synced"], 10)
             first = primary.status()["last_resync"]["finished_at"]
@@ -282,12 +282,23 @@ def test_a_secondary_whose_protection_is_removed_makes_it_again_and_is_compared_
                 return st["synced"] and (st["last_resync"] or {}).get("finished_at") not in (None, first)
 
             assert await wait_for(resynced_again, 10)
-            return reprotected, primary.status()["last_resync"], describe_tree(data) == describe_tree(replica)
 
-    reprotected, last, same = asyncio.run(scenario())
+            def stream_ended() -> str:  # the receiver's status comes once a second
+                return str(secondary.status()["agents"]["receiver"].get("streams", {}).get(str(data), {})
+                           .get("last_error") or "")
+
+            await wait_for(lambda: stream_ended(), 5)
+            return (reprotected, primary.status()["last_resync"], describe_tree(data) == describe_tree(replica),
+                    primary.status()["last_lost"], stream_ended())
+
+    reprotected, last, same, lost, ended = asyncio.run(scenario())
     assert reprotected
     assert last["modes"] == ["checksum"], last
     assert same and (replica / "f").read_bytes() == b"from the primary"
+    # Why the stream ended, on both sides (before: "receiver closed the connection", "peer closed
+    # the stream").
+    assert "read-only protection" in lost and "compares every file" in lost, lost
+    assert "read-only protection" in ended, ended
 
 
 def test_a_hung_agent_is_killed_and_the_application_gets_an_error_not_a_wait(tmp_path: Path) -> None:
