@@ -430,12 +430,32 @@ def state_dir_conflicts(cfg: ClusterConfig, state_dir: Path) -> list[str]:
 
 
 def _this_node_warnings(cfg: ClusterConfig, state_dir: Path) -> list[str]:
-    """What would stop a module's replication or the daemon from starting on this node, whatever the
-    file says: a replicated directory missing, another file system mounted inside one, or one that
-    overlaps the state directory."""
-    from .replication.paths import open_replicated_dir  # the same check as the agents', same words
+    """What would stop the daemon or a module from working on this node, whatever the file says: the
+    cluster key or API token unreadable (`run` refuses to start), the API's TLS files missing, a
+    scripts directory missing (no script would run: nothing starts the application), a replicated
+    directory missing, another file system mounted inside one, or one that overlaps the state
+    directory. The same checks and words as where each is used."""
+    from .daemon import read_token
+    from .engine import EngineError, read_key
+    from .replication.paths import open_replicated_dir
 
     out = state_dir_conflicts(cfg, state_dir)
+    for read in (lambda: read_key(cfg.heartbeat.key_file), lambda: read_token(cfg.api.token_file)):
+        try:
+            read()
+        except EngineError as exc:
+            out.append(f"{exc}; `run` refuses to start without it")
+    if cfg.api.tls is not None:
+        for what, path in (("certificate", cfg.api.tls.cert_file), ("private key", cfg.api.tls.key_file)):
+            if not path.is_file():
+                out.append(f"the API's TLS {what} {path} (api.tls) is not a readable file here; `run` refuses "
+                           "to start without it")
+    for module in cfg.modules:
+        folder = module.scripts.directory
+        if folder is not None and not folder.is_dir():
+            out.append(f"module {module.name}: the scripts directory {folder} (scripts.directory) does not exist "
+                       "here: no script would run on this node, so nothing would start the application when it "
+                       "becomes primary; create it with the scripts, or fix the path")
     for module in cfg.modules:
         for directory in module.replication.directories:
             try:
@@ -453,7 +473,7 @@ COMMAND_HELP = {
     "restart": "Restart the application locally (stop + start scripts), no role change.",
     "swap": "Hand the primary role to the other node, cleanly.",
     "prim": "Force this node primary even if its data cannot be proved current (the peer resyncs).",
-    "second": "Force this node secondary: its data is replaced by the peer's.",
+    "second": "Force this node secondary: its changes are discarded, its copy resynchronised from the peer.",
     "forcestop": "Stop at once: abort running scripts, no handover wait.",
 }
 

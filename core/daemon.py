@@ -97,8 +97,8 @@ def run_daemon(config: ClusterConfig, node: str, state_dir: Path, config_path: P
     try:
         return asyncio.run(serve(config, node, state_dir))
     except (EngineError, HeartbeatError, StateFileError, OSError) as exc:
-        log.error("%s", exc)
+        # Once, on stderr (the journal under systemd); 1 as every failure other than a usage error.
         print(f"safekit-cloud: {exc}", file=sys.stderr)
-        return 2
+        return 1
     finally:
         shutdown_tracing()

@@ -382,7 +382,7 @@ KEY_HOWTO = ("write 64 hex digits (32 random bytes) there, e.g. `openssl rand -h
 ], ids=["fifo", "not-text", "16-bytes", "31-bytes", "not-hex"])
 def test_run_refuses_an_unusable_cluster_key(tmp_path: Path, content: bytes | None, what: str) -> None:
     result = run_with_key(tmp_path, content)
-    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.exit_code == 1, (result.exit_code, result.output)
     assert f"safekit-cloud: the cluster key {tmp_path / 'cluster.key'} {what}: {KEY_HOWTO}" in result.stderr
     assert "internal error" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "state").exists()  # refused before anything else happened
@@ -404,7 +404,7 @@ def test_an_empty_state_dir_is_refused(tmp_path: Path, verb: list[str]) -> None:
 def test_run_says_the_state_dir_is_not_a_directory(tmp_path: Path, where: str, what: str) -> None:
     (tmp_path / "file").write_text("")
     result = run_with_key(tmp_path, new_cluster_key().encode(), state_dir=str(tmp_path / where))
-    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.exit_code == 1, (result.exit_code, result.output)
     assert (f"safekit-cloud: the state directory {tmp_path / where} {what}: give --state-dir (SAFEKIT_STATE_DIR) "
             "a directory, created if missing") in result.stderr
     assert "Errno" not in result.output
@@ -512,6 +512,33 @@ def test_config_check_warns_about_a_replicated_directory_missing_on_this_node(tm
            "on this node" in result.stderr
     data.mkdir()
     assert "warning" not in invoke("-c", str(out), "config", "check").stderr
+
+
+def test_config_check_warns_about_what_this_node_lacks_to_run(tmp_path: Path) -> None:
+    """The README's pre-flight check: a cluster key or API token missing here (`run` would refuse
+    to start), a scripts directory missing (nothing would start the application), TLS files missing.
+    Each a warning naming the file and what to do; the file itself stays valid (exit 0)."""
+    out = tmp_path / "cluster.yaml"
+    assert invoke(*INIT_FLAGS, "-o", str(out)).exit_code == 0
+    data = yaml.safe_load(out.read_text())
+    key, token = Path(data["heartbeat"]["key_file"]), Path(data["api"]["token_file"])
+    key.unlink()
+    token.unlink()
+    scripts = tmp_path / "no-such-scripts"
+    data["modules"][0]["scripts"] = {"directory": str(scripts)}
+    data["api"]["tls"] = {"cert_file": str(tmp_path / "api.crt"), "key_file": str(tmp_path / "api.pem")}
+    out.write_text(yaml.safe_dump(data))
+    result = invoke("-c", str(out), "config", "check")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: this node: ")]
+    assert any(f"cannot read the cluster key {key}" in w and "`safekit-cloud init`" in w and "refuses to start" in w
+               for w in warnings), warnings
+    assert any(str(token) in w and "refuses to start" in w for w in warnings), warnings
+    assert any(f"scripts directory {scripts}" in w and "nothing would start the application" in w
+               for w in warnings), warnings
+    assert sum("api.tls" in w for w in warnings) == 2, warnings
+    run = invoke("-c", str(out), "--node", "n1", "--state-dir", str(tmp_path / "state"), "run")
+    assert run.exit_code == 1 and run.stderr.count(f"cannot read the cluster key {key}") == 1, run.output
 
 
 @pytest.mark.parametrize("where", ["holds", "inside", "same"])
