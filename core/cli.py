@@ -613,6 +613,9 @@ def _module_text(m: ModuleOut) -> str:
         f"  data {m.data}{torn}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
         f"  restarts {m.restarts}/{m.restart_limit}, generation {m.generation}",
     ]
+    if m.split_brain:
+        lines.append("  [red]split brain: both nodes wrote alone since they last agreed; nothing is merged: run "
+                     "`safekit-cloud second` on the node whose changes to discard[/]")
     if m.replication:
         lines.append("  " + _esc(_replication_text(m.replication)))
     if m.waiting_for:

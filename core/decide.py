@@ -147,6 +147,13 @@ def data_order(local: LocalView, peer: PeerView) -> GenerationOrder:
     return order
 
 
+def split_brain_with(local: LocalView, peer: PeerView) -> bool:
+    """Both nodes wrote alone since they last agreed, and neither has chosen to discard its side
+    (what `status` shows on both nodes, the one serving included)."""
+    return (peer.reachable and local.has_replication and not peer_discards(peer)
+            and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN)
+
+
 def wins_tie(local: LocalView, peer: PeerView) -> bool:
     """Both could serve: the preferred primary wins, else the lower node name (same answer on both)."""
     if local.preferred != peer.preferred:

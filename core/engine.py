@@ -20,6 +20,7 @@ from safekit_cloud.providers.base import VipProvider, create_provider
 from safekit_cloud import __version__
 
 from .config import ClusterConfig, ModuleConfig
+from .decide import split_brain_with
 from .decoding import DECODE_ERRORS
 from .heartbeat import Heartbeat, Link
 from .init import file_kind
@@ -306,4 +307,5 @@ class Engine:
             restart_limit=m.config.restart.limit, checkers=m.checker_status(), decisions=list(m.decisions),
             replication=m.replication.status() if m.replication is not None else None,
             resync_interrupted=m.persisted.resync_interrupted,
+            split_brain=split_brain_with(m.local_view(), peer),
         )

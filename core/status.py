@@ -71,6 +71,9 @@ class ModuleOut(msgspec.Struct, frozen=True):
     replication: dict[str, Any] | None  # see docs/replication.md; None when nothing is replicated
     # A resync into this copy began and did not end: files it had begun may mix old and new content.
     resync_interrupted: bool = False
+    # Both nodes wrote alone since they last agreed (seen from either node while the peer is heard);
+    # nothing is merged until `second` on one of them discards its changes.
+    split_brain: bool = False
 
 
 class NodeOut(msgspec.Struct, frozen=True):

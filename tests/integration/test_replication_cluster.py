@@ -343,9 +343,13 @@ def test_split_brain_is_detected_and_nothing_is_merged_silently(cluster: LabClus
     assert module["waiting_for"] == "split_brain", module
     assert (cluster.disk("n2") / "from-n2").read_text() == "n2"
     assert not (cluster.disk("n2") / "from-n1").exists()
+    # Both nodes say so, the one serving too (it said only "peer WAIT (uptodate)").
+    assert module["split_brain"] and cluster.status("n1")["modules"][0]["split_brain"]
+    assert "split brain: both nodes wrote alone" in cluster.cli("n1", "status").stdout
     # the admin discards n2's side: it is resynchronised from n1
     assert cluster.cli("n2", "second").returncode == 0
     cluster.wait_states({"n1": "PRIM", "n2": "SECOND"}, timeout=120)
+    assert not any(cluster.status(n)["modules"][0]["split_brain"] for n in ("n1", "n2"))
     assert not (cluster.disk("n2") / "from-n2").exists()
     assert (cluster.disk("n2") / "from-n1").read_text() == "n1"
     assert verify(cluster, "n1").returncode == 0
