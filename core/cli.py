@@ -580,7 +580,7 @@ def render_status(node: NodeOut, only: str | None) -> None:
     console.print(_peer_table(node))
     for module in node.modules:
         if only is None or module.name == only:
-            console.print(_module_text(module))
+            console.print(_module_text(module), soft_wrap=True)  # long reasons: one line each, not cut at 80 columns
             if module.checkers:
                 console.print(_checkers_table(module))
             console.print(_decisions_table(module))
