@@ -48,6 +48,12 @@ class Excluder:
     def __bool__(self) -> bool:
         return bool(self._patterns)
 
+    @property
+    def path_dependent(self) -> bool:
+        """Some pattern matches a whole path (`cache/*.bin`): renaming a directory can then change
+        whether entries below it are excluded, not only the directory itself."""
+        return any(p.anchored for p in self._patterns)
+
     def excluded(self, path: bytes, is_dir: bool = False) -> bool:
         """True if `path` (relative, b"" is the root) or one of its ancestors matches a pattern.
         `is_dir` says whether the last component is a directory (ancestors always are)."""

@@ -26,7 +26,8 @@ AT_FDCWD = -100
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory):
-    with running_mirror(tmp_path_factory.mktemp("mirror"), Mirror, exclude=["tmp/", "*.tmp"]) as mir:
+    # "d/e" matches a whole path: renaming d changes whether e, below it, is replicated.
+    with running_mirror(tmp_path_factory.mktemp("mirror"), Mirror, exclude=["tmp/", "*.tmp", "d/e"]) as mir:
         yield mir
 
 
@@ -149,6 +150,30 @@ def test_crossing_the_exclusion_boundary(clean: Mirror) -> None:
     (p / "keep").write_bytes(b"k")
     os.rename(p / "keep", p / "keep.tmp")  # replicated -> excluded: removed on the replica
     assert not (clean.replica / "keep").exists()
+    assert_same(clean)
+
+
+def test_a_renamed_directory_moves_the_entries_below_it_across_a_whole_path_pattern(clean: Mirror) -> None:
+    """With `d/e` excluded, renaming d makes e replicated (copied whole: the replica never had it),
+    and renaming it back excludes e again (removed there). Before, a plain rename was sent: the
+    replica never had keep/e, and a failover lost every write made there."""
+    p, r = clean.primary, clean.replica
+    (p / "d" / "e" / "sub").mkdir(parents=True)
+    (p / "d" / "e" / "sub" / "f").write_bytes(b"written under an excluded path" * 1000)
+    (p / "d" / "kept").write_bytes(b"replicated all along")
+    assert not (r / "d" / "e").exists() and (r / "d" / "kept").exists()
+    os.rename(p / "d", p / "keep")
+    assert (r / "keep" / "e" / "sub" / "f").read_bytes() == b"written under an excluded path" * 1000
+    assert_same(clean)
+    with open(p / "keep" / "e" / "sub" / "f", "ab") as f:
+        f.write(b"+appended under the replicated name")
+    assert_same(clean)
+    os.rename(p / "keep", p / "d")
+    assert not (r / "d" / "e").exists() and (r / "d" / "kept").exists()
+    assert_same(clean)
+    (p / "x").mkdir()
+    os.rename(p / "d", p / "x" / "y")  # deeper: x/y/e is replicated
+    assert (r / "x" / "y" / "e" / "sub" / "f").exists()
     assert_same(clean)
 
 

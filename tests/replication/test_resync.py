@@ -804,6 +804,35 @@ def test_marks_below_a_directory_moved_to_an_excluded_name_reach_the_files_other
     assert (mirror.replica / "a").read_bytes().startswith(b"NEW DATA through d/c")
 
 
+@pytest.mark.parametrize("crash", [False, True], ids=["journal", "crash"])
+def test_a_directory_renamed_alone_across_a_whole_path_pattern_is_resynchronised_with_its_entries(
+        tmp_path: Path, crash: bool) -> None:
+    """With `data/*.bin` excluded, `data/new.bin` is written and fsynced, then `data` is renamed
+    `keep` while the primary is alone: `keep/new.bin` is replicated from then on, and the resync
+    (journal, or checksum after a crash) must send it; and `data/old.bin`, replicated before under
+    `logs`, renamed to `data`, must leave the replica. Before, the journal resync replayed a
+    plain rename, reported done, and a failover lost the fsynced file."""
+    with running_mirror(tmp_path, ResyncMirror, exclude=["data/*.bin"], timeout=2.0) as mirror:
+        p = mirror.primary
+        (p / "logs").mkdir()
+        (p / "logs" / "old.bin").write_bytes(b"replicated under logs")
+        go_live(mirror)
+        assert (mirror.replica / "logs" / "old.bin").exists()
+        mirror.stop_secondary()
+        mirror.wait_mode("alone")
+        (p / "data").mkdir()
+        with open(p / "data" / "new.bin", "wb") as f:
+            f.write(b"fsynced while excluded" * 1000)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(p / "data", p / "keep")
+        os.rename(p / "logs", p / "data")  # old.bin becomes excluded
+        resync_after_alone(mirror, lose_journal=crash)
+        assert (mirror.replica / "keep" / "new.bin").read_bytes() == b"fsynced while excluded" * 1000
+        assert not (mirror.replica / "data" / "old.bin").exists()
+        assert_same(mirror)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink"])
 def test_metadata_of_a_hard_linked_fifo_or_symlink_changed_alone_reaches_its_other_name(
         mirror: ResyncMirror, kind: str) -> None:
