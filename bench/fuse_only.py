@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safekit_cloud.core.replication.busypoll import new_event_loop
 from safekit_cloud.core.replication.fusefs import ReplicatedFS
+from safekit_cloud.core.replication.memory import keep_freed_memory
 from safekit_cloud.core.replication.mount import FuseMount
 
 
@@ -39,5 +40,6 @@ async def serve(directory: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         sys.exit("usage: python -m bench.fuse_only DIRECTORY (an existing directory to mount over)")
+    keep_freed_memory()  # as the primary agent does (core/replication/memory.py)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(Path(sys.argv[1])))

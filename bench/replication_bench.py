@@ -7,7 +7,9 @@ the machine's 2 cores. Every workload runs on the local directory and on the mir
 first pass is slow); medians are printed with the ratio mirror/local and the issue's goal.
 
 Workloads:
-- seq: one file, `--mib` x 1 MiB writes then one fsync (MB/s);
+- seq: one file, `--mib` x 1 MiB writes from a page-aligned buffer (as `dd bs=1M`) then one fsync
+  (MB/s); `seq unaligned`: the same from a Python bytes object (not page-aligned: two FUSE
+  requests per write), printed without a goal;
 - 4k fsync: `--iops` x (4 KiB pwrite at a scattered offset of a 64 MiB file + fsync) (iops);
 - small files: `--files` x (create, write 4 KiB, fsync, close) in a fresh directory, then one fsync of
   the directory (files/s). fsync per file is what a database or mail server does and what facts.md
@@ -40,7 +42,7 @@ here; on two machines the receiver's share moves away).
                                                 [--pgbench] [--only NAME ...] [--gluster | --no-gluster]
                                                 [--gluster-set KEY=VALUE] [--fuse-only | --no-fuse-only]
 
-`--only seq` (repeatable: seq, iops, files, nofsync, pgbench) runs only those workloads: an A/B of a
+`--only seq` (repeatable: seq, sequnaligned, iops, files, nofsync, pgbench) runs only those workloads: an A/B of a
 change that touches one of them.
 """
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import mmap
 import os
 import pwd
 import re
@@ -74,7 +77,7 @@ from bench import gluster
 
 # (ratio goal vs local, absolute goal): docs/replication.md, issue 3, facts.md
 GOALS = {"seq MB/s": (0.5, 450), "4k fsync iops": (0.3, 1800), "small files/s": (0.25, 750),
-         "small nofsync/s": (None, None), "pgbench tps": (None, None)}
+         "small nofsync/s": (None, None), "pgbench tps": (None, None), "seq unaligned MB/s": (None, None)}
 LEVEL = 0.05  # mirror vs GlusterFS within +-5 %: "level" (run-to-run noise here is larger still)
 # GlusterFS options printed with the report: the ones that decide what a write or fsync waits for.
 GLUSTER_SHOWN = ("performance.write-behind", "performance.flush-behind", "performance.strict-o-direct",
@@ -114,8 +117,17 @@ def fsync_iops(root: Path, n: int) -> float:
     return rate
 
 
-def sequential(root: Path, mib: int) -> float:
-    buf = b"s" * (1 << 20)
+def sequential(root: Path, mib: int, aligned: bool = True) -> float:
+    """`mib` writes of 1 MiB then one fsync. `aligned`: from a page-aligned buffer, as `dd bs=1M`
+    writes (and databases, whose buffers are page-aligned); else from a Python bytes object, whose
+    data starts 32 bytes into a page: the kernel then sends each such write to a FUSE file system
+    as two requests (one of 1 MiB less a few KiB, one of the rest), each a round trip to the
+    secondary (docs/replication.md, "Sequential writes and buffer alignment")."""
+    if aligned:
+        buf: mmap.mmap | bytes = mmap.mmap(-1, 1 << 20)
+        buf.write(b"s" * (1 << 20))
+    else:
+        buf = b"s" * (1 << 20)
     fd = os.open(root / "seq", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     t0 = time.perf_counter()
     for _ in range(mib):
@@ -168,13 +180,14 @@ def _free_port() -> int:
 
 
 # --only's names for the workloads.
-SHORT = {"seq": "seq MB/s", "iops": "4k fsync iops", "files": "small files/s", "nofsync": "small nofsync/s",
-         "pgbench": "pgbench tps"}
+SHORT = {"seq": "seq MB/s", "sequnaligned": "seq unaligned MB/s", "iops": "4k fsync iops", "files": "small files/s",
+         "nofsync": "small nofsync/s", "pgbench": "pgbench tps"}
 
 
 def workloads(args: argparse.Namespace) -> dict[str, tuple[Callable[[Path], float], int]]:
     w: dict[str, tuple[Callable[[Path], float], int]] = {
         "seq MB/s": (lambda r: sequential(r, args.mib), args.runs),
+        "seq unaligned MB/s": (lambda r: sequential(r, args.mib, aligned=False), args.runs),
         "4k fsync iops": (lambda r: fsync_iops(r, args.iops), max(args.runs, 5)),
         "small files/s": (lambda r: small_files(r, args.files), args.runs),
         "small nofsync/s": (lambda r: small_files(r, args.files, sync=False), args.runs),
@@ -200,6 +213,18 @@ class Figures:
     cpu: dict[str, list[float]] = field(default_factory=dict)  # side -> CPU seconds of its pids per run
     # side -> (CPU seconds of the whole machine, wall seconds) per run: how busy the cores were
     machine: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)  # side -> minor page faults of its pids per run
+
+
+def minor_faults(pids: list[int]) -> int:
+    """Page faults served without I/O (new pages touched) of `pids`, from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])  # field 10
+        except OSError:
+            continue
+    return total
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -237,14 +262,15 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(fn: Callable[[Path], float], side: Side) -> tuple[float, float, tuple[float, float]]:
-    """The workload's figure, its side's CPU seconds, and (machine CPU seconds, wall seconds) of the
-    whole call (file removal included)."""
+def measure(fn: Callable[[Path], float], side: Side) -> tuple[float, float, tuple[float, float], int]:
+    """The workload's figure, its side's CPU seconds, (machine CPU seconds, wall seconds) of the
+    whole call (file removal included), and its side's minor page faults."""
     pids = side.pids()
-    before, machine, t0 = cpu_seconds(pids), machine_cpu_seconds(), time.perf_counter()
+    before, faults = cpu_seconds(pids), minor_faults(pids)
+    machine, t0 = machine_cpu_seconds(), time.perf_counter()
     rate = fn(side.root)
     used = (machine_cpu_seconds() - machine, time.perf_counter() - t0)
-    return rate, max(0.0, cpu_seconds(pids) - before), used
+    return rate, max(0.0, cpu_seconds(pids) - before), used, max(0, minor_faults(pids) - faults)
 
 
 def run_all(sides: list[Side], args: argparse.Namespace) -> dict[str, Figures]:
@@ -259,10 +285,11 @@ def run_all(sides: list[Side], args: argparse.Namespace) -> dict[str, Figures]:
         fig = Figures({s.name: [] for s in sides}, {s.name: [] for s in sides}, {s.name: [] for s in sides})
         for _ in range(runs):  # alternated, so drifting noise hits every side alike
             for side in sides:
-                rate, cpu, used = measure(fn, side)
+                rate, cpu, used, faults = measure(fn, side)
                 fig.rates[side.name].append(rate)
                 fig.cpu[side.name].append(cpu)
                 fig.machine[side.name].append(used)
+                fig.faults.setdefault(side.name, []).append(faults)
         out[name] = fig
         print(f"  {name}: " + " ".join(f"{k} {[round(x) for x in v]}" for k, v in fig.rates.items()), flush=True)
     return out
@@ -315,6 +342,8 @@ def report(results: dict[str, Figures], args: argparse.Namespace, gluster_info: 
                                       for name, f in results.items()))
     lines.append("the mirror's 2 agent processes, CPU seconds per run, medians: "
                  + ", ".join(f"{name} {med(f.cpu['mirror']):.2f}" for name, f in results.items()))
+    lines.append("minor page faults per run of the mirror's agents (new memory touched; core/replication/memory.py), "
+                 "medians: " + ", ".join(f"{name} {med(f.faults.get('mirror') or [0]):.0f}" for name, f in results.items()))
     if has_g:
         lines.append(f"mirror vs GlusterFS replica 2, same run, medians (level: within {LEVEL:.0%}):")
         for name, f in results.items():

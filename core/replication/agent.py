@@ -40,6 +40,7 @@ from .busypoll import DEFAULT_MAX_WINDOW, new_event_loop
 from .exclude import Excluder
 from .fusefs import ReplicatedFS
 from .journal import DEFAULT_BLOCK, Journal, journal_path
+from .memory import keep_freed_memory
 from .mount import FuseMount, fuse_mount_listed
 from .paths import open_replicated_dir
 from .protect import is_protected, marker_path as protect_marker, protect
@@ -334,6 +335,7 @@ async def amain(argv: list[str]) -> int:
 
 def main() -> None:
     die_with_the_daemon()
+    keep_freed_memory()  # memory.py: a page fault per page of every frame otherwise
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to stderr
     logging.basicConfig(level=os.environ.get("SAFEKIT_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
