@@ -378,7 +378,8 @@ def _elect(local: LocalView, peer: PeerView) -> Decision:
         return go_alone(local, f"{peer.name} was primary last but cannot serve; no data to lose: serving")
     if order == GenerationOrder.PEER_NEWER and not peer.eligible:
         return stay(local, f"{peer.name} has newer data but cannot serve: fix it there, or force this node "
-                    f"with `safekit-cloud prim` (its changes since are lost)" + incomplete_note(local), waiting_for="peer")
+                    f"with `safekit-cloud prim` (its changes since are lost){incomplete_note(local)}",
+                    waiting_for="peer")
     if order == GenerationOrder.PEER_NEWER or not mine:
         why = "has newer data" if order == GenerationOrder.PEER_NEWER else "can serve and this node cannot"
         return stay(local, f"{peer.name} {why}: waiting for it to become primary", waiting_for="peer")
@@ -402,8 +403,9 @@ def _peer_stopped_at_start(local: LocalView, peer: PeerView) -> Decision:
         return go_alone(local, f"{peer.name}'s module is stopped and this node's data is the newest: serving")
     if order == GenerationOrder.SPLIT_BRAIN:
         return wait(local, f"split brain with {peer.name} (stopped): choose the side to keep", "split_brain")
-    return stay(local, f"{peer.name} has newer data but its module is stopped: start it there, "
-                "or force this node with `safekit-cloud prim` (its changes will be lost)" + incomplete_note(local), waiting_for="stale")
+    return stay(local, f"{peer.name} has newer data but its module is stopped: start it there, or force this "
+                f"node with `safekit-cloud prim` (its changes will be lost){incomplete_note(local)}",
+                waiting_for="stale")
 
 
 def _peer_silent_at_start(local: LocalView, peer: PeerView) -> Decision:
@@ -415,7 +417,7 @@ def _peer_silent_at_start(local: LocalView, peer: PeerView) -> Decision:
                         f"(it was the last primary): serving alone")
     return stay(local, f"{peer.name} not seen and this node cannot prove its data is current "
                 f"(the peer may have served since): start {peer.name}, or force this node with "
-                f"`safekit-cloud prim`" + incomplete_note(local), waiting_for="stale")
+                f"`safekit-cloud prim`{incomplete_note(local)}", waiting_for="stale")
 
 
 def _wait_for_witness(local: LocalView, peer: PeerView) -> Decision:
