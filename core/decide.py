@@ -518,6 +518,8 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, f"{event.kind.value} noted")
     if peer_serving(peer):
         return _both_primary(local, peer)
+    if peer.reachable and local.has_replication and data_order(local, peer) == GenerationOrder.PEER_NEWER:
+        return _peer_took_over(local, peer)
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
     if peer_uptodate_second(local, peer):
@@ -588,6 +590,18 @@ def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
     if local.failback and peer.preferred and not local.preferred:
         return hand_over(local, f"failback: returning the primary role to the preferred node {peer.name}")
     return stay(local, f"replicating to {peer.name}")
+
+
+def _peer_took_over(local: LocalView, peer: PeerView) -> Decision:
+    """A peer that is not (yet) primary holds a generation newer than ours, started from it: it took
+    over while this node did not hear it (this daemon paused, a frozen VM) and runs its start
+    scripts, announcing the state it leaves until they end. A secondary starts a generation only to
+    serve: this node yields now, what it holds unacknowledged fails (EIO), and it resyncs from the
+    peer. Before, it went on alone once the link dropped: two primaries, both acknowledging writes."""
+    return wait(local, f"{peer.name} holds newer data than this node ({peer.state.name}, taking over: this node "
+                "was not heard for the heartbeat timeout): yielding; it resyncs from "
+                f"{peer.name} once {peer.name} serves", "peer", STOP_PRIMARY,
+                data=DataStatus.STALE, can_start_alone=False)
 
 
 def _both_primary(local: LocalView, peer: PeerView) -> Decision:

@@ -322,6 +322,20 @@ class _Apply(asyncio.BufferedProtocol):
         self.expected = 1
         self.last_rx = loop.time()
         self.done: asyncio.Future[None] = loop.create_future()
+        self._last_ack = (0, 0)  # (received, applied) of the last Ack sent
+        # While one request keeps the applier busy (a large tree listed), the last Ack again: the
+        # primary hears this receiver is alive (no protocol change: an Ack may repeat).
+        applier.keepalive = self._ack_again
+
+    def _ack(self, received: int, applied: int) -> None:
+        self._last_ack = (received, applied)
+        self.transport.write(self._decoder.frame(m.Ack(received=received, applied=applied)))  # type: ignore[attr-defined]
+
+    def _ack_again(self) -> None:
+        try:
+            self._ack(*self._last_ack)
+        except (ConnectionError, RuntimeError):
+            pass  # the transport is closing: the stream ends anyway
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with `exc` (the receiver sends its reason to the primary)."""
@@ -359,7 +373,7 @@ class _Apply(asyncio.BufferedProtocol):
         expected = self.expected
         try:
             if self._ack_on_receipt:
-                transport.write(decoder.frame(m.Ack(received=expected - 1 + len(batch), applied=expected - 1)))  # type: ignore[attr-defined]
+                self._ack(expected - 1 + len(batch), expected - 1)
             for msg in batch:
                 if not isinstance(msg, m.OP_TYPES):
                     raise m.ProtocolError(f"unexpected {type(msg).__name__} in the operation stream")
@@ -380,7 +394,7 @@ class _Apply(asyncio.BufferedProtocol):
             self._stats.ops += expected - self.expected
             self._stats.last_seq = expected - 1
             self.expected = expected
-        transport.write(decoder.frame(m.Ack(received=expected - 1, applied=expected - 1)))  # type: ignore[attr-defined]
+        self._ack(expected - 1, expected - 1)
 
     def eof_received(self) -> bool:
         if not self.done.done():

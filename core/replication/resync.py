@@ -107,6 +107,8 @@ COARSE = 16  # journal blocks per first-level compared block (64 KiB with 4 KiB 
 SMALL_FILE = 64 * 1024  # files up to this size are compared by one digest in the listing
 REGION = m.MAX_DIGESTS  # fine blocks per region: one coarse and one fine digest request each
 STEP = 256  # fine blocks read and compared in one atomic step (1 MiB with 4 KiB blocks)
+LIST_TICK = 1024  # entries listed between two calls of list_tree's tick
+KEEPALIVE_EVERY = 0.25  # seconds between two keepalives of a receiver busy listing a tree
 AL_FIRST = 0.5  # seconds from the start of a session to the first activity-log epoch closed
 AL_INTERVAL = 5.0  # then at most one epoch closed (one syncfs) per this many seconds of changes
 AL_MAX_PATHS = 1000  # paths in one epoch that close it early (what a crash leaves to compare)
@@ -326,10 +328,12 @@ def _entry(dfd: int, name: bytes, path: bytes, st: os.stat_result, digests: bool
 
 
 def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
-              digests: bool = True, children_only: bool = False) -> tuple[bool, list[m.RsEntry]]:
+              digests: bool = True, children_only: bool = False,
+              tick: Callable[[], None] | None = None) -> tuple[bool, list[m.RsEntry]]:
     """(parent found, entries of the subtree at `path`, parents before children, names sorted;
     `children_only`: `path` and its own entries). Never follows a symlink; device nodes and
-    excluded entries are left out."""
+    excluded entries are left out. `tick()` is called every LIST_TICK entries and after each
+    directory (the receiver keeps its link alive through it while it lists a large tree)."""
     exclude = exclude or Excluder()
     entries: list[m.RsEntry] = []
     if path:
@@ -384,6 +388,8 @@ def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
                 if e is None:
                     continue
                 entries.append(e)
+                if tick is not None and len(entries) % LIST_TICK == 0:
+                    tick()
                 if is_dir and not children_only:
                     subdirs.append((name, child))
             for name, child in reversed(subdirs):
@@ -394,6 +400,8 @@ def list_tree(root_fd: int, path: bytes, exclude: Excluder | None = None,
                 stack.append((sub, child))
         finally:
             os.close(dfd)
+        if tick is not None:
+            tick()
     return True, entries
 
 
@@ -438,6 +446,10 @@ class ResyncApplier(Applier):
         self.in_resync = False  # this stream started with RsBegin: what follows is the lineage's
         self.in_sync = False  # RsDone applied: the replica is up to date while the stream lasts
         self.bye = False  # RsBye: the primary stopped cleanly
+        # Set by the stream: tells the primary this receiver is alive while one request keeps it
+        # busy (listing a tree of a million files takes longer than the replication timeout).
+        self.keepalive: Callable[[], None] | None = None
+        self._kept_alive = 0.0
         self._dispatch.update({
             m.RsQuery: self._rs_query, m.RsBegin: self._rs_begin, m.RsReplay: self._rs_replay,
             m.RsList: self._rs_list, m.RsHash: self._rs_hash, m.RsXattrs: self._rs_xattrs,
@@ -501,8 +513,17 @@ class ResyncApplier(Applier):
             keep.append(p)
         self.replies.append(m.RsReplayed(op.req, keep))
 
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.keepalive is not None and now - self._kept_alive >= KEEPALIVE_EVERY:
+            self._kept_alive = now
+            self.keepalive()
+
     def _rs_list(self, op: m.RsList) -> None:
-        found, entries = list_tree(self.root, op.path, Excluder(list(op.exclude)), not op.children, op.children)
+        # Synchronous on purpose (what follows in the stream must not be applied before the tree
+        # is listed): the link is kept alive from inside the walk instead.
+        found, entries = list_tree(self.root, op.path, Excluder(list(op.exclude)), not op.children, op.children,
+                                   tick=self._tick)
         batch: list[m.RsEntry] = []
         size = 0
         for e in entries:

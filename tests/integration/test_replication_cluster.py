@@ -583,6 +583,34 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
+def test_a_primary_paused_while_its_peer_is_still_taking_over_yields_and_no_write_is_acknowledged_twice(
+        cluster: LabCluster) -> None:
+    """n1's daemon is paused for 1.5 s (three heartbeat timeouts) while its application writes with
+    fsync; n2 takes over, and its start_prim is slow (3 s, as a database's crash recovery is). When
+    n1 runs again, n2 still announces SECOND, with the new generation it started. n1 must yield
+    then, not go on alone: before, it did, both nodes held the VIP and acknowledged writes, and
+    whichever side `second` discarded lost acknowledged writes (the PostgreSQL chaos probe lost 38
+    commits). Every write whose fsync returned on n1 must be on n2, which serves at the end."""
+    start_prim = cluster.workdir / "scripts" / "start_prim"  # type: ignore[operator]
+    shebang, rest = start_prim.read_text().split("\n", 1)
+    start_prim.write_text(f'{shebang}\n[ "$SAFEKIT_NODE" = n2 ] && sleep 3\n{rest}')
+    writer, acknowledged = start_writer(cluster, "n1", 100)
+    n1 = cluster.daemons["n1"]
+    n1.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.5)
+    finally:
+        n1.send_signal(signal.SIGCONT)
+    acknowledged += rest_of(writer)  # it fails once n1 leaves the primary role
+    writer.wait(30)
+    cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=90)
+    assert_fsynced_files_on(cluster, "n2", acknowledged)
+    reasons = [d["reason"] for d in cluster.status("n1")["modules"][0]["decisions"]]
+    assert any("holds newer data than this node" in r for r in reasons), reasons
+    result = verify(cluster, "n2")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_primary_paused_past_the_timeout_yields_to_the_node_that_took_over_and_keeps_its_writes(
         cluster: LabCluster) -> None:
     """n1's daemon is paused (SIGSTOP, as a frozen VM is) past the heartbeat timeout: n2 takes over

@@ -1275,3 +1275,39 @@ def test_held_writes_fail_when_the_node_leaves_the_primary_role(tmp_path: Path) 
             (mir.primary / "g").write_bytes(b"after")
         assert later.value.errno == errno_.EIO
         assert ("refused", ) == tuple(e for e, _ in mir.events if e == "refused")
+
+
+def test_a_receiver_listing_its_tree_for_longer_than_the_timeout_keeps_the_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checksum resync makes the receiver list its whole tree before it answers, in one go (what
+    follows in the stream waits for it). A million files take longer than the replication timeout:
+    the primary took the silence for a dead link, dropped it, and every later attempt ended the
+    same way (the secondary never up to date again). The receiver now repeats its last Ack while it
+    lists. Here a listing slowed to ~2 s against a 0.3 s timeout, the primary's tree empty and the
+    replica's holding 800 files the resync must remove."""
+    from safekit_cloud.core.replication import resync as resync_mod
+
+    real = resync_mod.list_tree
+
+    def slow_list_tree(*args, tick=None, **kwargs):  # type: ignore[no-untyped-def]
+        def slow_tick() -> None:
+            time.sleep(0.015)
+            if tick is not None:
+                tick()
+
+        return real(*args, tick=slow_tick, **kwargs)
+
+    monkeypatch.setattr(resync_mod, "LIST_TICK", 8)
+    monkeypatch.setattr(resync_mod, "list_tree", slow_list_tree)
+    with running_mirror(tmp_path, ResyncMirror, timeout=0.3) as mirror:
+        for d in range(40):
+            (mirror.replica / f"d{d}").mkdir()
+            for i in range(20):
+                (mirror.replica / f"d{d}" / f"f{i}").write_bytes(b"stale")
+        mirror.start_secondary(fullsync=True)
+        started = time.monotonic()
+        last = mirror.start_and_resync()
+        assert last["mode"] == "checksum", last
+        assert time.monotonic() - started > 1.0, "the listing was not slower than the timeout: the test proves nothing"
+        assert not any(mirror.replica.iterdir())
+        assert not [e for e, _ in mirror.events if e == "lost"], mirror.events

@@ -1730,3 +1730,30 @@ def test_a_primary_whose_first_resync_gets_no_answer_starts_a_new_generation() -
     d = decide(local, peer, E.PEER_CHANGED)
     assert d.next_state == S.ALONE and names(d) == ["new_generation"] and "first resync" in d.reason, d
     assert decide(replace(local, writes_held=3.0), peer, E.PEER_CHANGED).next_state == S.PRIM
+
+
+# ---- a primary that was not heard while its peer took over ------------------------------------------
+
+@pytest.mark.parametrize("state", [S.PRIM, S.ALONE], ids=lambda s: s.name)
+@pytest.mark.parametrize("event", [E.REPLICATION_LOST, E.PEER_CHANGED, E.TICK], ids=lambda e: e.name)
+def test_a_primary_whose_secondary_took_over_on_newer_data_yields_before_the_takeover_ends(
+        state: S, event: E) -> None:
+    """This daemon was paused past the heartbeat timeout; the secondary took over (a new generation
+    from ours) and still announces SECOND while its start scripts run. This node must stop serving
+    now: going on alone (it did, on the link lost) made two primaries acknowledging writes."""
+    local = local_view(state, persisted=Persisted(state, True, generation=G0))
+    peer = peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=NEWER)
+    d = decide(local, peer, Event(event))
+    check(Expect(S.WAIT, tuple(STOP_PRIM), exact=True, waiting="peer", reason="holds newer data",
+                 persisted={"data": DataStatus.STALE, "can_start_alone": False}), local, d)
+    # Once the peer serves, this node joins it and is resynchronised from it.
+    waiting = replace(local, state=S.WAIT, waiting_for="peer", persisted=d.persisted)
+    joined = decide(waiting, replace(peer, state=S.ALONE), Event(E.PEER_CHANGED))
+    assert joined.next_state == S.SECOND and "replicate_as_secondary" in names(joined), joined
+
+
+def test_a_secondary_at_our_generation_or_older_does_not_make_a_primary_yield() -> None:
+    local = local_view(S.PRIM, persisted=Persisted(S.PRIM, False, generation=G0))
+    for gen in (G0, OLDER):
+        d = decide(local, peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=gen), Event(E.PEER_CHANGED))
+        assert d.next_state in (S.PRIM, S.ALONE), d
