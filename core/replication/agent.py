@@ -16,8 +16,9 @@ or our stdout breaking). The service's other signals: signals.py.
 The primary keeps (re)connecting to the secondary's receiver whenever it is not connected (every
 `--retry` seconds while it cannot connect, at once after the loss of a healthy link); each connection
 starts with a resync (resync.py). A connection lost before its replication stayed live for
-`HEALTHY_SECONDS` (the secondary refusing a change: its disk full, say) is retried after a doubling
-delay, up to `MAX_RETRY_DELAY`: each attempt costs a resync on both nodes.
+`HEALTHY_SECONDS` because the secondary refused a change (its disk full, say), or lost before its
+resync ended, is retried after a doubling delay, up to `MAX_RETRY_DELAY`: each attempt costs a
+resync on both nodes. A live link the network took away is retried at once, however short it lived.
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ async def _connect_loop(args: argparse.Namespace, key: bytes, name: bytes, repl:
         if attached and repl.sender is None:  # the connection we made is lost
             attached = False
             live = repl.last_live_seconds
-            failures = 0 if live is not None and live >= HEALTHY_SECONDS else failures + 1
+            # A live link the network took away (a cut, a reset) is retried at once: the resync
+            # completed, the secondary accepts the stream. One the secondary ended itself, or one
+            # that never went live, is retried after a growing delay unless it had been healthy.
+            healthy = live is not None and (live >= HEALTHY_SECONDS or not repl.last_refused)
+            failures = 0 if healthy else failures + 1
             delay = reconnect_delay(failures, args.retry)
             if delay:
                 log.warning("link to %s lost %d time(s) in a row before replication got going: next attempt "

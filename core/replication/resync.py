@@ -691,6 +691,9 @@ class MirrorReplicator:
         self.lost_event = asyncio.Event()
         self.live_at: float | None = None  # monotonic time the current connection went live
         self.last_live_seconds: float | None = None  # how long the last lost connection was live (None: never)
+        # The secondary ended the last lost connection itself, refusing a change (its disk full...):
+        # retrying at once would only repeat the resync and the refusal.
+        self.last_refused = False
         # Activity log while live (journal.py): the current epoch (its paths: `_al_paths`).
         self._al_epoch = 0
         self._al_wake = asyncio.Event()
@@ -1162,6 +1165,7 @@ class MirrorReplicator:
             return
         self.sender = None
         self.last_live_seconds = None if self.live_at is None else time.monotonic() - self.live_at
+        self.last_refused = reason.startswith("receiver error")
         self.live_at = None
         self.epoch += 1
         self._stop_activity_log()
