@@ -609,7 +609,8 @@ def _module_text(m: ModuleOut) -> str:
     vip = f"{m.vip} ({m.vip_provider})" if m.vip else "none"
     torn = " (resync interrupted: files it had begun may be partly updated)" if m.resync_interrupted else ""
     lines = [
-        f"\n[bold]module {m.name}[/]: [{style}]{m.state}[/] (code {m.state_code})",
+        f"\n[bold]module {m.name}[/]: [{style}]{m.state}[/] (code {m.state_code})"
+        + (f", becoming {m.becoming} ({_esc(m.busy)})" if m.becoming else ""),
         f"  data {m.data}{torn}, {'serving' if m.serving else 'not serving'}, VIP {vip}, peer {peer}",
         f"  restarts {m.restarts}/{m.restart_limit}, generation {m.generation}",
     ]

@@ -308,4 +308,5 @@ class Engine:
             replication=m.replication.status() if m.replication is not None else None,
             resync_interrupted=m.persisted.resync_interrupted,
             split_brain=split_brain_with(m.local_view(), peer),
+            becoming=m.becoming.name if m.becoming is not None else None,
         )

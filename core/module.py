@@ -88,6 +88,7 @@ class ModuleRuntime:
         self.intent = Intent.NONE
         self.waiting_for = ""
         self.busy = ""
+        self.becoming: S | None = None  # the state a decision's actions lead to, while they run
         self.decisions: collections.deque[DecisionOut] = collections.deque(maxlen=20)
         self.restart_times: collections.deque[float] = collections.deque()
         self.started_at = 0.0
@@ -303,12 +304,16 @@ class ModuleRuntime:
                 self._announce()
                 if self.replication is not None:
                     self.replication.refuse_held_writes()  # never acknowledged now: the peer's data wins
+            # Shown in status while the actions run (a takeover's start_prim can take minutes);
+            # the state itself, and what heartbeats announce, change once they are done.
+            self.becoming = d.next_state if d.next_state != old else None
             if d.next_state != old:
                 await self._script("transition", old, d.next_state, event)
             try:
                 failed = await self._run_actions(d, event, old, peer)
             finally:
                 self.leaving = False
+                self.becoming = None
             self.state = d.next_state
             if d.intent is not None:
                 self.intent = d.intent

@@ -74,6 +74,9 @@ class ModuleOut(msgspec.Struct, frozen=True):
     # Both nodes wrote alone since they last agreed (seen from either node while the peer is heard);
     # nothing is merged until `second` on one of them discards its changes.
     split_brain: bool = False
+    # The state the actions under way lead to (a takeover running start_prim shows SECOND -> ALONE);
+    # None when no decision is being carried out, or it keeps the state.
+    becoming: str | None = None
 
 
 class NodeOut(msgspec.Struct, frozen=True):

@@ -615,10 +615,16 @@ def test_a_primary_paused_while_its_peer_is_still_taking_over_yields_and_no_writ
     writer, acknowledged = start_writer(cluster, "n1", 100)
     n1 = cluster.daemons["n1"]
     n1.send_signal(signal.SIGSTOP)
+    seen: set[tuple[str, str | None]] = set()
     try:
-        time.sleep(1.5)
+        paused_until = time.monotonic() + 1.5
+        while time.monotonic() < paused_until:  # what n2's status says while it takes over
+            module = ((cluster.status("n2") or {}).get("modules") or [{}])[0]
+            seen.add((str(module.get("state")), module.get("becoming")))
+            time.sleep(0.1)
     finally:
         n1.send_signal(signal.SIGCONT)
+    assert ("SECOND", "ALONE") in seen, seen  # status says the takeover is under way
     acknowledged += rest_of(writer)  # it fails once n1 leaves the primary role
     writer.wait(30)
     cluster.wait_states({"n1": "SECOND", "n2": "PRIM"}, timeout=90)
