@@ -597,7 +597,11 @@ def _peer_took_over(local: LocalView, peer: PeerView) -> Decision:
     over while this node did not hear it (this daemon paused, a frozen VM) and runs its start
     scripts, announcing the state it leaves until they end. A secondary starts a generation only to
     serve: this node yields now, what it holds unacknowledged fails (EIO), and it resyncs from the
-    peer. Before, it went on alone once the link dropped: two primaries, both acknowledging writes."""
+    peer. Before, it went on alone once the link dropped: two primaries, both acknowledging writes.
+    A peer that does not hear this node (heartbeats lost one way) is yielded to as when it serves:
+    waiting with this node's data kept until it hears this node again."""
+    if not peer.hears_us:
+        return _yield_to_deaf_peer(local, peer)
     return wait(local, f"{peer.name} holds newer data than this node ({peer.state.name}, taking over: this node "
                 "was not heard for the heartbeat timeout): yielding; it resyncs from "
                 f"{peer.name} once {peer.name} serves", "peer", STOP_PRIMARY,

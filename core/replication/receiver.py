@@ -211,6 +211,7 @@ class Receiver:
         log.info("replication stream for %s from %s (protocol %s)", stats.directory, peer, hello.protocol)
         self._emit("connected", directory=stats.directory, peer=peer)
         refused = False
+        reason = "the receiver failed (an internal error: see its log)"  # an exception not caught below
         try:
             writer.write(decoder.frame(m.Welcome(next_seq=1)))
             await self._pump(reader, writer, decoder, backlog, applier, stats, hello.protocol == "B")

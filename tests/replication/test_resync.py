@@ -755,8 +755,8 @@ def test_changes_through_a_name_linked_alone_made_while_the_checksum_resync_list
     crash_alone(mirror, lose_journal=True)
     real, changed = resync.list_tree, []
 
-    def list_then_change(root_fd: int, path: bytes, *args: object) -> object:
-        out = real(root_fd, path, *args)
+    def list_then_change(root_fd: int, path: bytes, *args: object, **kwargs: object) -> object:
+        out = real(root_fd, path, *args, **kwargs)  # type: ignore[arg-type]
         if not changed and mirror.repl is not None and root_fd == mirror.repl.root and mirror.repl.mode == "resync":
             changed.append(path)  # in a worker thread: the mount's loop serves these calls meanwhile
             with open(p / "d" / "hard2", "ab") as f:
