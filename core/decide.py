@@ -518,7 +518,8 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, f"{event.kind.value} noted")
     if peer_serving(peer):
         return _both_primary(local, peer)
-    if peer.reachable and local.has_replication and data_order(local, peer) == GenerationOrder.PEER_NEWER:
+    if (peer.reachable and peer.state == S.SECOND and local.has_replication
+            and data_order(local, peer) == GenerationOrder.PEER_NEWER):
         return _peer_took_over(local, peer)
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
@@ -598,8 +599,10 @@ def _peer_took_over(local: LocalView, peer: PeerView) -> Decision:
     scripts, announcing the state it leaves until they end. A secondary starts a generation only to
     serve: this node yields now, what it holds unacknowledged fails (EIO), and it resyncs from the
     peer. Before, it went on alone once the link dropped: two primaries, both acknowledging writes.
-    A peer that does not hear this node (heartbeats lost one way) is yielded to as when it serves:
-    waiting with this node's data kept until it hears this node again."""
+    A peer already back in WAIT (its takeover failed) is not yielded to: this node keeps serving,
+    and the peer, finding it, waits on the split brain for the admin (no node serving would be
+    worse). A peer that does not hear this node (heartbeats lost one way) is yielded to as when it
+    serves: waiting with this node's data kept until it hears this node again."""
     if not peer.hears_us:
         return _yield_to_deaf_peer(local, peer)
     return wait(local, f"{peer.name} holds newer data than this node ({peer.state.name}, taking over: this node "

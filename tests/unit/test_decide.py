@@ -1757,3 +1757,12 @@ def test_a_secondary_at_our_generation_or_older_does_not_make_a_primary_yield() 
     for gen in (G0, OLDER):
         d = decide(local, peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=gen), Event(E.PEER_CHANGED))
         assert d.next_state in (S.PRIM, S.ALONE), d
+
+
+def test_a_peer_whose_takeover_failed_does_not_make_the_primary_yield() -> None:
+    """It started a newer generation, then its start_prim failed and it waits: yielding too would
+    leave no node serving; this node keeps serving (the peer then finds the split brain)."""
+    local = local_view(S.ALONE, persisted=Persisted(S.ALONE, True, generation=G0))
+    peer = peer_view(state=S.WAIT, data=DataStatus.UPTODATE, generation=NEWER, eligible=False)
+    d = decide(local, peer, Event(E.PEER_CHANGED))
+    assert d.next_state == S.ALONE and not d.actions, d
