@@ -42,6 +42,9 @@ def run(script: str) -> Action:
 
 
 STOP_PRIMARY = (Action(A.STOP_CHECKERS), run("stop_prim"), Action(A.RELEASE_VIP), Action(A.STOP_REPLICATION))
+# Stepping down for a peer that already took the VIP: the address goes first, so that it is not on
+# both nodes while stop_prim runs (a database's shutdown takes seconds).
+YIELD_PRIMARY = (Action(A.RELEASE_VIP), Action(A.STOP_CHECKERS), run("stop_prim"), Action(A.STOP_REPLICATION))
 STOP_SECONDARY = (run("stop_second"), Action(A.STOP_REPLICATION))
 START_SECONDARY = (Action(A.REPLICATE_AS_SECONDARY), run("start_second"))
 # A VIP left behind by a crashed daemon must go before anything else: clients would reach a node that
@@ -607,7 +610,7 @@ def _peer_took_over(local: LocalView, peer: PeerView) -> Decision:
         return _yield_to_deaf_peer(local, peer)
     return wait(local, f"{peer.name} holds newer data than this node ({peer.state.name}, taking over: this node "
                 "was not heard for the heartbeat timeout): yielding; it resyncs from "
-                f"{peer.name} once {peer.name} serves", "peer", STOP_PRIMARY,
+                f"{peer.name} once {peer.name} serves", "peer", YIELD_PRIMARY,
                 data=DataStatus.STALE, can_start_alone=False)
 
 

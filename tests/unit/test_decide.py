@@ -30,6 +30,7 @@ from safekit_cloud.core.types import (
     Event,
     EventKind as E,
     Generation,
+    GenerationOrder,
     Intent,
     LocalView,
     ModuleState as S,
@@ -426,8 +427,13 @@ def assert_invariants(local: LocalView, peer: PeerView, event: Event, d: Decisio
         assert_in_order(acts, ["take_vip", "run_script(start_prim)", "start_checkers"])
         assert now == S.PRIM or "new_generation" in acts, "becoming ALONE starts a new generation"
         assert d.persisted is not None and d.persisted.data == DataStatus.UPTODATE
+    # Yielding to a peer that took over (it holds the VIP already): the address goes first, so that
+    # it is not on both nodes while stop_prim runs; any other step down stops the application first.
+    took_over = (was.is_primary and "holds newer data than this node" in d.reason and peer.state == S.SECOND
+                 and engine.data_order(local, peer) == GenerationOrder.PEER_NEWER)
     if was.is_primary and not now.is_primary:
-        assert_in_order(acts, ["run_script(stop_prim)", "release_vip"])
+        assert_in_order(acts, ["release_vip", "run_script(stop_prim)"] if took_over
+                        else ["run_script(stop_prim)", "release_vip"])
         assert "take_vip" not in acts
         if now == S.SECOND:
             assert index(acts, "release_vip") < index(acts, "replicate_as_secondary")
@@ -437,7 +443,7 @@ def assert_invariants(local: LocalView, peer: PeerView, event: Event, d: Decisio
         assert (was.is_primary and not now.is_primary) or was == S.STOP
         if was == S.STOP and now.is_primary:  # a leftover VIP goes before this node takes it afresh
             assert index(acts, "release_vip") < index(acts, "take_vip")
-        assert not was.is_primary or index(acts, "release_vip") > index(acts, "run_script(stop_prim)")
+        assert not was.is_primary or took_over or index(acts, "release_vip") > index(acts, "run_script(stop_prim)")
     if "new_generation" in acts:
         assert now == S.ALONE
     if now == S.ALONE and was != S.ALONE:
@@ -1744,7 +1750,9 @@ def test_a_primary_whose_secondary_took_over_on_newer_data_yields_before_the_tak
     local = local_view(state, persisted=Persisted(state, True, generation=G0))
     peer = peer_view(state=S.SECOND, data=DataStatus.UPTODATE, generation=NEWER)
     d = decide(local, peer, Event(event))
-    check(Expect(S.WAIT, tuple(STOP_PRIM), exact=True, waiting="peer", reason="holds newer data",
+    # The VIP first: the peer holds it already, it must not be on both nodes while stop_prim runs.
+    check(Expect(S.WAIT, ("release_vip", "stop_checkers", "run_script(stop_prim)", "stop_replication"), exact=True,
+                 waiting="peer", reason="holds newer data",
                  persisted={"data": DataStatus.STALE, "can_start_alone": False}), local, d)
     # Once the peer serves, this node joins it and is resynchronised from it.
     waiting = replace(local, state=S.WAIT, waiting_for="peer", persisted=d.persisted)
