@@ -157,6 +157,15 @@ def split_brain_with(local: LocalView, peer: PeerView) -> bool:
             and data_order(local, peer) == GenerationOrder.SPLIT_BRAIN)
 
 
+def peer_taking_over(local: LocalView, peer: PeerView) -> bool:
+    """The peer, still a secondary by what it announces, holds a generation newer than ours and
+    started from it: a secondary starts one only to serve, so it is taking over (its start scripts
+    run). A peer already back in WAIT (a failed takeover) is not: yielding to it would leave no
+    node serving."""
+    return (peer.reachable and peer.state == S.SECOND and local.has_replication
+            and data_order(local, peer) == GenerationOrder.PEER_NEWER)
+
+
 def wins_tie(local: LocalView, peer: PeerView) -> bool:
     """Both could serve: the preferred primary wins, else the lower node name (same answer on both)."""
     if local.preferred != peer.preferred:
@@ -521,8 +530,7 @@ def _in_primary(local: LocalView, peer: PeerView, event: Event) -> Decision:
         return stay(local, f"{event.kind.value} noted")
     if peer_serving(peer):
         return _both_primary(local, peer)
-    if (peer.reachable and peer.state == S.SECOND and local.has_replication
-            and data_order(local, peer) == GenerationOrder.PEER_NEWER):
+    if peer_taking_over(local, peer):
         return _peer_took_over(local, peer)
     if local.state == S.PRIM:
         return _in_prim(local, peer, event)
@@ -597,15 +605,12 @@ def _in_prim(local: LocalView, peer: PeerView, event: Event) -> Decision:
 
 
 def _peer_took_over(local: LocalView, peer: PeerView) -> Decision:
-    """A peer that is not (yet) primary holds a generation newer than ours, started from it: it took
-    over while this node did not hear it (this daemon paused, a frozen VM) and runs its start
-    scripts, announcing the state it leaves until they end. A secondary starts a generation only to
-    serve: this node yields now, what it holds unacknowledged fails (EIO), and it resyncs from the
-    peer. Before, it went on alone once the link dropped: two primaries, both acknowledging writes.
-    A peer already back in WAIT (its takeover failed) is not yielded to: this node keeps serving,
-    and the peer, finding it, waits on the split brain for the admin (no node serving would be
-    worse). A peer that does not hear this node (heartbeats lost one way) is yielded to as when it
-    serves: waiting with this node's data kept until it hears this node again."""
+    """`peer_taking_over`: it took over while this node was not heard (this daemon paused, a frozen
+    VM) and runs its start scripts, announcing the state it leaves until they end. This node yields
+    now, what it holds unacknowledged fails (EIO), and it resyncs from the peer. Before, it went on
+    alone once the link dropped: two primaries, both acknowledging writes. A peer that does not
+    hear this node (heartbeats lost one way) is yielded to as when it serves: waiting with this
+    node's data kept until it hears this node again."""
     if not peer.hears_us:
         return _yield_to_deaf_peer(local, peer)
     return wait(local, f"{peer.name} holds newer data than this node ({peer.state.name}, taking over: this node "

@@ -714,36 +714,29 @@ class ReplicatedFS(fuseabi.Operations):
             # The entries below a renamed directory keep their names within it, but a pattern that
             # matches whole paths (`data/*.bin`) may treat them differently under the new name.
             moved = [(old, new), (new, old)] if exchange else [(old, new)]
-            crossing = [path for src, dst in moved for path in self._crossing_below(src, dst)]
-            await self._submit_ns([m.Rename(0, old, new, flags), *self._recross(crossing)], old, new, *crossing)
+            gone: list[bytes] = []
+            came: list[bytes] = []
+            for src, dst in moved:
+                self._crossing_below(src, dst, gone, came)
+            # Those now excluded leave the replica; those now replicated (it never had them) are
+            # copied to it whole.
+            fixes = [m.Remove(0, p) for p in gone] + self._resend(*came)
+            await self._submit_ns([m.Rename(0, old, new, flags), *fixes], old, new, *gone, *came)
         else:
             await self._submit_ns(self._resend(old, new) if not all(seen) else [], old, new)
 
-    def _recross(self, paths: list[bytes]) -> list[m.Op]:
-        """Entries that crossed the exclusion boundary below a renamed directory: removed from the
-        replica if now excluded, copied to it whole if now replicated (it never had them)."""
-        gone = [p for p in paths if self.exclude.excluded(p, stat.S_ISDIR(self._lstat_or_file(p)))]
-        return [m.Remove(0, p) for p in gone] + self._resend(*[p for p in paths if p not in gone])
-
-    def _lstat_or_file(self, path: bytes) -> int:
-        try:
-            return self._lstat(path).st_mode
-        except OSError:
-            return stat.S_IFREG
-
-    def _crossing_below(self, src: bytes, dst: bytes) -> list[bytes]:
+    def _crossing_below(self, src: bytes, dst: bytes, gone: list[bytes], came: list[bytes]) -> None:
         """A directory moved from `src` to `dst`, both replicated: the entries below it (at their
-        new paths) whose exclusion differs between the two names. Nothing to look at unless some
-        pattern matches whole paths."""
+        new paths) excluded under the new name and not the old (added to `gone`), or the reverse
+        (`came`). Nothing to look at unless some pattern matches whole paths."""
         if not self.exclude.path_dependent:
-            return []
+            return
         try:
             if not stat.S_ISDIR(self._lstat(dst).st_mode):
-                return []
+                return
         except OSError:
-            return []
+            return
         ex = self.exclude.excluded
-        crossing: list[bytes] = []
         todo = [b""]
         while todo:
             rel = todo.pop()
@@ -760,10 +753,9 @@ class ReplicatedFS(fuseabi.Operations):
                 below = join(rel, name)
                 before, after = ex(join(src, below), is_dir), ex(join(dst, below), is_dir)
                 if before != after:
-                    crossing.append(join(dst, below))
+                    (gone if after else came).append(join(dst, below))
                 elif is_dir and not after:
                     todo.append(below)  # its own entries may still cross
-        return crossing
 
     def _replaces(self, old: bytes, new: bytes) -> bool:
         """A rename of `old` to `new` replaces another entry (not another name of the same file)."""

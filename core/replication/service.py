@@ -63,6 +63,7 @@ class ReplicationService:
     # writes"). None: only the engine does (release_writes), as it must; for a caller without an
     # engine, such as the tests that drive this service alone.
     hold_limit: float | None = None
+
     def __init__(self, module_name: str, config: ReplicationConfig, peer_address: str, key: bytes,
                  state_dir: Path | str, on_link_lost: Callable[[str], None] | None = None,
                  listen_address: str = "0.0.0.0", timeout: float = 10.0,

@@ -30,7 +30,6 @@ from safekit_cloud.core.types import (
     Event,
     EventKind as E,
     Generation,
-    GenerationOrder,
     Intent,
     LocalView,
     ModuleState as S,
@@ -429,8 +428,7 @@ def assert_invariants(local: LocalView, peer: PeerView, event: Event, d: Decisio
         assert d.persisted is not None and d.persisted.data == DataStatus.UPTODATE
     # Yielding to a peer that took over (it holds the VIP already): the address goes first, so that
     # it is not on both nodes while stop_prim runs; any other step down stops the application first.
-    took_over = (was.is_primary and "holds newer data than this node" in d.reason and peer.state == S.SECOND
-                 and engine.data_order(local, peer) == GenerationOrder.PEER_NEWER)
+    took_over = was.is_primary and engine.peer_taking_over(local, peer) and "holds newer data than this node" in d.reason
     if was.is_primary and not now.is_primary:
         assert_in_order(acts, ["release_vip", "run_script(stop_prim)"] if took_over
                         else ["run_script(stop_prim)", "release_vip"])
